@@ -1,0 +1,739 @@
+"""Shared module of moma-ppo: the paper's three benchmarks, their observation functions and datasets.
+
+Everything an algorithm script needs about a task lives here, so that every script splits states,
+builds histories, evaluates and normalises scores in exactly the same way:
+
+* `make_env(env, obs, seed)`        one multi-agent environment (per-agent lists in and out).
+* `evaluate(...)`                   greedy episodes in the real environment, batched over episodes.
+* `load_dataset(env, dataset, obs)` an offline dataset split per agent, with 10-step histories.
+* `build_dataset(env, dataset)`     (re)generates a project dataset locally; `python envs.py --help`.
+* `normalized_score(...)`           (R - ref_min) / (ref_max - ref_min), a fraction as in the paper.
+
+Benchmarks (paper §5, reference notes §1):
+
+* coordination - the Iterated Coordination Game (Fig. 3a): 2 agents, actions 0 = left, 1 = right,
+  payoff 1 when both pick the same direction. An episode is `COORDINATION_ROUNDS` rounds; the state
+  and both observations are the normalised round index t / rounds (no information about the
+  other agent). Return / rounds = mean payoff per round in [0, 1].
+* reacher - gymnasium Reacher-v5 split in two agents (agent 0 torques joint0, agent 1 joint1).
+  Reacher-v5 has a 10-dim observation; the authors' Reacher-v2 had 11 (an extra, always-zero
+  fingertip-target z). We drop nothing else.
+* ant - gymnasium Ant-v5 with `include_cfrc_ext_in_observation=False` (27-dim state, as the
+  authors' 27-dim cut of D4RL's ant), one agent per leg.
+
+Datasets are single-agent Minari datasets (observation = global state, action = joint action) stored
+under `DATA_DIR` (`MINARI_DATASETS_PATH` overrides), with ids `moma/<env>/<dataset>-v0`. Nothing is
+ever downloaded: a missing project dataset is built locally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+from typing import Callable, Literal, Optional, Sequence
+
+import gymnasium as gym
+import numpy as np
+
+REPO_DIR = pathlib.Path(__file__).resolve().parent
+# Datasets live inside the repository (ignored by git) unless the user points Minari elsewhere.
+# This must be set before minari resolves its storage path, i.e. before any minari call.
+os.environ.setdefault("MINARI_DATASETS_PATH", str(REPO_DIR / "data" / "minari"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+DATA_DIR = pathlib.Path(os.environ["MINARI_DATASETS_PATH"])
+CACHE_DIR = REPO_DIR / "data" / "cache"  # world models and flattened datasets
+
+EnvName = Literal["coordination", "reacher", "ant"]
+ObsName = Literal["full", "all-observant", "independent", "leader-only", "partial"]
+
+ENVS = ("coordination", "reacher", "ant")
+OBS_FUNCTIONS = {
+    "coordination": ("full",),
+    "reacher": ("all-observant", "independent", "leader-only"),
+    "ant": ("full", "partial"),
+}
+DEFAULT_OBS = {"coordination": "full", "reacher": "all-observant", "ant": "full"}
+DATASETS = {
+    "coordination": ("favorable", "neutral", "unfavorable"),
+    "reacher": ("expert-mix",),
+    "ant": ("random", "medium", "full-replay", "expert"),
+}
+DEFAULT_DATASET = {"coordination": "unfavorable", "reacher": "expert-mix", "ant": "medium"}
+N_AGENTS = {"coordination": 2, "reacher": 2, "ant": 4}
+STATE_DIM = {"coordination": 1, "reacher": 10, "ant": 27}
+JOINT_ACTION_DIM = {"coordination": 2, "reacher": 2, "ant": 8}
+EPISODE_STEPS = {"coordination": 10, "reacher": 50, "ant": 1000}
+HISTORY_LEN = 10  # paper §3.2: 10-step action-observation histories
+
+# --------------------------------------------------------------------------------------------------
+# Observation functions: per-agent index lists into the global state (issue 2, reference §1).
+# --------------------------------------------------------------------------------------------------
+_REACHER_FIRST_ARM = [0, 2, 6]  # cos θ1, sin θ1, θ1 velocity
+_REACHER_SECOND_ARM = [1, 3, 7]  # cos θ2, sin θ2, θ2 velocity
+_REACHER_TARGET = [4, 5]  # target x, y; 8-9 (fingertip - target) is seen only when all-observant
+_ANT_TORSO = [0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18]  # z, quaternion, linear and angular velocity
+_ANT_LEGS = [[5, 6, 19, 20], [7, 8, 21, 22], [9, 10, 23, 24], [11, 12, 25, 26]]  # hip, ankle, velocities
+
+OBS_INDICES: dict[tuple[str, str], list[list[int]]] = {
+    ("coordination", "full"): [[0], [0]],
+    ("reacher", "all-observant"): [list(range(10)), list(range(10))],
+    ("reacher", "independent"): [_REACHER_FIRST_ARM + _REACHER_TARGET, _REACHER_SECOND_ARM + _REACHER_TARGET],
+    ("reacher", "leader-only"): [
+        _REACHER_FIRST_ARM + _REACHER_SECOND_ARM + _REACHER_TARGET,
+        _REACHER_FIRST_ARM + _REACHER_SECOND_ARM,
+    ],
+    ("ant", "full"): [list(range(27)) for _ in range(4)],
+    # Only agent 0 (front-left leg, yellow in Fig. 3c) sees the torso; every agent sees its own leg.
+    ("ant", "partial"): [_ANT_TORSO + _ANT_LEGS[0], _ANT_LEGS[1], _ANT_LEGS[2], _ANT_LEGS[3]],
+}
+
+# Which entries of the joint (environment) action each agent drives.
+# Ant: gymnasium's ant.xml lists its actuators as hip_4, ankle_4, hip_1, ankle_1, hip_2, ankle_2, hip_3,
+# ankle_3, so leg i (hip_i, ankle_i, observed at state indices above) is driven by these action indices.
+# The authors' code gave agent i action indices [2i, 2i+1], so its PO agents actuated a different leg
+# than they observed (reference §7 item 1). We follow the paper's text instead: each agent observes
+# the limb it controls.
+ACTION_INDICES: dict[str, list[list[int]]] = {
+    "coordination": [[0], [1]],
+    "reacher": [[0], [1]],
+    "ant": [[2, 3], [4, 5], [6, 7], [0, 1]],
+}
+COORDINATION_N_ACTIONS = 2  # 0 = left, 1 = right
+COORDINATION_ROUNDS = EPISODE_STEPS["coordination"]
+# Table 1: behaviour probabilities P(a1 = right), P(a2 = right).
+COORDINATION_BEHAVIOUR = {"favorable": (0.75, 0.75), "neutral": (0.5, 0.5), "unfavorable": (0.25, 0.75)}
+COORDINATION_EPISODES = 5000  # 50k rounds: the dataset means land within ~0.005 of Table 1's expectations
+
+
+class MomaError(ValueError):
+    """Bad user input (unknown name, mismatched dataset, corrupt file): the message says the fix."""
+
+
+def check_names(env: str, obs: Optional[str] = None, dataset: Optional[str] = None) -> str:
+    """Validate (env, obs, dataset); returns the observation function (the env's default if None)."""
+    if env not in ENVS:
+        raise MomaError(f"unknown env {env!r}; valid envs: {', '.join(ENVS)}")
+    if obs is None:
+        obs = DEFAULT_OBS[env]
+    if obs not in OBS_FUNCTIONS[env]:
+        raise MomaError(
+            f"unknown observation function {obs!r} for env {env!r}; valid choices: {', '.join(OBS_FUNCTIONS[env])}"
+        )
+    if dataset is not None and not _is_external_id(dataset) and dataset not in DATASETS[env]:
+        raise MomaError(
+            f"unknown dataset {dataset!r} for env {env!r}; valid choices: {', '.join(DATASETS[env])} "
+            f"(or a local Minari id such as 'mujoco/{env}/medium-v0' downloaded by you)"
+        )
+    return obs
+
+
+def obs_indices(env: str, obs: Optional[str] = None) -> list[list[int]]:
+    return OBS_INDICES[(env, check_names(env, obs))]
+
+
+def obs_dims(env: str, obs: Optional[str] = None) -> list[int]:
+    return [len(ix) for ix in obs_indices(env, obs)]
+
+
+def action_dims(env: str) -> list[int]:
+    return [len(ix) for ix in ACTION_INDICES[env]]
+
+
+def split_state(env: str, obs: Optional[str], states):
+    """Global states [..., S] -> list of per-agent observations [..., o_i] (numpy or torch)."""
+    return [states[..., ix] for ix in obs_indices(env, obs)]
+
+
+def split_actions(env: str, joint_actions):
+    """Joint actions [..., A] -> list of per-agent actions [..., a_i] (numpy or torch)."""
+    return [joint_actions[..., ix] for ix in ACTION_INDICES[env]]
+
+
+def join_actions(env: str, actions: Sequence[np.ndarray]) -> np.ndarray:
+    """List of per-agent actions [..., a_i] -> joint action [..., A] in the environment's order."""
+    first = np.asarray(actions[0])
+    joint = np.zeros(first.shape[:-1] + (JOINT_ACTION_DIM[env],), dtype=first.dtype)
+    for ix, a in zip(ACTION_INDICES[env], actions):
+        joint[..., ix] = a
+    return joint
+
+
+# --------------------------------------------------------------------------------------------------
+# Environments
+# --------------------------------------------------------------------------------------------------
+def _coordination_spaces():
+    return (gym.spaces.Box(0.0, 1.0, (1,), np.float32), gym.spaces.MultiDiscrete([COORDINATION_N_ACTIONS] * 2))
+
+
+class CoordinationGame(gym.Env):
+    """The Iterated Coordination Game over joint actions, with gymnasium's Env interface.
+
+    Registered as gymnasium id `COORDINATION_GYM_ID`, so its Minari datasets carry an env spec.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, rounds: int = COORDINATION_ROUNDS):
+        self.rounds = rounds
+        self.t = 0
+        self.observation_space, self.action_space = _coordination_spaces()
+
+    def _state(self) -> np.ndarray:
+        return np.array([self.t / self.rounds], dtype=np.float32)
+
+    def reset(self, seed: Optional[int] = None, options: Optional[dict] = None):
+        self.t = 0
+        return self._state(), {}
+
+    def step(self, joint_action):
+        a = np.asarray(joint_action).astype(np.int64).reshape(-1)
+        if a.shape != (2,) or not np.isin(a, (0, 1)).all():
+            raise MomaError(f"coordination actions must be two integers in {{0, 1}}, got {joint_action!r}")
+        reward = float(a[0] == a[1])
+        self.t += 1
+        return self._state(), reward, False, self.t >= self.rounds, {}
+
+COORDINATION_GYM_ID = "moma/CoordinationGame-v0"
+
+
+def _register_coordination() -> None:
+    if COORDINATION_GYM_ID not in gym.registry:
+        gym.register(id=COORDINATION_GYM_ID, entry_point="envs:CoordinationGame", disable_env_checker=True)
+
+
+def make_single_agent_env(env: str, seed: Optional[int] = None):
+    """The underlying single-agent environment: global state in, joint action out."""
+    check_names(env)
+    if env == "coordination":
+        return CoordinationGame()
+    if env == "reacher":
+        return gym.make("Reacher-v5", max_episode_steps=EPISODE_STEPS["reacher"])
+    return gym.make("Ant-v5", include_cfrc_ext_in_observation=False, max_episode_steps=EPISODE_STEPS["ant"])
+
+
+class MultiAgentEnv:
+    """One episode at a time, per-agent lists in and out, one shared team reward.
+
+    reset(seed) -> (observations, state)
+    step(actions) -> (observations, state, reward, terminated, truncated)
+    `observations[i]` is agent i's observation, `actions[i]` agent i's action (a float array of
+    its action dims, or an int in {0, 1} for the coordination game).
+    """
+
+    def __init__(self, env: str, obs: Optional[str] = None, seed: Optional[int] = None):
+        self.obs = check_names(env, obs)
+        self.env_name = env
+        self.n_agents = N_AGENTS[env]
+        self.obs_dims = obs_dims(env, self.obs)
+        self.action_dims = action_dims(env)
+        self.state_dim = STATE_DIM[env]
+        self.discrete = env == "coordination"
+        self.max_episode_steps = EPISODE_STEPS[env]
+        self.env = make_single_agent_env(env)
+        self._seed = seed
+        self._state = None
+
+    def reset(self, seed: Optional[int] = None):
+        seed = self._seed if seed is None else seed
+        self._seed = None  # like gymnasium: seed once, then continue the stream
+        state, _ = self.env.reset(seed=seed)
+        self._state = np.asarray(state, dtype=np.float32)
+        return split_state(self.env_name, self.obs, self._state), self._state
+
+    def step(self, actions):
+        if len(actions) != self.n_agents:
+            raise MomaError(f"{self.env_name} expects {self.n_agents} per-agent actions, got {len(actions)}")
+        if self.discrete:
+            joint = np.array([int(np.asarray(a).reshape(-1)[0]) for a in actions])
+        else:
+            acts = [np.asarray(a, dtype=np.float32).reshape(d) for a, d in zip(actions, self.action_dims)]
+            # The executed action is clipped to the action box (the authors' ActionClipping wrapper).
+            joint = np.clip(join_actions(self.env_name, acts), -1.0, 1.0)
+        state, reward, terminated, truncated, _ = self.env.step(joint)
+        self._state = np.asarray(state, dtype=np.float32)
+        return split_state(self.env_name, self.obs, self._state), self._state, float(reward), bool(terminated), bool(truncated)
+
+    def set_state(self, state: np.ndarray) -> None:
+        """Put the simulator in a global state (ground-truth-simulator ablation, MAIQL-ft rollouts).
+
+        Ant: the torso x, y are not part of the state and are set to 0 (they affect nothing).
+        Reacher: joint angles are recovered with atan2 from their cos/sin.
+        """
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != (self.state_dim,):
+            raise MomaError(f"set_state expects a state of shape ({self.state_dim},), got {state.shape}")
+        if self.env_name == "coordination":
+            self.env.t = int(round(float(state[0]) * self.env.rounds))
+        else:
+            u = self.env.unwrapped
+            qpos, qvel = u.data.qpos.copy(), u.data.qvel.copy()
+            if self.env_name == "reacher":
+                qpos[0] = np.arctan2(state[2], state[0])
+                qpos[1] = np.arctan2(state[3], state[1])
+                qpos[2:4] = state[4:6]
+                qvel[:] = 0.0
+                qvel[0:2] = state[6:8]
+            else:  # ant: qpos = x, y, z, quaternion(4), 8 joints; qvel = 6 torso, 8 joints
+                qpos[0:2] = 0.0
+                qpos[2:] = state[0:13]
+                qvel[:] = state[13:27]
+            u.set_state(qpos, qvel)
+        self._state = state.astype(np.float32)
+
+    def close(self):
+        self.env.close()
+
+
+def make_env(env: str, obs: Optional[str] = None, seed: Optional[int] = None) -> MultiAgentEnv:
+    """The multi-agent environment `env` with observation function `obs` (default: fully observable)."""
+    return MultiAgentEnv(env, obs, seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Histories: the previous HISTORY_LEN (observation_i, action_i) pairs of the episode, oldest first,
+# zero-padded at the episode start; the current observation is kept separate (reference §2(d)).
+# --------------------------------------------------------------------------------------------------
+def history_action_features(env: str, actions_i: np.ndarray) -> np.ndarray:
+    """How an agent's action enters its history: one-hot for the coordination game, else clipped."""
+    if env == "coordination":
+        a = np.asarray(actions_i).reshape(-1).astype(np.int64)
+        return np.eye(COORDINATION_N_ACTIONS, dtype=np.float32)[a]
+    return np.clip(np.asarray(actions_i, dtype=np.float32), -1.0, 1.0)
+
+
+def history_dims(env: str, obs: Optional[str] = None) -> list[int]:
+    act = [COORDINATION_N_ACTIONS] * 2 if env == "coordination" else action_dims(env)
+    return [o + a for o, a in zip(obs_dims(env, obs), act)]
+
+
+class OnlineHistory:
+    """Per-agent rolling histories for `n` parallel episodes, filled exactly as the dataset ones."""
+
+    def __init__(self, env: str, obs: Optional[str], n: int, length: int = HISTORY_LEN):
+        self.env = env
+        self.length = length
+        self.buffers = [np.zeros((n, length, d), dtype=np.float32) for d in history_dims(env, obs)]
+
+    def get(self) -> list[np.ndarray]:
+        return self.buffers
+
+    def push(self, observations: Sequence[np.ndarray], actions: Sequence[np.ndarray]) -> None:
+        """Append (o_t, a_t) after a step, dropping the oldest pair."""
+        if self.length == 0:
+            return
+        for buf, o, a in zip(self.buffers, observations, actions):
+            buf[:, :-1] = buf[:, 1:]
+            n = buf.shape[0]
+            buf[:, -1] = np.concatenate(
+                [np.asarray(o, dtype=np.float32).reshape(n, -1), history_action_features(self.env, a).reshape(n, -1)],
+                axis=1,
+            )
+
+    def reset(self, mask: Optional[np.ndarray] = None) -> None:
+        for buf in self.buffers:
+            if mask is None:
+                buf[:] = 0.0
+            else:
+                buf[mask] = 0.0
+
+
+def evaluate(
+    env: str,
+    obs: Optional[str],
+    act: Callable[[list[np.ndarray], list[np.ndarray]], list[np.ndarray]],
+    n_episodes: int,
+    seed: int = 10101,
+    history_len: int = HISTORY_LEN,
+    max_parallel: int = 100,
+) -> np.ndarray:
+    """Run `n_episodes` episodes with the (greedy) joint policy `act` and return their returns.
+
+    `act(observations, histories)` receives per-agent batches [n, o_i] and [n, H, o_i + a_i] and
+    returns per-agent actions [n, a_i] (ints [n] for the coordination game). Episodes run in
+    lockstep batches of up to `max_parallel`, so the policy is queried once per step, not per env.
+    Episode j is reset with seed `seed + j`, so results are reproducible.
+    """
+    obs = check_names(env, obs)
+    returns = np.zeros(n_episodes)
+    for start in range(0, n_episodes, max_parallel):
+        n = min(max_parallel, n_episodes - start)
+        envs = [make_env(env, obs) for _ in range(n)]
+        per_env = [e.reset(seed=seed + start + j)[0] for j, e in enumerate(envs)]
+        observations = [np.stack([p[i] for p in per_env]) for i in range(N_AGENTS[env])]
+        history = OnlineHistory(env, obs, n, history_len)
+        alive = np.ones(n, dtype=bool)
+        while alive.any():
+            actions = [np.asarray(a) for a in act(observations, history.get())]
+            previous = [o.copy() for o in observations]
+            for j in np.flatnonzero(alive):
+                o, _, r, term, trunc = envs[j].step([a[j] for a in actions])
+                returns[start + j] += r
+                for i in range(len(observations)):
+                    observations[i][j] = o[i]
+                alive[j] = not (term or trunc)
+            history.push(previous, actions)  # finished episodes keep stepping nothing; their rows are ignored
+        for e in envs:
+            e.close()
+    return returns
+
+
+def normalized_score(returns, ref_min: float, ref_max: float):
+    """(R - ref_min) / (ref_max - ref_min): a fraction (1.0 = expert), as the paper reports."""
+    return (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------
+def _is_external_id(dataset: str) -> bool:
+    """A full Minari id (e.g. Farama's 'mujoco/ant/medium-v0') rather than a project dataset name."""
+    return "/" in dataset
+
+
+def dataset_id(env: str, dataset: str) -> str:
+    return dataset if _is_external_id(dataset) else f"moma/{env}/{dataset}-v0"
+
+
+def dataset_path(env: str, dataset: str) -> pathlib.Path:
+    """Folder of a local Minari dataset (Minari's layout: <root>/<namespace>/<name>-v<version>)."""
+    return DATA_DIR / dataset_id(env, dataset)
+
+
+def dataset_exists(env: str, dataset: str) -> bool:
+    return (dataset_path(env, dataset) / "data" / "metadata.json").exists()
+
+
+@dataclasses.dataclass
+class OfflineData:
+    """An offline dataset split per agent. N transitions, rows in episode order.
+
+    Histories are stored as indices to stay small (1M Ant rows x 10 steps x 4 agents would be GBs):
+    `history_index[t]` lists the H dataset rows preceding row t in its episode, oldest first, with
+    the value N (a zero row of `history_table(i)`) as left padding at the episode start, so
+    `history_table(i)[history_index[rows]]` is agent i's [B, H, o_i + a_i] history.
+    `next_history_index[t]` is the history of the row after t: drop the oldest, append t.
+    """
+
+    env: str
+    obs: str
+    dataset_id: str
+    states: np.ndarray  # [N, S] float32, global state s_t
+    next_states: np.ndarray  # [N, S] float32, s_{t+1}
+    joint_actions: np.ndarray  # [N, A] float32 (int64 for the coordination game)
+    rewards: np.ndarray  # [N] float32, shared team reward
+    terminals: np.ndarray  # [N] float32, 1 where s_{t+1} is absorbing (f = 0)
+    timeouts: np.ndarray  # [N] float32, 1 where the episode was cut without a terminal (truncation)
+    episode_ids: np.ndarray  # [N] int64
+    observations: list  # per agent [N, o_i]
+    next_observations: list  # per agent [N, o_i]
+    actions: list  # per agent [N, a_i]
+    history_index: np.ndarray  # [N, H] int64, N = padding
+    next_history_index: np.ndarray  # [N, H] int64
+    ref_min_score: Optional[float]
+    ref_max_score: Optional[float]
+
+    @property
+    def n_agents(self) -> int:
+        return len(self.observations)
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def history_table(self, agent: int) -> np.ndarray:
+        """[N + 1, o_i + a_i]: row t is (o^i_t, a^i_t); the last row is the zero padding."""
+        feats = np.concatenate(
+            [self.observations[agent], history_action_features(self.env, self.actions[agent])], axis=1
+        )
+        return np.concatenate([feats, np.zeros((1, feats.shape[1]), dtype=np.float32)], axis=0)
+
+    def histories(self, agent: int, rows: np.ndarray, next_: bool = False) -> np.ndarray:
+        """Agent `agent`'s [B, H, o_i + a_i] histories at dataset rows `rows` (of s_{t+1} if next_)."""
+        index = self.next_history_index if next_ else self.history_index
+        return self.history_table(agent)[index[rows]]
+
+    def episode_returns(self) -> np.ndarray:
+        return np.bincount(self.episode_ids, weights=self.rewards.astype(np.float64))
+
+    def normalized_score(self, returns):
+        if self.ref_min_score is None or self.ref_max_score is None:
+            raise MomaError(f"dataset {self.dataset_id} has no ref_min_score/ref_max_score in its metadata")
+        return normalized_score(returns, self.ref_min_score, self.ref_max_score)
+
+
+def build_history_index(episode_ids: np.ndarray, length: int = HISTORY_LEN) -> tuple[np.ndarray, np.ndarray]:
+    """History and next-history row indices for rows sorted by episode (see OfflineData)."""
+    n = len(episode_ids)
+    rows = np.arange(n)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = episode_ids[1:] != episode_ids[:-1]
+    start_row = np.maximum.accumulate(np.where(starts, rows, 0))
+    position = rows - start_row  # steps since the episode start
+    k = np.arange(length)
+    index = rows[:, None] - length + k[None, :]
+    index = np.where(k[None, :] >= length - position[:, None], index, n)
+    next_index = np.concatenate([index[:, 1:], rows[:, None]], axis=1) if length > 0 else index
+    return index.astype(np.int64), next_index.astype(np.int64)
+
+
+def _read_minari(env: str, dataset: str):
+    """Flatten a local Minari dataset to arrays (cached as .npz next to the world models)."""
+    import minari
+
+    did = dataset_id(env, dataset)
+    meta_file = dataset_path(env, dataset) / "data" / "metadata.json"
+    cache = CACHE_DIR / "datasets" / (did.replace("/", "__") + ".npz")
+    stamp = f"{meta_file.stat().st_mtime_ns}"
+    if cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["stamp"]) == stamp:
+                    return {k: z[k] for k in z.files}
+        except Exception:
+            pass  # stale or corrupt cache: rebuild it
+    try:
+        ds = minari.load_dataset(did, download=False)
+        meta = ds.storage.metadata
+        parts = {k: [] for k in ("obs", "next_obs", "act", "rew", "term", "trunc", "ep")}
+        from tqdm import tqdm
+
+        for ep in tqdm(ds.iterate_episodes(), total=ds.total_episodes, desc=f"reading {did}", leave=False,
+                       disable=None if ds.total_episodes > 2000 else True):
+            o = np.asarray(ep.observations, dtype=np.float32)
+            T = len(ep.rewards)
+            parts["obs"].append(o[:-1])
+            parts["next_obs"].append(o[1:])
+            parts["act"].append(np.asarray(ep.actions).reshape(T, -1))
+            parts["rew"].append(np.asarray(ep.rewards, dtype=np.float32))
+            parts["term"].append(np.asarray(ep.terminations, dtype=bool))
+            parts["trunc"].append(np.asarray(ep.truncations, dtype=bool))
+            parts["ep"].append(np.full(T, ep.id, dtype=np.int64))
+    except MomaError:
+        raise
+    except Exception as e:  # a half-written or corrupt dataset folder
+        raise MomaError(
+            f"could not read dataset {did} at {dataset_path(env, dataset)} ({type(e).__name__}: {e}); "
+            f"delete that folder and rebuild it with `python envs.py --env {env} --dataset {dataset} --force`"
+        ) from e
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    arrays["ref_min_score"] = np.float64(meta.get("ref_min_score", np.nan) if meta.get("ref_min_score") is not None else np.nan)
+    arrays["ref_max_score"] = np.float64(meta.get("ref_max_score", np.nan) if meta.get("ref_max_score") is not None else np.nan)
+    arrays["stamp"] = np.array(stamp)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache)
+    return arrays
+
+
+def load_dataset(
+    env: str,
+    dataset: Optional[str] = None,
+    obs: Optional[str] = None,
+    history_len: int = HISTORY_LEN,
+    build_if_missing: bool = True,
+) -> OfflineData:
+    """Load (building it first if it is a missing project dataset) and split an offline dataset.
+
+    `dataset` is a project dataset name (DATASETS[env]) or the id of a Minari dataset you have in
+    your local Minari folder, e.g. Farama's 'mujoco/ant/medium-v0' (its 105-dim Ant observations are
+    cut to the 27-dim state: the contact forces are dropped). Nothing is downloaded.
+    """
+    dataset = DEFAULT_DATASET[env] if dataset is None and env in ENVS else dataset
+    obs = check_names(env, obs, dataset)
+    if not dataset_exists(env, dataset):
+        if _is_external_id(dataset):
+            raise MomaError(
+                f"Minari dataset {dataset!r} is not in {DATA_DIR}; this project never downloads. Download it "
+                f"yourself (`minari download {dataset}`) with MINARI_DATASETS_PATH={DATA_DIR}, or use one of "
+                f"the project datasets: {', '.join(DATASETS[env])}"
+            )
+        if not build_if_missing:
+            raise MomaError(f"dataset {dataset_id(env, dataset)} is missing; build it with "
+                            f"`python envs.py --env {env} --dataset {dataset}`")
+        build_dataset(env, dataset)
+    a = _read_minari(env, dataset)
+    states, next_states, joint = a["obs"], a["next_obs"], a["act"]
+    if env == "ant" and states.shape[1] == 105:  # Farama's Ant-v5 default: drop the 78 contact forces
+        states, next_states = states[:, :27], next_states[:, :27]
+    if states.shape[1] != STATE_DIM[env] or joint.shape[1] != JOINT_ACTION_DIM[env]:
+        raise MomaError(
+            f"dataset {dataset_id(env, dataset)} has observations of shape {states.shape[1:]} and actions of shape "
+            f"{joint.shape[1:]}, but env {env!r} has states of shape ({STATE_DIM[env]},) and joint actions of shape "
+            f"({JOINT_ACTION_DIM[env]},); use a dataset recorded on {env}"
+        )
+    if env == "coordination":
+        joint = joint.astype(np.int64)
+    else:
+        joint = joint.astype(np.float32)
+    terminals = a["term"].astype(np.float32)
+    # A timeout is an episode end that is not absorbing: a truncation, or the end of a stored episode.
+    episode_end = np.ones(len(terminals), dtype=bool)
+    episode_end[:-1] = a["ep"][1:] != a["ep"][:-1]
+    timeouts = ((a["trunc"] | episode_end) & ~a["term"]).astype(np.float32)
+    hist, next_hist = build_history_index(a["ep"], history_len)
+    ref_min, ref_max = float(a["ref_min_score"]), float(a["ref_max_score"])
+    return OfflineData(
+        env=env,
+        obs=obs,
+        dataset_id=dataset_id(env, dataset),
+        states=states,
+        next_states=next_states,
+        joint_actions=joint,
+        rewards=a["rew"].astype(np.float32),
+        terminals=terminals,
+        timeouts=timeouts,
+        episode_ids=np.unique(a["ep"], return_inverse=True)[1].astype(np.int64),
+        observations=split_state(env, obs, states),
+        next_observations=split_state(env, obs, next_states),
+        actions=split_actions(env, joint),
+        history_index=hist,
+        next_history_index=next_hist,
+        ref_min_score=None if np.isnan(ref_min) else ref_min,
+        ref_max_score=None if np.isnan(ref_max) else ref_max,
+    )
+
+
+def write_minari_dataset(
+    env: str,
+    dataset: str,
+    episodes: Sequence[dict],
+    ref_min_score: float,
+    ref_max_score: float,
+    algorithm_name: str,
+    description: str,
+) -> None:
+    """Write episodes {observations [T+1, S], actions [T, A], rewards, terminations, truncations}
+    as the Minari dataset moma/<env>/<dataset>-v0, atomically: a failed write leaves nothing behind."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    did = dataset_id(env, dataset)
+    buffers = [
+        EpisodeBuffer(
+            id=j,
+            observations=np.asarray(ep["observations"]),
+            actions=np.asarray(ep["actions"]),
+            rewards=list(np.asarray(ep["rewards"], dtype=np.float64)),
+            terminations=list(np.asarray(ep["terminations"], dtype=bool)),
+            truncations=list(np.asarray(ep["truncations"], dtype=bool)),
+        )
+        for j, ep in enumerate(episodes)
+    ]
+    if env == "coordination":
+        _register_coordination()
+        spec = gym.spec(COORDINATION_GYM_ID)
+    else:
+        spec = make_single_agent_env(env).spec
+    if dataset_exists(env, dataset):
+        minari.delete_dataset(did)
+    try:
+        minari.create_dataset_from_buffers(
+            did,
+            buffers,
+            ref_min_score=float(ref_min_score),
+            ref_max_score=float(ref_max_score),
+            algorithm_name=algorithm_name,
+            author="moma-ppo contributors",
+            author_email="moma-ppo@users.noreply.github.com",
+            code_permalink="https://github.com/moma-ppo/moma-ppo",
+            description=description,
+            data_format="hdf5",
+            env=spec,
+        )
+    except BaseException:
+        shutil.rmtree(dataset_path(env, dataset), ignore_errors=True)
+        raise
+
+
+def build_coordination_dataset(dataset: str, n_episodes: int = COORDINATION_EPISODES, seed: int = 0) -> None:
+    """Table 1: each agent independently goes right with its behaviour probability every round."""
+    p_right = np.array(COORDINATION_BEHAVIOUR[dataset])
+    rng = np.random.default_rng(seed)
+    R = COORDINATION_ROUNDS
+    actions = (rng.random((n_episodes, R, 2)) < p_right).astype(np.int64)
+    rewards = (actions[..., 0] == actions[..., 1]).astype(np.float64)
+    rounds = (np.arange(R + 1, dtype=np.float32) / R)[:, None]
+    truncations = np.zeros(R, dtype=bool)
+    truncations[-1] = True
+    episodes = [
+        dict(observations=rounds, actions=actions[j], rewards=rewards[j], terminations=np.zeros(R, dtype=bool),
+             truncations=truncations)
+        for j in range(n_episodes)
+    ]
+    write_minari_dataset(
+        "coordination", dataset, episodes, ref_min_score=0.0, ref_max_score=float(R),
+        algorithm_name=f"iid behaviour P(a1=right)={p_right[0]}, P(a2=right)={p_right[1]}",
+        description=f"Iterated Coordination Game, {dataset} dataset (paper Table 1), {n_episodes} episodes of {R} "
+        f"rounds; normalised score = mean payoff per round.",
+    )
+
+
+def build_dataset(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0) -> None:
+    """Generate the project dataset `dataset` of `env` locally (overwriting it)."""
+    check_names(env, None, dataset)
+    if _is_external_id(dataset):
+        raise MomaError(f"{dataset!r} is an external Minari id; only project datasets can be built here")
+    if env == "coordination":
+        n_episodes = COORDINATION_EPISODES if n_transitions is None else max(1, n_transitions // COORDINATION_ROUNDS)
+        build_coordination_dataset(dataset, n_episodes, seed)
+        return
+    # MuJoCo datasets come from behaviour policies (issue 5): make_datasets.build(env, dataset, n_transitions, seed)
+    # must write the Minari dataset dataset_id(env, dataset) with ref_min_score / ref_max_score.
+    try:
+        import make_datasets
+    except ModuleNotFoundError as e:
+        if e.name != "make_datasets":
+            raise
+        raise MomaError(
+            f"dataset {dataset_id(env, dataset)} is missing and this checkout has no MuJoCo dataset generator "
+            f"(make_datasets.py); place a Minari dataset with that id under {DATA_DIR}"
+        ) from None
+    make_datasets.build(env, dataset, n_transitions=n_transitions, seed=seed)
+
+
+def dataset_stats(env: str, dataset: str) -> dict:
+    """Table-2-style statistics of a dataset: normalised episode scores (%) and sizes."""
+    data = load_dataset(env, dataset)
+    returns = data.episode_returns()
+    stats = dict(dataset=data.dataset_id, episodes=len(returns), transitions=len(data),
+                 ref_min_score=data.ref_min_score, ref_max_score=data.ref_max_score,
+                 mean_return=float(returns.mean()))
+    if data.ref_min_score is not None and data.ref_max_score is not None:
+        scores = 100 * data.normalized_score(returns)
+        stats.update({f"{k}_score_pct": float(f(scores)) for k, f in
+                      (("min", np.min), ("mean", np.mean), ("median", np.median), ("max", np.max))})
+    return stats
+
+
+@dataclasses.dataclass
+class Args:
+    """Build (or rebuild) project datasets and print their statistics."""
+
+    env: EnvName = "coordination"
+    dataset: str = "all"
+    """a dataset name of the env, or 'all'"""
+    n_transitions: Optional[int] = None
+    """dataset size (default: the paper's)"""
+    seed: int = 0
+    force: bool = False
+    """rebuild even if the dataset exists"""
+
+
+def main(args: Args) -> None:
+    names = DATASETS[args.env] if args.dataset == "all" else (args.dataset,)
+    for name in names:
+        check_names(args.env, None, name)
+        if args.force or not dataset_exists(args.env, name):
+            build_dataset(args.env, name, args.n_transitions, args.seed)
+        print(dataset_stats(args.env, name))
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(Args))
+    except MomaError as e:
+        raise SystemExit(f"error: {e}")
