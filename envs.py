@@ -43,7 +43,8 @@ REPO_DIR = pathlib.Path(__file__).resolve().parent
 os.environ.setdefault("MINARI_DATASETS_PATH", str(REPO_DIR / "data" / "minari"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 DATA_DIR = pathlib.Path(os.environ["MINARI_DATASETS_PATH"])
-CACHE_DIR = REPO_DIR / "data" / "cache"  # world models and flattened datasets
+# World models and flattened datasets; MOMA_CACHE_DIR overrides (the tests use a temporary folder).
+CACHE_DIR = pathlib.Path(os.environ.get("MOMA_CACHE_DIR", str(REPO_DIR / "data" / "cache")))
 
 EnvName = Literal["coordination", "reacher", "ant"]
 ObsName = Literal["full", "all-observant", "independent", "leader-only", "partial"]
