@@ -1,0 +1,334 @@
+"""envs.py: index maps, physics of the agent split, Minari round trip, histories, Table 1, errors."""
+
+import json
+
+import minari
+import numpy as np
+import pytest
+
+import envs
+
+# The tables of issue 2 / paper §5, written out literally so that a change in envs.py cannot hide.
+EXPECTED_OBS = {
+    ("coordination", "full"): [[0], [0]],
+    ("reacher", "all-observant"): [list(range(10))] * 2,
+    ("reacher", "independent"): [[0, 2, 6, 4, 5], [1, 3, 7, 4, 5]],
+    ("reacher", "leader-only"): [[0, 2, 6, 1, 3, 7, 4, 5], [0, 2, 6, 1, 3, 7]],
+    ("ant", "full"): [list(range(27))] * 4,
+    ("ant", "partial"): [
+        [0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18, 5, 6, 19, 20],
+        [7, 8, 21, 22],
+        [9, 10, 23, 24],
+        [11, 12, 25, 26],
+    ],
+}
+EXPECTED_ACTIONS = {"coordination": [[0], [1]], "reacher": [[0], [1]], "ant": [[2, 3], [4, 5], [6, 7], [0, 1]]}
+EXPECTED_DIMS = {
+    ("reacher", "all-observant"): [10, 10],
+    ("reacher", "independent"): [5, 5],
+    ("reacher", "leader-only"): [8, 6],
+    ("ant", "full"): [27] * 4,
+    ("ant", "partial"): [15, 4, 4, 4],
+    ("coordination", "full"): [1, 1],
+}
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED_OBS))
+def test_observation_index_maps(key):
+    env, obs = key
+    assert envs.obs_indices(env, obs) == EXPECTED_OBS[key]
+    assert envs.obs_dims(env, obs) == EXPECTED_DIMS[key]
+    e = envs.make_env(env, obs, seed=0)
+    observations, state = e.reset()
+    assert [o.shape[0] for o in observations] == EXPECTED_DIMS[key]
+    assert state.shape == (envs.STATE_DIM[env],)
+    for o, ix in zip(observations, EXPECTED_OBS[key]):
+        np.testing.assert_array_equal(o, state[ix])
+
+
+def test_action_index_maps():
+    assert envs.ACTION_INDICES == EXPECTED_ACTIONS
+    for env, ix in EXPECTED_ACTIONS.items():
+        flat = sorted(i for agent in ix for i in agent)
+        assert flat == list(range(envs.JOINT_ACTION_DIM[env]))  # every joint action dim driven exactly once
+    per_agent = [np.array([1.0, 2.0]), np.array([3.0, 4.0]), np.array([5.0, 6.0]), np.array([7.0, 8.0])]
+    joint = envs.join_actions("ant", per_agent)
+    np.testing.assert_array_equal(joint, [7, 8, 1, 2, 3, 4, 5, 6])
+    for a, b in zip(envs.split_actions("ant", joint), per_agent):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_partial_observations_partition_the_state():
+    concat = sorted(i for agent in EXPECTED_OBS[("ant", "partial")] for i in agent)
+    assert concat == list(range(27))  # the PO concatenation is a permutation of the state
+    torso = {0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18}
+    assert all(not torso & set(ix) for ix in EXPECTED_OBS[("ant", "partial")][1:])  # only agent 0 sees the torso
+    for obs in ("independent", "leader-only"):
+        for ix in envs.obs_indices("reacher", obs):
+            assert 8 not in ix and 9 not in ix  # no PO agent sees fingertip - target
+
+
+def _ant_joint_displacement(agent: int, steps: int = 5) -> np.ndarray:
+    """Per-leg joint-angle change caused by actuating only `agent` (vs. the zero action), by physics."""
+    results = []
+    for active in (None, agent):
+        e = envs.make_env("ant", "partial")
+        e.reset(seed=3)
+        for _ in range(steps):
+            actions = [np.zeros(2, dtype=np.float32) for _ in range(4)]
+            if active is not None:
+                actions[active] = np.ones(2, dtype=np.float32)
+            observations, state, *_ = e.step(actions)
+        results.append(state.copy())
+    diff = np.abs(results[1] - results[0])
+    legs = [[5, 6], [7, 8], [9, 10], [11, 12]]  # hip_i, ankle_i angles
+    return np.array([diff[ix].sum() for ix in legs])
+
+
+@pytest.mark.parametrize("agent", range(4))
+def test_ant_agent_moves_the_leg_it_observes(agent):
+    displacement = _ant_joint_displacement(agent)
+    others = np.delete(displacement, agent)
+    assert displacement[agent] > 5 * others.max(), displacement
+    # and that leg is exactly what this agent observes in the partial observation function
+    observed = set(EXPECTED_OBS[("ant", "partial")][agent])
+    assert {5 + 2 * agent, 6 + 2 * agent} <= observed
+
+
+@pytest.mark.parametrize("agent", range(2))
+def test_reacher_agent_drives_its_joint(agent):
+    states = []
+    for active in (None, agent):
+        e = envs.make_env("reacher", "independent")
+        e.reset(seed=1)
+        for _ in range(3):
+            actions = [np.zeros(1, dtype=np.float32) for _ in range(2)]
+            if active is not None:
+                actions[active] = np.ones(1, dtype=np.float32)
+            _, state, *_ = e.step(actions)
+        states.append(state)
+    velocity_change = np.abs(states[1] - states[0])[[6, 7]]  # θ1, θ2 velocities
+    assert velocity_change[agent] > velocity_change[1 - agent], velocity_change
+
+
+def test_coordination_game_payoff_and_episode():
+    e = envs.make_env("coordination", seed=0)
+    observations, state = e.reset()
+    assert state.tolist() == [0.0]
+    total, steps, truncated = 0.0, 0, False
+    while not truncated:
+        observations, state, r, terminated, truncated = e.step([steps % 2, steps % 2 if steps < 5 else 1 - steps % 2])
+        total += r
+        steps += 1
+        assert not terminated
+        np.testing.assert_allclose(observations[0], [steps / 10])
+    assert steps == 10 and total == 5.0
+    with pytest.raises(envs.MomaError, match="two integers"):
+        e.step([0, 2])
+
+
+def test_evaluate_coordination_greedy_policies():
+    always_right = lambda o, h: [np.ones(len(o[0]), dtype=np.int64)] * 2  # noqa: E731
+    disagree = lambda o, h: [np.zeros(len(o[0]), dtype=np.int64), np.ones(len(o[0]), dtype=np.int64)]  # noqa: E731
+    np.testing.assert_array_equal(envs.evaluate("coordination", None, always_right, 7), np.full(7, 10.0))
+    np.testing.assert_array_equal(envs.evaluate("coordination", None, disagree, 3), np.zeros(3))
+
+
+@pytest.mark.parametrize("env", ["reacher", "ant"])
+def test_set_state_restores_the_simulator(env):
+    e = envs.make_env(env, seed=0)
+    e.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        _, state, *_ = e.step([rng.uniform(-1, 1, d) for d in e.action_dims])
+    other = envs.make_env(env, seed=5)
+    other.reset()
+    other.set_state(state)
+    np.testing.assert_allclose(other.env.unwrapped._get_obs(), state, atol=1e-5)
+    # and both simulators then evolve identically under the same actions
+    actions = [rng.uniform(-1, 1, d) for d in e.action_dims]
+    _, s1, r1, *_ = e.step(actions)
+    _, s2, r2, *_ = other.step(actions)
+    np.testing.assert_allclose(s1, s2, atol=1e-4)
+
+
+def _random_episodes(env: str, n_episodes: int, seed: int = 0):
+    e = envs.make_single_agent_env(env)
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for j in range(n_episodes):
+        s, _ = e.reset(seed=seed + j)
+        obs, acts, rews, terms, truncs = [s], [], [], [], []
+        done = False
+        while not done:
+            a = rng.uniform(-1, 1, envs.JOINT_ACTION_DIM[env]).astype(np.float32)
+            s, r, te, tr, _ = e.step(a)
+            obs.append(s), acts.append(a), rews.append(r), terms.append(te), truncs.append(tr)
+            done = te or tr
+        episodes.append(dict(observations=np.array(obs), actions=np.array(acts), rewards=np.array(rews),
+                             terminations=np.array(terms), truncations=np.array(truncs)))
+    return episodes
+
+
+def test_minari_round_trip_and_split():
+    episodes = _random_episodes("reacher", 4)
+    envs.write_minari_dataset("reacher", "expert-mix", episodes, ref_min_score=-40.0, ref_max_score=-4.0,
+                              algorithm_name="uniform random", description="test")
+    ds = minari.load_dataset("moma/reacher/expert-mix-v0")
+    assert ds.total_episodes == 4 and ds.total_steps == 200
+    assert ds.storage.metadata["ref_min_score"] == -40.0 and ds.storage.metadata["ref_max_score"] == -4.0
+    for stored, ep in zip(ds.iterate_episodes(), episodes):
+        np.testing.assert_allclose(stored.observations, ep["observations"])
+        np.testing.assert_allclose(stored.actions, ep["actions"])
+        np.testing.assert_allclose(stored.rewards, ep["rewards"])
+    data = envs.load_dataset("reacher", "expert-mix", "leader-only")
+    states = np.concatenate([ep["observations"][:-1] for ep in episodes])
+    np.testing.assert_allclose(data.states, states, rtol=1e-6)
+    np.testing.assert_allclose(data.next_states, np.concatenate([ep["observations"][1:] for ep in episodes]), rtol=1e-6)
+    np.testing.assert_allclose(data.observations[0], states[:, [0, 2, 6, 1, 3, 7, 4, 5]], rtol=1e-6)
+    np.testing.assert_allclose(data.observations[1], states[:, [0, 2, 6, 1, 3, 7]], rtol=1e-6)
+    np.testing.assert_allclose(data.actions[1][:, 0], data.joint_actions[:, 1])
+    assert data.timeouts.sum() == 4 and data.terminals.sum() == 0  # Reacher only truncates, at 50 steps
+    assert np.flatnonzero(data.timeouts).tolist() == [49, 99, 149, 199]
+    np.testing.assert_allclose(data.normalized_score([-40.0, -4.0, -22.0]), [0.0, 1.0, 0.5])
+
+
+def test_histories_against_hand_built_episodes():
+    # Two episodes of lengths 3 and 13 of the coordination game; row t's history is the previous
+    # up-to-10 (o, one-hot a) pairs of its own episode, oldest first, left-padded with zeros.
+    episode_ids = np.array([0] * 3 + [1] * 13)
+    index, next_index = envs.build_history_index(episode_ids, length=10)
+    pad = len(episode_ids)
+    for t in range(len(episode_ids)):
+        start = 0 if t < 3 else 3
+        previous = list(range(max(start, t - 10), t))
+        expected = [pad] * (10 - len(previous)) + previous
+        assert index[t].tolist() == expected, t
+        expected_next = (expected + [t])[1:]
+        assert next_index[t].tolist() == expected_next, t
+    # next history of row t is the history of row t+1 inside an episode
+    np.testing.assert_array_equal(next_index[3:15], index[4:16])
+    np.testing.assert_array_equal(next_index[0:2], index[1:3])
+
+
+def test_dataset_histories_hold_the_previous_pairs():
+    episodes = _random_episodes("reacher", 2, seed=7)
+    envs.write_minari_dataset("reacher", "expert-mix", episodes, -40.0, -4.0, "uniform random", "test")
+    data = envs.load_dataset("reacher", "expert-mix", "independent")
+    h = data.histories(1, np.array([0, 1, 12, 50, 53]))  # agent 1: (θ2 arm, target) + its action
+    assert h.shape == (5, 10, 5 + 1)
+    assert np.all(h[0] == 0)  # episode start: all padding
+    np.testing.assert_allclose(h[1, -1], np.r_[data.observations[1][0], data.actions[1][0]])
+    np.testing.assert_allclose(h[1, :-1], 0)
+    np.testing.assert_allclose(h[2], np.c_[data.observations[1][2:12], data.actions[1][2:12]])  # oldest first
+    assert np.all(h[3] == 0)  # row 50 starts the second episode: nothing leaks from the first
+    np.testing.assert_allclose(h[4, -3:], np.c_[data.observations[1][50:53], data.actions[1][50:53]])
+    np.testing.assert_allclose(h[4, :-3], 0)
+
+
+def test_online_history_matches_dataset_history():
+    e = envs.make_env("reacher", "leader-only", seed=2)
+    observations, _ = e.reset()
+    online = envs.OnlineHistory("reacher", "leader-only", n=1)
+    rng = np.random.default_rng(0)
+    seen = []
+    for t in range(14):
+        seen.append([h.copy() for h in online.get()])
+        actions = [rng.uniform(-1.5, 1.5, 1).astype(np.float32) for _ in range(2)]
+        online.push([o[None] for o in observations], [a[None] for a in actions])
+        observations, *_ = e.step(actions)
+    # at step 12 the history holds steps 2..11, oldest first, with actions clipped to [-1, 1]
+    assert seen[12][0].shape == (1, 10, 8 + 1)
+    assert np.all(np.abs(seen[12][1][0, :, -1]) <= 1.0)
+    assert np.all(seen[0][0] == 0) and np.all(seen[3][0][0, :7] == 0) and np.any(seen[3][0][0, 7:] != 0)
+
+
+@pytest.mark.parametrize("name,expected", [("favorable", 0.625), ("neutral", 0.5), ("unfavorable", 0.375)])
+def test_coordination_datasets_match_table_1(name, expected):
+    data = envs.load_dataset("coordination", name)  # built on demand in the temporary data folder
+    score = data.normalized_score(data.episode_returns()).mean()
+    assert abs(score - expected) < 0.01, score
+    assert abs(data.rewards.mean() - expected) < 0.01
+    p1, p2 = envs.COORDINATION_BEHAVIOUR[name]
+    assert abs(data.joint_actions[:, 0].mean() - p1) < 0.01 and abs(data.joint_actions[:, 1].mean() - p2) < 0.01
+    assert len(data) == envs.COORDINATION_EPISODES * 10
+    np.testing.assert_array_equal(data.rewards, data.joint_actions[:, 0] == data.joint_actions[:, 1])
+    assert data.timeouts.sum() == envs.COORDINATION_EPISODES and data.terminals.sum() == 0
+    assert data.histories(0, np.arange(2)).shape == (2, 10, 1 + 2)  # round index + one-hot action
+
+
+def test_unknown_names_list_the_valid_choices():
+    with pytest.raises(envs.MomaError, match="valid envs: coordination, reacher, ant"):
+        envs.make_env("hopper")
+    with pytest.raises(envs.MomaError, match="valid choices: all-observant, independent, leader-only"):
+        envs.make_env("reacher", "partial")
+    with pytest.raises(envs.MomaError, match="valid choices: random, medium, full-replay, expert"):
+        envs.load_dataset("ant", "medium-replay", "full")
+
+
+def test_cli_rejects_unknown_env():
+    import tyro
+
+    with pytest.raises(SystemExit):
+        tyro.cli(envs.Args, args=["--env", "hopper"])
+
+
+def test_dataset_with_wrong_shapes_is_rejected_with_both_shapes():
+    episodes = _random_episodes("reacher", 1)
+    envs.write_minari_dataset("ant", "random", episodes, -40.0, -4.0, "wrong env", "reacher data under an ant id")
+    with pytest.raises(envs.MomaError, match=r"\(10,\).*\(2,\).*\(27,\).*\(8,\)"):
+        envs.load_dataset("ant", "random", "partial")
+
+
+def test_external_dataset_is_never_downloaded():
+    with pytest.raises(envs.MomaError, match="never downloads"):
+        envs.load_dataset("ant", "mujoco/ant/medium-v0", "full")
+
+
+def test_farama_ant_observations_are_cut_to_the_state():
+    e = envs.make_single_agent_env("ant")
+    import gymnasium as gym
+
+    full = gym.make("Ant-v5")  # Farama's datasets use the default 105-dim observation
+    s, _ = full.reset(seed=0)
+    obs, acts = [s], []
+    for _ in range(5):
+        a = np.zeros(8, dtype=np.float32)
+        s, r, *_ = full.step(a)
+        obs.append(s), acts.append(a)
+    ep = dict(observations=np.array(obs), actions=np.array(acts), rewards=np.ones(5), terminations=np.zeros(5, bool),
+              truncations=np.r_[np.zeros(4, bool), True])
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    minari.create_dataset_from_buffers("mujoco/ant/tiny-v0", [EpisodeBuffer(
+        id=0, observations=ep["observations"], actions=ep["actions"], rewards=list(ep["rewards"]),
+        terminations=list(ep["terminations"]), truncations=list(ep["truncations"]))], env=full.spec,
+        ref_min_score=0.0, ref_max_score=1.0, algorithm_name="t", author="t", author_email="t@t", code_permalink="t",
+        description="t")
+    data = envs.load_dataset("ant", "mujoco/ant/tiny-v0", "partial")
+    assert data.states.shape == (5, 27)
+    np.testing.assert_allclose(data.states, np.array(obs)[:-1, :27], rtol=1e-6)
+    e.close()
+
+
+def test_corrupt_dataset_gives_a_clear_error():
+    envs.build_dataset("coordination", "favorable", n_transitions=100)
+    data_file = envs.dataset_path("coordination", "favorable") / "data" / "main_data.hdf5"
+    data_file.write_bytes(b"not an hdf5 file")
+    cache = envs.CACHE_DIR / "datasets"
+    for f in cache.glob("moma__coordination__favorable*"):
+        f.unlink()
+    meta = envs.dataset_path("coordination", "favorable") / "data" / "metadata.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text())))  # new stamp: the flat cache is stale
+    with pytest.raises(envs.MomaError, match="--force"):
+        envs.load_dataset("coordination", "favorable")
+    envs.build_dataset("coordination", "favorable")  # leave a good dataset for other tests
+
+
+def test_missing_mujoco_dataset_without_generator_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "make_datasets", None)  # simulate a checkout without the generator
+    with pytest.raises(envs.MomaError, match="moma/ant/expert-v0"):
+        envs.load_dataset("ant", "expert", "full")
