@@ -32,6 +32,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import warnings
 from typing import Callable, Literal, Optional, Sequence
 
 import gymnasium as gym
@@ -630,19 +631,21 @@ def write_minari_dataset(
     if dataset_exists(env, dataset):
         minari.delete_dataset(did)
     try:
-        minari.create_dataset_from_buffers(
-            did,
-            buffers,
-            ref_min_score=float(ref_min_score),
-            ref_max_score=float(ref_max_score),
-            algorithm_name=algorithm_name,
-            author="moma-ppo contributors",
-            author_email="moma-ppo@users.noreply.github.com",
-            code_permalink="https://github.com/moma-ppo/moma-ppo",
-            description=description,
-            data_format="hdf5",
-            env=spec,
-        )
+        with warnings.catch_warnings():  # Minari warns that eval_env defaults to the collection env: intended
+            warnings.simplefilter("ignore", UserWarning)
+            minari.create_dataset_from_buffers(
+                did,
+                buffers,
+                ref_min_score=float(ref_min_score),
+                ref_max_score=float(ref_max_score),
+                algorithm_name=algorithm_name,
+                author="moma-ppo contributors",
+                author_email="moma-ppo@users.noreply.github.com",
+                code_permalink="https://github.com/moma-ppo/moma-ppo",
+                description=description,
+                data_format="hdf5",
+                env=spec,
+            )
     except BaseException:
         shutil.rmtree(dataset_path(env, dataset), ignore_errors=True)
         raise
