@@ -1,0 +1,319 @@
+"""IBC: independent behavioural cloning, one policy per agent (paper §5.1, reference §5(d)).
+
+Each agent i maximises the likelihood of its own dataset actions given its own observation and
+10-step (o_i, a_i) history, independently of the other agents:
+
+    L = -E[ Σ_i log π_i(a_i | h_i, o_i) ]
+
+(a sum of independent per-agent losses: no parameter, gradient or value is shared between agents).
+The agents are trained as one batched module for speed only.
+
+* Continuous actions: tanh-squashed Gaussian with state-dependent log-std in [-6, 0] and the tanh
+  Jacobian (ε = 1e-5), as the authors' `bc_only` IQL learner; greedy action tanh(mean).
+  Coordination game: categorical π_i over {left, right}, greedy action = argmax (Table 3: IBC copies
+  each agent's majority action, so it coordinates only when the dataset mostly does).
+* History encoder (MOMA-PPO's self-attention encoder, reference §4(c)) on partially observable
+  tasks only (`--history-len` None); never on the coordination game (authors, reference §1(a)).
+* Rewards are not used.
+
+    python ibc.py --env coordination --dataset neutral --total-steps 2000
+    python ibc.py --env reacher --obs independent --total-steps 50000
+    python ibc.py --env ant --obs partial --dataset medium --total-steps 50000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import envs
+
+
+@dataclasses.dataclass
+class Args:
+    env: envs.EnvName = "coordination"
+    """coordination, reacher or ant"""
+    obs: Optional[envs.ObsName] = None
+    """observation function (None = the env's default)"""
+    dataset: Optional[str] = None
+    """dataset name of the env (None = the env's default)"""
+    exp_name: str = "ibc"
+    seed: int = 1
+    cuda: bool = False
+    """use the GPU (CPU by default)"""
+    torch_threads: int = 1
+    """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
+    total_steps: int = 50_000
+    """gradient steps (authors: 1,000,001; 50k fits a 2-core CPU)"""
+    batch_size: int = 256
+    hidden: int = 256
+    """width of the two hidden layers of every MLP"""
+    history_len: Optional[int] = None
+    """history length (None = 10 on partially observable tasks, 0 on fully observable ones)"""
+    history_dim: int = 128
+    """width of the history encoder (reference §4(c))"""
+    learning_rate: float = 3e-4
+    eval_every: int = 5_000
+    """gradient steps between greedy evaluations (10 episodes); 0 disables"""
+    eval_episodes: int = 100
+    """greedy episodes of the final evaluation"""
+    checkpoint_every: int = 10_000
+    """gradient steps between atomic checkpoints"""
+    resume: bool = False
+    """continue the run in --run-dir from its checkpoint"""
+    run_dir: Optional[str] = None
+    """fixed run folder (default: runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<unix time>)"""
+
+
+PARTIALLY_OBSERVABLE = {("reacher", "independent"), ("reacher", "leader-only"), ("ant", "partial")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks: per-agent weights stacked [n, in, out], one bmm per layer for all agents; agents with
+# smaller inputs see zero-padded inputs, which is exactly a smaller per-agent network.
+# --------------------------------------------------------------------------------------------------
+class AgentsMLP(nn.Module):
+    """n independent MLPs in -> hidden -> hidden -> out, ReLU; [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, n: int, sizes: list[int]):
+        super().__init__()
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for i, o in zip(sizes[:-1], sizes[1:]):
+            layers = [nn.Linear(i, o) for _ in range(n)]  # PyTorch's default init, per agent
+            self.weights.append(nn.Parameter(torch.stack([l.weight.detach().T for l in layers])))
+            self.biases.append(nn.Parameter(torch.stack([l.bias.detach() for l in layers])[:, None, :]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if k < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class AgentsHistoryEncoder(nn.Module):
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+
+    [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
+    self-attention layer with residual + LayerNorm, then soft-attention pooling
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    """
+
+    def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
+        super().__init__()
+        self.d = d
+        self.embed = AgentsMLP(n, [in_dim, d])
+        self.qkv = AgentsMLP(n, [d, 3 * d])
+        self.ln_weight = nn.Parameter(torch.ones(n, 1, 1, d))
+        self.ln_bias = nn.Parameter(torch.zeros(n, 1, 1, d))
+        self.pool_key = nn.Parameter(torch.stack([nn.Linear(d, d, bias=False).weight.detach().T for _ in range(n)]))
+        self.pool_query = nn.Parameter(torch.randn(n, d, 1))
+        position = torch.arange(length, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+        pe = torch.zeros(length, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq)
+        self.register_buffer("positions", pe)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, B, H, _ = h.shape
+        x = self.embed(h.reshape(n, B * H, -1)).reshape(n, B, H, self.d) + self.positions
+        q, k, v = self.qkv(x.reshape(n, B * H, self.d)).reshape(n * B, H, 3 * self.d).split(self.d, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.d), dim=-1) @ v
+        x = F.layer_norm(x + attn.reshape(n, B, H, self.d), (self.d,)) * self.ln_weight + self.ln_bias
+        scores = torch.bmm(torch.tanh(torch.bmm(x.reshape(n, B * H, self.d), self.pool_key)), self.pool_query)
+        weights = torch.softmax(scores.reshape(n, B, H, 1), dim=2)
+        return (weights * x).sum(2)
+
+
+class BCAgents(nn.Module):
+    """All agents' history encoders and policies π_i."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -6.0, 0.0
+
+    def __init__(self, n: int, obs_dim: int, action_dim: int, discrete: bool, hidden: int, history_len: int,
+                 history_in: int, history_dim: int):
+        super().__init__()
+        self.action_dim, self.discrete = action_dim, discrete
+        self.encoder = AgentsHistoryEncoder(n, history_in, history_len, history_dim) if history_len > 0 else None
+        x_dim = obs_dim + (history_dim if history_len > 0 else 0)
+        self.policy = AgentsMLP(n, [x_dim, hidden, hidden, action_dim if discrete else 2 * action_dim])
+
+    def features(self, obs: torch.Tensor, hist: Optional[torch.Tensor]) -> torch.Tensor:
+        """obs [n, B, o], hist [n, B, H, d] -> [n, B, (emb,) o] (embedding first, reference §4(c))."""
+        return obs if self.encoder is None else torch.cat([self.encoder(hist), obs], dim=-1)
+
+    def log_prob(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log π_i(a_i | x_i) -> [n, B]."""
+        out = self.policy(x)
+        if self.discrete:
+            return torch.log_softmax(out, -1).gather(-1, actions[..., None]).squeeze(-1)
+        mean, log_std = out.split(self.action_dim, dim=-1)
+        a = actions.clamp(-1 + 1e-5, 1 - 1e-5)  # data actions may sit on the bound; atanh(±1) = ±inf
+        std = log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX).exp()
+        logp = torch.distributions.Normal(mean, std).log_prob(torch.atanh(a)) - torch.log(1 - a.pow(2) + 1e-5)
+        return logp.sum(-1)
+
+    def greedy(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.policy(x)
+        return out.argmax(-1) if self.discrete else torch.tanh(out[..., : self.action_dim])
+
+
+def pad_stack(arrays: list, width: int) -> torch.Tensor:
+    """Per-agent [..., d_i] -> zero-padded [n, ..., width] float32 tensor."""
+    return torch.stack([F.pad(torch.as_tensor(np.asarray(a), dtype=torch.float32), (0, width - a.shape[-1]))
+                        for a in arrays])
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).parent,
+                                       stderr=subprocess.DEVNULL).decode().strip()
+    except Exception:
+        return "unknown"
+
+
+def pad_stack(arrays: list, width: int) -> torch.Tensor:
+    """Per-agent [..., d_i] -> zero-padded [n, ..., width] float32 tensor."""
+    return torch.stack([F.pad(torch.as_tensor(np.asarray(a), dtype=torch.float32), (0, width - a.shape[-1]))
+                        for a in arrays])
+
+
+def main(args: Args) -> dict:
+    obs_name = envs.check_names(args.env, args.obs, args.dataset)
+    dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
+    if args.resume and args.run_dir is None:
+        raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
+    for name in ("total_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    run_dir = pathlib.Path(args.run_dir or f"runs/{args.env}__{obs_name}__{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    ckpt_path = run_dir / "checkpoint.pt"
+    if args.resume and not ckpt_path.exists():
+        raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    torch.backends.cudnn.deterministic = True
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        raise envs.MomaError("--cuda given but torch sees no GPU; drop --cuda")
+    from torch.utils.tensorboard import SummaryWriter
+
+    history_len = args.history_len
+    if history_len is None:
+        history_len = envs.HISTORY_LEN if (args.env, obs_name) in PARTIALLY_OBSERVABLE else 0
+    if args.env == "coordination":
+        history_len = 0  # the round index is the whole state (authors force memory_len = 0 here)
+    if history_len < 0:
+        raise envs.MomaError(f"--history-len must be >= 0, got {history_len}")
+    data = envs.load_dataset(args.env, dataset, obs_name, history_len=max(history_len, 1))
+    n, N, discrete = data.n_agents, len(data), args.env == "coordination"
+    adims = envs.action_dims(args.env)
+    if len(set(adims)) != 1:
+        raise envs.MomaError(f"ibc.py needs equal per-agent action dims, got {adims}")
+    action_dim = envs.COORDINATION_N_ACTIONS if discrete else adims[0]
+    obs_dim, hist_dim = max(envs.obs_dims(args.env, obs_name)), max(envs.history_dims(args.env, obs_name))
+    obs = pad_stack(data.observations, obs_dim).to(device)  # [n, N, o]
+    if discrete:
+        actions = torch.as_tensor(np.stack([a.reshape(-1) for a in data.actions]), device=device)  # [n, N] ints
+    else:
+        actions = torch.as_tensor(np.stack(data.actions), device=device)  # [n, N, a]
+    if history_len > 0:
+        table = pad_stack([data.history_table(i) for i in range(n)], hist_dim).to(device)  # [n, N + 1, d]
+        hist_index = torch.as_tensor(data.history_index, device=device)
+
+    agents = BCAgents(n, obs_dim, action_dim, discrete, args.hidden, history_len, hist_dim, args.history_dim).to(device)
+    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    step, wall_before = 0, 0.0
+    if args.resume:
+        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
+        agents.load_state_dict(ck["agents"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step, wall_before = ck["step"], ck["wall_s"]
+        generator.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        np.random.set_state(ck["numpy_rng"])
+        print(f"resumed {run_dir} at step {step}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    t0 = time.time()
+
+    def save_checkpoint():
+        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
+        torch.save(dict(agents=agents.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                        wall_s=wall_before + time.time() - t0, generator=generator.get_state(),
+                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args)), tmp)
+        os.replace(tmp, ckpt_path)
+
+    def greedy_act(observations, histories):
+        with torch.no_grad():
+            hist = pad_stack(histories, hist_dim).to(device) if history_len > 0 else None
+            return list(agents.greedy(agents.features(pad_stack(observations, obs_dim).to(device), hist)).cpu().numpy())
+
+    # ---- training loop ----
+    t_last, step_last, sps = time.time(), step, 0.0
+    while step < args.total_steps:
+        rows = torch.randint(0, N, (args.batch_size,), device=device, generator=generator)
+        hist = table[:, hist_index[rows]] if history_len > 0 else None
+        # Σ_i of independent per-agent negative log-likelihoods.
+        loss = -agents.log_prob(agents.features(obs[:, rows], hist), actions[:, rows]).sum(0).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+
+        if step % 1000 == 0 or step == args.total_steps:
+            sps = (step - step_last) / max(time.time() - t_last, 1e-9)
+            t_last, step_last = time.time(), step
+            writer.add_scalar("charts/SPS", sps, step)
+            writer.add_scalar("losses/policy_loss", loss.item(), step)
+        if args.eval_every > 0 and step % args.eval_every == 0 and step < args.total_steps:
+            eval_ret = envs.evaluate(args.env, obs_name, greedy_act, 10, seed=10101 + 1000 * step, history_len=history_len)
+            writer.add_scalar("eval/episodic_return", eval_ret.mean(), step)
+            writer.add_scalar("eval/normalized_score", float(data.normalized_score(eval_ret).mean()), step)
+            print(f"step {step} | greedy return {eval_ret.mean():.3f} | loss {loss.item():.4f} | SPS {sps:.0f}", flush=True)
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            save_checkpoint()
+    save_checkpoint()
+
+    # ---- final greedy evaluation and summary ----
+    returns = envs.evaluate(args.env, obs_name, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
+                            history_len=history_len)
+    scores = data.normalized_score(returns)
+    wall = wall_before + time.time() - t0
+    summary = dict(algorithm="ibc", env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
+                   config=vars(args), eval_episodes=args.eval_episodes,
+                   normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
+                   episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
+                   train_steps=step, wall_time_s=wall, git_commit=git_commit())
+    writer.add_scalar("eval/episodic_return", returns.mean(), step)
+    writer.add_scalar("eval/normalized_score", scores.mean(), step)
+    writer.close()
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, run_dir / "summary.json")
+    print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "
+          f"{step} steps in {wall:.0f}s; run {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except envs.MomaError as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,392 @@
+"""Centralised IQL: one Implicit Q-Learning agent over the global state and the joint action.
+
+The paper's upper bound for strategy agreement (paper §5.1, Tables 3-4): execution is centralised,
+one policy π(a | s) picks the joint action a = (a_1, ..., a_n), so there is nothing for the agents
+to agree on. IQL (Kostrikov et al. 2021) as in the authors' single-agent learner (reference §5(a)):
+
+    V-step:  L_V = E[ |τ - 1(Q̂ < V)| (Q̂ - V(s))² ],       Q̂ = min(Q1', Q2')(s, a) (target networks)
+    π-step:  L_π = -E[ min(exp(β (Q̂ - V(s))), 100) log π(a | s) ]
+    Q-step:  L_Q = E[ (y - Q1(s, a))² + (y - Q2(s, a))² ],   y = r + γ (1 - terminal) V(s')
+
+then a soft update (τ = 0.005) of the target Q networks (and of the target history encoder).
+
+* The network always sees the global state: `--obs` only names the task in the run folder and the
+  summary (centralised IQL has one row per env in Table 4: it is not affected by observability).
+  Greedy evaluation runs the fully observable task, where agent 0's observation is the state.
+* Continuous actions: tanh-squashed Gaussian with state-dependent log-std in [-6, 0]; greedy action
+  tanh(mean). Coordination game: the joint action is one of 4 = 2 x 2 categories, Q(s, ·) has one
+  output per joint action, the greedy joint action is the argmax (paper Table 3's IQL).
+* Histories: off by default (the state is Markov); `--history-len 10` conditions every network on
+  the 10-step (s, a) history with MOMA-PPO's self-attention encoder (reference §5(a) did).
+* Ant rewards x 1000 / (max - min dataset episode return), as the authors did for the IQL family
+  (reference §2(e)); returns and scores are reported raw. No gradient clipping (as the authors).
+* V, π and Q losses are summed and take one backward pass: they touch disjoint heads and every
+  target is detached, so this is the three IQL steps with one shared forward pass.
+
+    python iql.py --env coordination --dataset unfavorable --total-steps 2000
+    python iql.py --env reacher --total-steps 50000
+    python iql.py --env ant --dataset medium --total-steps 50000
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import envs
+
+
+@dataclasses.dataclass
+class Args:
+    env: envs.EnvName = "coordination"
+    """coordination, reacher or ant"""
+    obs: Optional[envs.ObsName] = None
+    """task's observation function (recorded only: centralised IQL always sees the global state)"""
+    dataset: Optional[str] = None
+    """dataset name of the env (None = the env's default)"""
+    exp_name: str = "iql"
+    seed: int = 1
+    cuda: bool = False
+    """use the GPU (CPU by default)"""
+    torch_threads: int = 1
+    """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
+    total_steps: int = 50_000
+    """gradient steps (authors: 1,000,001; 50k fits a 2-core CPU)"""
+    batch_size: int = 256
+    hidden: int = 256
+    """width of the two hidden layers of every MLP"""
+    history_len: int = 0
+    """history length (0 = none: the global state is Markov)"""
+    history_dim: int = 128
+    """width of the history encoder (reference §4(c))"""
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    expectile: float = 0.7
+    """τ of the expectile loss of V"""
+    beta: float = 3.0
+    """AWR inverse temperature"""
+    max_weight: float = 100.0
+    """AWR weights are clipped to this"""
+    tau: float = 0.005
+    """soft target-update coefficient"""
+    normalize_rewards: bool = True
+    """ant only: rewards x 1000 / (max - min episode return), as the authors did for the IQL family"""
+    eval_every: int = 5_000
+    """gradient steps between greedy evaluations (10 episodes); 0 disables"""
+    eval_episodes: int = 100
+    """greedy episodes of the final evaluation"""
+    checkpoint_every: int = 10_000
+    """gradient steps between atomic checkpoints"""
+    resume: bool = False
+    """continue the run in --run-dir from its checkpoint"""
+    run_dir: Optional[str] = None
+    """fixed run folder (default: runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<unix time>)"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks. AgentsMLP / AgentsHistoryEncoder are the per-agent batched modules of maiql.py, used here
+# with a single "agent" (n = 1), so the encoder is exactly MOMA-PPO's.
+# --------------------------------------------------------------------------------------------------
+class AgentsMLP(nn.Module):
+    """n independent MLPs in -> hidden -> hidden -> out, ReLU; [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, n: int, sizes: list[int]):
+        super().__init__()
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for i, o in zip(sizes[:-1], sizes[1:]):
+            layers = [nn.Linear(i, o) for _ in range(n)]  # PyTorch's default init, per agent
+            self.weights.append(nn.Parameter(torch.stack([l.weight.detach().T for l in layers])))
+            self.biases.append(nn.Parameter(torch.stack([l.bias.detach() for l in layers])[:, None, :]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if k < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class AgentsHistoryEncoder(nn.Module):
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+
+    [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
+    self-attention layer with residual + LayerNorm, then soft-attention pooling
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    """
+
+    def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
+        super().__init__()
+        self.d = d
+        self.embed = AgentsMLP(n, [in_dim, d])
+        self.qkv = AgentsMLP(n, [d, 3 * d])
+        self.ln_weight = nn.Parameter(torch.ones(n, 1, 1, d))
+        self.ln_bias = nn.Parameter(torch.zeros(n, 1, 1, d))
+        self.pool_key = nn.Parameter(torch.stack([nn.Linear(d, d, bias=False).weight.detach().T for _ in range(n)]))
+        self.pool_query = nn.Parameter(torch.randn(n, d, 1))
+        position = torch.arange(length, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+        pe = torch.zeros(length, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq)
+        self.register_buffer("positions", pe)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, B, H, _ = h.shape
+        x = self.embed(h.reshape(n, B * H, -1)).reshape(n, B, H, self.d) + self.positions
+        q, k, v = self.qkv(x.reshape(n, B * H, self.d)).reshape(n * B, H, 3 * self.d).split(self.d, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.d), dim=-1) @ v
+        x = F.layer_norm(x + attn.reshape(n, B, H, self.d), (self.d,)) * self.ln_weight + self.ln_bias
+        scores = torch.bmm(torch.tanh(torch.bmm(x.reshape(n, B * H, self.d), self.pool_key)), self.pool_query)
+        weights = torch.softmax(scores.reshape(n, B, H, 1), dim=2)
+        return (weights * x).sum(2)
+
+
+class IQLAgent(nn.Module):
+    """History encoder, double Q(s, a), V(s) and π(a | s) over the joint action."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -6.0, 0.0
+
+    def __init__(self, state_dim: int, action_dim: int, discrete: bool, hidden: int, history_len: int,
+                 history_in: int, history_dim: int):
+        super().__init__()
+        self.action_dim, self.discrete = action_dim, discrete
+        self.encoder = AgentsHistoryEncoder(1, history_in, history_len, history_dim) if history_len > 0 else None
+        x_dim = state_dim + (history_dim if history_len > 0 else 0)
+        q_in, q_out = (x_dim, action_dim) if discrete else (x_dim + action_dim, 1)
+        self.q = AgentsMLP(2, [q_in, hidden, hidden, q_out])  # members Q1, Q2
+        self.v = AgentsMLP(1, [x_dim, hidden, hidden, 1])
+        self.policy = AgentsMLP(1, [x_dim, hidden, hidden, action_dim if discrete else 2 * action_dim])
+
+    def features(self, states: torch.Tensor, hist: Optional[torch.Tensor], encoder=None) -> torch.Tensor:
+        """states [B, S], hist [B, H, d] -> network input [1, B, (emb,) S] (embedding first, §4(c))."""
+        encoder = self.encoder if encoder is None else encoder
+        if encoder is None:
+            return states[None]
+        return torch.cat([encoder(hist[None]), states[None]], dim=-1)
+
+    def q_values(self, x: torch.Tensor, actions: torch.Tensor, q_net: Optional[AgentsMLP] = None) -> torch.Tensor:
+        """-> [2, B]: Q1, Q2 of the joint actions (ints [B] if discrete, else [B, A])."""
+        q_net = self.q if q_net is None else q_net
+        if self.discrete:
+            return q_net(x.repeat(2, 1, 1)).gather(-1, actions[None, :, None].expand(2, -1, 1)).squeeze(-1)
+        return q_net(torch.cat([x, actions[None]], -1).repeat(2, 1, 1)).squeeze(-1)
+
+    def log_prob(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log π(a | x) -> [B]; continuous: tanh-squashed Gaussian with the tanh Jacobian (ε = 1e-5)."""
+        out = self.policy(x)[0]
+        if self.discrete:
+            return torch.log_softmax(out, -1).gather(-1, actions[:, None]).squeeze(-1)
+        mean, log_std = out.split(self.action_dim, dim=-1)
+        a = actions.clamp(-1 + 1e-5, 1 - 1e-5)  # data actions may sit on the bound; atanh(±1) = ±inf
+        std = log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX).exp()
+        logp = torch.distributions.Normal(mean, std).log_prob(torch.atanh(a)) - torch.log(1 - a.pow(2) + 1e-5)
+        return logp.sum(-1)
+
+    def greedy(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.policy(x)[0]
+        return out.argmax(-1) if self.discrete else torch.tanh(out[:, : self.action_dim])
+
+
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """IQL's asymmetric L2: |τ - 1(diff < 0)| diff², diff = Q̂ - V (V is pushed up towards Q̂'s τ-expectile)."""
+    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
+    return (weight * diff.pow(2)).mean()
+
+
+def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float = 100.0) -> torch.Tensor:
+    """Advantage-weighted regression weights min(exp(β A), max_weight) (IQL; reference §5(a))."""
+    return torch.exp(beta * advantage).clamp(max=max_weight)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for t, s in zip(target.parameters(), source.parameters()):
+            t.lerp_(s, tau)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).parent,
+                                       stderr=subprocess.DEVNULL).decode().strip()
+    except Exception:
+        return "unknown"
+
+
+def main(args: Args) -> dict:
+    obs_name = envs.check_names(args.env, args.obs, args.dataset)
+    dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
+    if args.resume and args.run_dir is None:
+        raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
+    for name in ("total_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.history_len < 0:
+        raise envs.MomaError(f"--history-len must be >= 0, got {args.history_len}")
+    run_dir = pathlib.Path(args.run_dir or f"runs/{args.env}__{obs_name}__{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    ckpt_path = run_dir / "checkpoint.pt"
+    if args.resume and not ckpt_path.exists():
+        raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    torch.backends.cudnn.deterministic = True
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        raise envs.MomaError("--cuda given but torch sees no GPU; drop --cuda")
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Centralised: load the fully observable split, whose agent-0 observation is the global state.
+    full_obs = envs.DEFAULT_OBS[args.env]
+    history_len = 0 if args.env == "coordination" else args.history_len  # the round index is the whole state
+    data = envs.load_dataset(args.env, dataset, full_obs, history_len=max(history_len, 1))
+    discrete, N, S = args.env == "coordination", len(data), data.states.shape[1]
+    n = data.n_agents
+    action_dim = envs.COORDINATION_N_ACTIONS ** n if discrete else data.joint_actions.shape[1]
+    reward_scale = 1.0
+    if args.env == "ant" and args.normalize_rewards:
+        returns = data.episode_returns()
+        reward_scale = 1000.0 / max(returns.max() - returns.min(), 1e-6)
+
+    def joint_index(actions: np.ndarray) -> np.ndarray:
+        """Coordination: per-agent ints [..., n] -> joint category Σ_i a_i 2^(n-1-i)."""
+        return (actions * (envs.COORDINATION_N_ACTIONS ** np.arange(n - 1, -1, -1))).sum(-1)
+
+    def tensor(a, dtype=torch.float32):
+        return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+
+    states, next_states = tensor(data.states), tensor(data.next_states)
+    rewards, terminals = tensor(data.rewards) * reward_scale, tensor(data.terminals)
+    actions = tensor(joint_index(data.joint_actions), torch.int64) if discrete else tensor(data.joint_actions)
+    # Joint history table: row t = (s_t, joint action features of every agent); row N = zero padding.
+    action_features = np.concatenate([envs.history_action_features(args.env, a) for a in data.actions], axis=1)
+    table = tensor(np.concatenate([np.concatenate([data.states, action_features], 1), np.zeros((1, S + action_features.shape[1]))]))
+    hist_index, next_hist_index = tensor(data.history_index, torch.int64), tensor(data.next_history_index, torch.int64)
+
+    agent = IQLAgent(S, action_dim, discrete, args.hidden, history_len, table.shape[1], args.history_dim).to(device)
+    target_q = copy.deepcopy(agent.q).requires_grad_(False)
+    target_encoder = copy.deepcopy(agent.encoder).requires_grad_(False) if agent.encoder is not None else None
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    step, wall_before = 0, 0.0
+    if args.resume:
+        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
+        agent.load_state_dict(ck["agent"])
+        target_q.load_state_dict(ck["target_q"])
+        if target_encoder is not None:
+            target_encoder.load_state_dict(ck["target_encoder"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step, wall_before = ck["step"], ck["wall_s"]
+        generator.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        np.random.set_state(ck["numpy_rng"])
+        print(f"resumed {run_dir} at step {step}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    t0 = time.time()
+
+    def save_checkpoint():
+        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
+        torch.save(dict(agent=agent.state_dict(), target_q=target_q.state_dict(),
+                        target_encoder=None if target_encoder is None else target_encoder.state_dict(),
+                        optimizer=optimizer.state_dict(), step=step, wall_s=wall_before + time.time() - t0,
+                        generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                        numpy_rng=np.random.get_state(), args=vars(args)), tmp)
+        os.replace(tmp, ckpt_path)
+
+    def greedy_act(observations, histories):
+        """Fully observable task: agent 0 sees the state; the joint history is agent 0's (s, a_0) history
+        plus the other agents' action features."""
+        with torch.no_grad():
+            hist = None
+            if history_len > 0:
+                parts = [histories[0]] + [h[..., o.shape[-1]:] for h, o in zip(histories[1:], observations[1:])]
+                hist = tensor(np.concatenate(parts, -1))
+            a = agent.greedy(agent.features(tensor(observations[0]), hist)).cpu().numpy()
+        if discrete:  # joint category -> per-agent ints
+            return [(a // envs.COORDINATION_N_ACTIONS ** (n - 1 - i)) % envs.COORDINATION_N_ACTIONS for i in range(n)]
+        return envs.split_actions(args.env, a)
+
+    # ---- training loop ----
+    t_last, step_last, sps = time.time(), step, 0.0
+    while step < args.total_steps:
+        rows = torch.randint(0, N, (args.batch_size,), device=device, generator=generator)
+        hist = table[hist_index[rows]] if history_len > 0 else None
+        next_hist = table[next_hist_index[rows]] if history_len > 0 else None
+        a = actions[rows]
+        with torch.no_grad():
+            x_target = agent.features(states[rows], hist, target_encoder)
+            q_target = agent.q_values(x_target, a, target_q).min(0).values  # Q̂ = min(Q1', Q2')
+            x_next = agent.features(next_states[rows], next_hist, target_encoder)
+            y = rewards[rows] + args.gamma * (1.0 - terminals[rows]) * agent.v(x_next)[0, :, 0]
+        x = agent.features(states[rows], hist)
+        v = agent.v(x)[0, :, 0]
+        v_loss = expectile_loss(q_target - v, args.expectile)  # V-step
+        weights = awr_weights(q_target - v.detach(), args.beta, args.max_weight)
+        policy_loss = -(weights * agent.log_prob(x, a)).mean()  # π-step (AWR)
+        q_loss = (y - agent.q_values(x, a)).pow(2).sum(0).mean()  # Q-step
+        optimizer.zero_grad(set_to_none=True)
+        (v_loss + policy_loss + q_loss).backward()
+        optimizer.step()
+        soft_update(target_q, agent.q, args.tau)
+        if target_encoder is not None:
+            soft_update(target_encoder, agent.encoder, args.tau)
+        step += 1
+
+        if step % 1000 == 0 or step == args.total_steps:
+            sps = (step - step_last) / max(time.time() - t_last, 1e-9)
+            t_last, step_last = time.time(), step
+            writer.add_scalar("charts/SPS", sps, step)
+            writer.add_scalar("losses/v_loss", v_loss.item(), step)
+            writer.add_scalar("losses/q_loss", q_loss.item(), step)
+            writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
+            writer.add_scalar("losses/awr_weight_mean", weights.mean().item(), step)
+        if args.eval_every > 0 and step % args.eval_every == 0 and step < args.total_steps:
+            eval_ret = envs.evaluate(args.env, full_obs, greedy_act, 10, seed=10101 + 1000 * step, history_len=history_len)
+            writer.add_scalar("eval/episodic_return", eval_ret.mean(), step)
+            writer.add_scalar("eval/normalized_score", float(data.normalized_score(eval_ret).mean()), step)
+            print(f"step {step} | greedy return {eval_ret.mean():.3f} | q_loss {q_loss.item():.4f} | "
+                  f"v_loss {v_loss.item():.4f} | SPS {sps:.0f}", flush=True)
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            save_checkpoint()
+    save_checkpoint()
+
+    # ---- final greedy evaluation and summary ----
+    returns = envs.evaluate(args.env, full_obs, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
+                            history_len=history_len)
+    scores = data.normalized_score(returns)
+    wall = wall_before + time.time() - t0
+    summary = dict(algorithm="iql", env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
+                   config=vars(args), eval_episodes=args.eval_episodes,
+                   normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
+                   episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
+                   train_steps=step, wall_time_s=wall, git_commit=git_commit())
+    writer.add_scalar("eval/episodic_return", returns.mean(), step)
+    writer.add_scalar("eval/normalized_score", scores.mean(), step)
+    writer.close()
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, run_dir / "summary.json")
+    print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "
+          f"{step} steps in {wall:.0f}s; run {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except envs.MomaError as e:
+        raise SystemExit(f"error: {e}")
