@@ -1,0 +1,981 @@
+"""The MuJoCo datasets of moma-ppo (paper §5.3, Table 2), made here from small behaviour policies.
+
+Neither the authors' reacher dataset nor D4RL's ant datasets can be downloaded on the project
+machines, so the project makes its own, the way the paper and D4RL did:
+
+* reacher `expert-mix` (all-observant two-agent Reacher-v5): two MAPPO experts (`mappo.py`) that
+  reach with opposite elbow-bend conventions, 500k sampled-action transitions each -> 1M transitions,
+  20k episodes of 50 steps (authors' code §2(a)).
+* ant `random` / `medium` / `full-replay` / `expert` (Ant-v5, 27-dim state): uniform random actions; a
+  snapshot of the behaviour learner at 1/3-1/2 of the expert's return; every transition the learner
+  collected on its way to the expert (evenly subsampled, whole episodes, to 1M); the final policy.
+  The Ant behaviour learner is single-agent PPO (CleanRL `ppo_continuous_action`) on the joint action,
+  trained below (`train_ant_ppo`). Why not MAPPO or SAC: D4RL's ant sets were made by a single-agent
+  learner too (SAC), the datasets only store the joint action, and on 2 CPU cores SAC runs at ~140 env
+  steps/s (2 h per 1M steps) while PPO with 8 environments runs ~2k-4k steps/s; PPO with observation
+  normalisation and reward scaling is the best-tested on-policy learner for Ant.
+
+Reference scores (stored in each dataset's Minari metadata): ref_min = mean return of the uniform
+random policy, ref_max = mean greedy return of the expert, 100 episodes each, so normalised scores
+are fractions as in the paper.
+
+The small behaviour policies are shipped in `behaviour_policies/`, so
+
+    python make_datasets.py                               # all five MuJoCo datasets
+    python make_datasets.py --only ant/medium --n-transitions 100000
+    python make_datasets.py --retrain                     # retrain the behaviour policies first
+    python make_datasets.py --train-ant --resume          # (re)start / resume the Ant PPO learner only
+
+`envs.build_dataset` (and so every algorithm script) calls `build(env, dataset, n_transitions, seed)`
+when a dataset is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import pathlib
+import time
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import envs
+
+REPO_DIR = pathlib.Path(__file__).resolve().parent
+POLICY_DIR = REPO_DIR / "behaviour_policies"
+# Training state (resumable checkpoints, replay chunks, snapshots) lives in the ignored data/ folder.
+TRAIN_DIR = pathlib.Path(os.environ.get("MOMA_BEHAVIOUR_DIR", str(REPO_DIR / "data" / "behaviour")))
+ANT_TRAIN_DIR = TRAIN_DIR / "ant_ppo"
+
+
+def _atomic_torch_save(obj, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_npz(path: pathlib.Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+# ==================================================================================================
+# Ant behaviour learner: PPO (CleanRL ppo_continuous_action), plain loop over 8 Ant-v5 envs
+# ==================================================================================================
+@dataclasses.dataclass
+class AntPPOConfig:
+    """CleanRL ppo_continuous_action defaults, with 2x256 nets, 8 envs and truncation bootstrapping."""
+
+    total_steps: int = 10_000_000
+    """environment steps (the learning rate anneals to 0 over these)"""
+    num_envs: int = 8
+    num_steps: int = 256
+    """steps per env per iteration (2048 transitions per update)"""
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    num_minibatches: int = 8
+    update_epochs: int = 10
+    clip_coef: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    hidden: int = 256
+    seed: int = 1
+    checkpoint_every_s: float = 180.0
+    """seconds between atomic checkpoints (with the replay chunk collected since the last one)"""
+    snapshot_every: int = 250_000
+    """steps between small policy snapshots (candidates for `medium`), each greedily evaluated"""
+    snapshot_eval_episodes: int = 5
+
+
+class RunningMeanStd:
+    """Running mean / variance (Chan et al. parallel update), as gymnasium's NormalizeObservation."""
+
+    def __init__(self, shape=()):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        b_mean, b_var, b_count = x.mean(0), x.var(0), x.shape[0]
+        delta = b_mean - self.mean
+        tot = self.count + b_count
+        self.mean = self.mean + delta * b_count / tot
+        m2 = self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / tot
+        self.var = m2 / tot
+        self.count = tot
+
+    def state(self) -> dict:
+        return dict(mean=self.mean.copy(), var=self.var.copy(), count=self.count)
+
+    def load(self, s: dict) -> None:
+        self.mean, self.var, self.count = np.asarray(s["mean"]), np.asarray(s["var"]), float(s["count"])
+
+
+def _layer(i, o, std=np.sqrt(2), bias=0.0):
+    layer = nn.Linear(i, o)
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class GaussianMLPPolicy(nn.Module):
+    """Tanh MLP mean with a state-independent log-std (CleanRL); inputs are normalised, clipped states.
+
+    This is also the format of the shipped Ant policies: `obs_mean`/`obs_var` buffers travel with it.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.mean_net = nn.Sequential(_layer(obs_dim, hidden), nn.Tanh(), _layer(hidden, hidden), nn.Tanh(),
+                                      _layer(hidden, act_dim, std=0.01))
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_var", torch.ones(obs_dim))
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return ((obs - self.obs_mean) / torch.sqrt(self.obs_var + 1e-8)).clamp(-10.0, 10.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:  # raw state -> action mean
+        return self.mean_net(self.normalize(obs))
+
+    def act(self, obs: np.ndarray, greedy: bool, generator: Optional[torch.Generator] = None) -> np.ndarray:
+        """Raw states [n, S] -> executed (clipped) joint actions [n, A]."""
+        with torch.no_grad():
+            mean = self(torch.as_tensor(obs, dtype=torch.float32))
+            if not greedy:
+                mean = mean + self.log_std.exp() * torch.randn(mean.shape, generator=generator)
+        return mean.clamp(-1.0, 1.0).numpy()
+
+
+class AntPPOAgent(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.actor = GaussianMLPPolicy(obs_dim, act_dim, hidden)
+        self.critic = nn.Sequential(_layer(obs_dim, hidden), nn.Tanh(), _layer(hidden, hidden), nn.Tanh(),
+                                    _layer(hidden, 1, std=1.0))
+
+    def value(self, obs_n: torch.Tensor) -> torch.Tensor:  # normalised obs
+        return self.critic(obs_n).squeeze(-1)
+
+    def dist(self, obs_n: torch.Tensor) -> torch.distributions.Normal:
+        mean = self.actor.mean_net(obs_n)
+        return torch.distributions.Normal(mean, self.actor.log_std.exp().expand_as(mean))
+
+
+def _greedy_returns(policy: GaussianMLPPolicy, env: str, n_episodes: int, seed: int) -> np.ndarray:
+    """Mean-action returns of a raw-state policy, lockstep over n_episodes environments."""
+    sims = [envs.make_single_agent_env(env) for _ in range(n_episodes)]
+    obs = np.stack([s.reset(seed=seed + j)[0] for j, s in enumerate(sims)]).astype(np.float32)
+    returns = np.zeros(n_episodes)
+    alive = np.ones(n_episodes, dtype=bool)
+    while alive.any():
+        act = policy.act(obs, greedy=True)
+        for j in np.flatnonzero(alive):
+            o, r, term, trunc, _ = sims[j].step(act[j])
+            returns[j] += r
+            obs[j] = o
+            if term or trunc:
+                alive[j] = False
+    return returns
+
+
+def export_gaussian_policy(actor: GaussianMLPPolicy, meta: dict) -> dict:
+    """A small, self-describing policy file (float32 weights + obs normaliser + how it was made)."""
+    return dict(kind="gaussian_mlp", obs_dim=actor.obs_mean.numel(), act_dim=actor.log_std.numel(),
+                hidden=actor.mean_net[0].out_features,
+                state_dict={k: v.detach().clone() for k, v in actor.state_dict().items()}, meta=meta)
+
+
+def load_gaussian_policy(blob: dict) -> GaussianMLPPolicy:
+    policy = GaussianMLPPolicy(blob["obs_dim"], blob["act_dim"], blob["hidden"])
+    policy.load_state_dict(blob["state_dict"])
+    policy.eval()
+    return policy
+
+
+def train_ant_ppo(cfg: AntPPOConfig, resume: bool = False, out_dir: pathlib.Path = ANT_TRAIN_DIR,
+                  max_wall_s: Optional[float] = None, log=print) -> pathlib.Path:
+    """Train the Ant behaviour policy; every collected transition is kept in replay chunks for full-replay.
+
+    Resumable: `out_dir/checkpoint.pt` holds parameters, optimiser, observation and reward normalisers,
+    RNG states and the step counter; `out_dir/replay/chunk_<step>.npz` every transition collected up to
+    it; `out_dir/snapshots/step_<step>.pt` small greedily-evaluated policies. Returns out_dir.
+    """
+    torch.set_num_threads(1)
+    from torch.utils.tensorboard import SummaryWriter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "replay").mkdir(exist_ok=True)
+    (out_dir / "snapshots").mkdir(exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+    S, A = envs.STATE_DIM["ant"], envs.JOINT_ACTION_DIM["ant"]
+    E, T = cfg.num_envs, cfg.num_steps
+    batch = E * T
+    minibatch = batch // cfg.num_minibatches
+
+    agent = AntPPOAgent(S, A, cfg.hidden)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    obs_rms, ret_rms = RunningMeanStd((S,)), RunningMeanStd(())
+    global_step, n_resumes, wall_s, next_snapshot = 0, 0, 0.0, cfg.snapshot_every
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["config"] != dataclasses.asdict(cfg):
+            changed = {k: (v, dataclasses.asdict(cfg)[k]) for k, v in ck["config"].items()
+                       if dataclasses.asdict(cfg).get(k) != v}
+            log(f"resuming with changed settings (old, new): {changed}")
+        agent.load_state_dict(ck["agent"])
+        optimizer.load_state_dict(ck["optimizer"])
+        obs_rms.load(ck["obs_rms"])
+        ret_rms.load(ck["ret_rms"])
+        global_step, n_resumes, wall_s = ck["global_step"], ck["n_resumes"] + 1, ck["wall_s"]
+        next_snapshot = ck["next_snapshot"]
+        torch.set_rng_state(ck["torch_rng"])
+        rng.bit_generator.state = ck["numpy_rng"]
+        # Replay chunks written after the checkpoint (a crash between the two writes) are dropped.
+        for f in (out_dir / "replay").glob("chunk_*.npz"):
+            if int(f.stem.split("_")[1]) > global_step:
+                f.unlink()
+        log(f"resumed from {ckpt_path} at step {global_step} (resume #{n_resumes})")
+    elif ckpt_path.exists():
+        raise envs.MomaError(f"{ckpt_path} exists; pass --resume to continue it, or delete {out_dir} to restart")
+    writer = SummaryWriter(str(out_dir / "tb"))
+
+    sims = [envs.make_single_agent_env("ant") for _ in range(E)]
+    # Environment states cannot be checkpointed: a resumed run starts fresh episodes (new seeds).
+    obs = np.stack([s.reset(seed=cfg.seed * 100_003 + n_resumes * 1000 + j)[0] for j, s in enumerate(sims)])
+    obs = obs.astype(np.float32)
+    disc_ret = np.zeros(E)  # running discounted return per env, for reward scaling
+    ep_ret, ep_len = np.zeros(E), np.zeros(E, dtype=np.int64)
+    recent_returns: list[float] = []
+
+    def new_chunk():
+        return dict(obs=[], act=[], rew=[], term=[], trunc=[], final_idx=[], final_obs=[])
+
+    chunk = new_chunk()
+    t_start, t_ckpt = time.time(), time.time()
+    wall_at_start = wall_s
+
+    def save_checkpoint():
+        nonlocal chunk
+        if chunk["obs"]:
+            final_idx = np.array(chunk["final_idx"], dtype=np.int64).reshape(-1, 2)
+            final_obs = np.array(chunk["final_obs"], dtype=np.float32).reshape(-1, S)
+            _atomic_npz(out_dir / "replay" / f"chunk_{global_step:010d}.npz",
+                        obs=np.stack(chunk["obs"]), act=np.stack(chunk["act"]), rew=np.stack(chunk["rew"]),
+                        term=np.stack(chunk["term"]), trunc=np.stack(chunk["trunc"]),
+                        final_idx=final_idx, final_obs=final_obs, obs_last=obs.copy())
+        chunk = new_chunk()
+        _atomic_torch_save(dict(agent=agent.state_dict(), optimizer=optimizer.state_dict(),
+                                obs_rms=obs_rms.state(), ret_rms=ret_rms.state(), global_step=global_step,
+                                n_resumes=n_resumes, wall_s=wall_at_start + time.time() - t_start,
+                                next_snapshot=next_snapshot, torch_rng=torch.get_rng_state(),
+                                numpy_rng=rng.bit_generator.state, config=dataclasses.asdict(cfg)), ckpt_path)
+
+    b_obs = torch.zeros(T, E, S)
+    b_act = torch.zeros(T, E, A)
+    b_logp = torch.zeros(T, E)
+    b_rew = torch.zeros(T, E)
+    b_done = torch.zeros(T, E)
+    b_val = torch.zeros(T, E)
+    while global_step < cfg.total_steps:
+        if max_wall_s is not None and time.time() - t_start > max_wall_s:
+            break
+        lr = cfg.learning_rate * max(0.0, 1.0 - global_step / cfg.total_steps)  # CleanRL linear annealing
+        optimizer.param_groups[0]["lr"] = lr
+        t_iter = time.time()
+        for t in range(T):
+            obs_rms.update(obs)
+            agent.actor.obs_mean.copy_(torch.as_tensor(obs_rms.mean, dtype=torch.float32))
+            agent.actor.obs_var.copy_(torch.as_tensor(obs_rms.var, dtype=torch.float32))
+            obs_n = agent.actor.normalize(torch.as_tensor(obs))
+            with torch.no_grad():
+                d = agent.dist(obs_n)
+                action = d.sample()
+                b_logp[t] = d.log_prob(action).sum(-1)
+                b_val[t] = agent.value(obs_n)
+            b_obs[t], b_act[t] = obs_n, action
+            executed = action.clamp(-1.0, 1.0).numpy()  # the env clips too (ClipAction in CleanRL)
+            rew = np.zeros(E)
+            term = np.zeros(E, dtype=bool)
+            trunc = np.zeros(E, dtype=bool)
+            next_obs = np.empty_like(obs)
+            bootstrap_obs = []
+            for j in range(E):
+                o, r, te, tr, _ = sims[j].step(executed[j])
+                rew[j], term[j], trunc[j] = r, te, tr
+                ep_ret[j] += r
+                ep_len[j] += 1
+                if te or tr:
+                    chunk["final_idx"].append((len(chunk["obs"]), j))
+                    chunk["final_obs"].append(np.asarray(o, np.float32))
+                    if tr and not te:
+                        bootstrap_obs.append((j, np.asarray(o, np.float32)))
+                    recent_returns.append(ep_ret[j])
+                    writer.add_scalar("charts/episodic_return", ep_ret[j], global_step + t * E + j)
+                    ep_ret[j], ep_len[j] = 0.0, 0
+                    o, _ = sims[j].reset()
+                next_obs[j] = o
+            chunk["obs"].append(obs.copy())
+            chunk["act"].append(executed.astype(np.float32))
+            chunk["rew"].append(rew.astype(np.float32))
+            chunk["term"].append(term)
+            chunk["trunc"].append(trunc)
+            # Reward scaling (gymnasium NormalizeReward): divide by the std of the discounted return.
+            disc_ret = disc_ret * cfg.gamma + rew
+            ret_rms.update(disc_ret)
+            scaled = np.clip(rew / np.sqrt(ret_rms.var + 1e-8), -10, 10)
+            disc_ret[term | trunc] = 0.0
+            # Time-limit truncation is not a terminal state: bootstrap from V(final state).
+            if bootstrap_obs:
+                idx = [j for j, _ in bootstrap_obs]
+                with torch.no_grad():
+                    fo = agent.actor.normalize(torch.as_tensor(np.stack([o for _, o in bootstrap_obs])))
+                    scaled[idx] += cfg.gamma * agent.value(fo).numpy()
+            b_rew[t] = torch.as_tensor(scaled, dtype=torch.float32)
+            b_done[t] = torch.as_tensor(term | trunc, dtype=torch.float32)
+            obs = next_obs.astype(np.float32)
+        global_step += batch
+        t_collect = time.time() - t_iter
+
+        # GAE(λ) over the rollout (done at t means no bootstrap across t -> t+1).
+        with torch.no_grad():
+            next_value = agent.value(agent.actor.normalize(torch.as_tensor(obs)))
+            adv = torch.zeros(T, E)
+            last = torch.zeros(E)
+            for t in reversed(range(T)):
+                nv = next_value if t == T - 1 else b_val[t + 1]
+                nonterminal = 1.0 - b_done[t]
+                delta = b_rew[t] + cfg.gamma * nv * nonterminal - b_val[t]
+                last = delta + cfg.gamma * cfg.gae_lambda * nonterminal * last
+                adv[t] = last
+            ret = adv + b_val
+        f_obs, f_act, f_logp = b_obs.reshape(batch, S), b_act.reshape(batch, A), b_logp.reshape(batch)
+        f_adv, f_ret, f_val = adv.reshape(batch), ret.reshape(batch), b_val.reshape(batch)
+        clipfracs, approx_kl = [], torch.tensor(0.0)
+        for _ in range(cfg.update_epochs):
+            perm = torch.randperm(batch)
+            for start in range(0, batch, minibatch):
+                mb = perm[start:start + minibatch]
+                d = agent.dist(f_obs[mb])
+                logp = d.log_prob(f_act[mb]).sum(-1)
+                log_ratio = logp - f_logp[mb]
+                ratio = log_ratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item())
+                mb_adv = f_adv[mb]
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+                v = agent.value(f_obs[mb])
+                v_clipped = f_val[mb] + (v - f_val[mb]).clamp(-cfg.clip_coef, cfg.clip_coef)
+                v_loss = 0.5 * torch.max((v - f_ret[mb]) ** 2, (v_clipped - f_ret[mb]) ** 2).mean()
+                entropy = d.entropy().sum(-1).mean()
+                loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+        elapsed = time.time() - t_iter
+        writer.add_scalar("charts/learning_rate", lr, global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", float(np.mean(clipfracs)), global_step)
+        writer.add_scalar("charts/SPS", batch / elapsed, global_step)
+        if (global_step // batch) % 10 == 0:
+            last20 = float(np.mean(recent_returns[-20:])) if recent_returns else float("nan")
+            log(f"step {global_step} | train return (last 20 eps) {last20:.1f} | SPS {batch / elapsed:.0f} "
+                f"(collect {t_collect:.2f}s, update {elapsed - t_collect:.2f}s) | "
+                f"std {agent.actor.log_std.exp().mean():.3f} | wall {wall_at_start + time.time() - t_start:.0f}s")
+        if global_step >= next_snapshot:
+            rets = _greedy_returns(agent.actor, "ant", cfg.snapshot_eval_episodes, seed=777)
+            snap = export_gaussian_policy(agent.actor, dict(step=global_step, greedy_return_mean=float(rets.mean()),
+                                                           greedy_return_episodes=len(rets)))
+            _atomic_torch_save(snap, out_dir / "snapshots" / f"step_{global_step:010d}.pt")
+            writer.add_scalar("eval/greedy_return", rets.mean(), global_step)
+            log(f"snapshot at step {global_step}: greedy return {rets.mean():.1f} +- {rets.std():.1f} "
+                f"({len(rets)} episodes), wall {wall_at_start + time.time() - t_start:.0f}s")
+            next_snapshot += cfg.snapshot_every
+        if time.time() - t_ckpt > cfg.checkpoint_every_s:
+            save_checkpoint()
+            t_ckpt = time.time()
+    save_checkpoint()
+    writer.close()
+    return out_dir
+
+
+def list_snapshots(out_dir: pathlib.Path = ANT_TRAIN_DIR) -> list[tuple[int, float, pathlib.Path]]:
+    """(step, greedy return of its quick evaluation, path) of every saved learner snapshot, by step."""
+    snaps = []
+    for f in sorted((out_dir / "snapshots").glob("step_*.pt")):
+        meta = torch.load(f, weights_only=False)["meta"]
+        snaps.append((meta["step"], meta["greedy_return_mean"], f))
+    return snaps
+
+
+# ==================================================================================================
+# Reacher: arm-bend conventions and the mirror map
+# ==================================================================================================
+# Reflecting the plane across the x-axis (y -> -y) maps Reacher onto itself: the arm lies along x at
+# θ1 = θ2 = 0, joint0 is unlimited, joint1's range [-3, 3] is symmetric, the arena and the target
+# distribution (uniform in a disc) are symmetric, and torques about z change sign. In Reacher-v5's state
+# (0 cos θ1, 1 cos θ2, 2 sin θ1, 3 sin θ2, 4 target x, 5 target y, 6 θ1', 7 θ2', 8-9 fingertip - target)
+# the reflection is θ1 -> -θ1, θ2 -> -θ2, target y -> -y, i.e. a sign flip of entries 2, 3, 5, 6, 7, 9,
+# and both torques flip sign. tests/test_make_datasets.py checks it step by step against the simulator.
+REACHER_MIRROR_SIGNS = np.array([1, 1, -1, -1, 1, -1, -1, -1, 1, -1], dtype=np.float32)
+
+
+def mirror_reacher_states(states: np.ndarray) -> np.ndarray:
+    return np.asarray(states) * REACHER_MIRROR_SIGNS
+
+
+def mirror_reacher_actions(actions: np.ndarray) -> np.ndarray:
+    return -np.asarray(actions)
+
+
+def reacher_theta2(states: np.ndarray) -> np.ndarray:
+    """Elbow angle θ2 = atan2(sin θ2, cos θ2) = atan2(state[3], state[1])."""
+    states = np.asarray(states)
+    return np.arctan2(states[..., 3], states[..., 1])
+
+
+def reacher_convention(episode_states: np.ndarray, last: int = 10) -> np.ndarray:
+    """Arm-bend convention of episodes [..., T, 10]: +1 = counter-clockwise (θ2 >= 0 near the target,
+    the paper's counter-clockwise team), -1 = clockwise; decided by the mean θ2 over the last `last`
+    states, when the fingertip is at the target."""
+    theta2 = reacher_theta2(np.asarray(episode_states)[..., -last:, :]).mean(-1)
+    return np.where(theta2 >= 0, 1, -1)
+
+
+# ==================================================================================================
+# Policies as "raw states [n, S] -> clipped joint actions [n, A]"
+# ==================================================================================================
+def _load_policy(path: pathlib.Path):
+    """A shipped policy file -> object with act(states, greedy, generator)."""
+    if not path.exists():
+        raise envs.MomaError(f"behaviour policy {path} is missing; restore it from git "
+                             f"(`git checkout {path.relative_to(REPO_DIR)}`) or retrain with `python make_datasets.py --retrain`")
+    blob = torch.load(path, weights_only=False)
+    if blob["kind"] == "mappo":
+        import mappo  # the reacher experts are MAPPO teams
+
+        return mappo.MAPPOPolicy(blob)
+    policy = load_gaussian_policy({**blob, "state_dict": {k: v.float() for k, v in blob["state_dict"].items()}})
+    policy.meta = blob.get("meta", {})
+    return policy
+
+
+class MirroredPolicy:
+    """π_mirror(s) = -π(M s): the same expert acting in the reflected world (opposite arm bend)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def act(self, states, greedy, generator=None):
+        return mirror_reacher_actions(self.policy.act(mirror_reacher_states(states), greedy, generator))
+
+
+class UniformRandomPolicy:
+    def __init__(self, action_dim: int, seed: int):
+        self.action_dim, self.rng = action_dim, np.random.default_rng(seed)
+
+    def act(self, states, greedy=False, generator=None):
+        return self.rng.uniform(-1.0, 1.0, (len(states), self.action_dim)).astype(np.float32)
+
+
+def policy_returns(env: str, policy, n_episodes: int = 100, seed: int = 10101, greedy: bool = True) -> np.ndarray:
+    """Returns through envs.evaluate (the same evaluation every algorithm script uses); the policies
+    here act on the global state, which every agent sees under the env's default observation."""
+    obs = envs.DEFAULT_OBS[env]
+
+    def act(observations, histories):
+        joint = policy.act(observations[0], greedy=greedy)
+        return envs.split_actions(env, joint)
+
+    return envs.evaluate(env, obs, act, n_episodes, seed=seed)
+
+
+# ==================================================================================================
+# Collection: many environments in lockstep, one batched policy call per step
+# ==================================================================================================
+def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bool = False, n_envs: int = 50,
+                     desc: str = "collecting") -> list[dict]:
+    """Episodes of `policy` (sampled actions unless greedy) totalling exactly n_transitions; the last
+    episode is cut (marked truncated) to make the count exact, as D4RL's 1M-transition sets.
+
+    Episodes run n_envs at a time in lockstep (one batched policy call per step). Episode k is reset
+    with seed `seed * 1_000_003 + k` and the dataset is the prefix of episodes in k order, so short
+    episodes (which finish first) are not over-represented and the result does not depend on n_envs."""
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    max_steps = envs.EPISODE_STEPS[env]
+    n_envs = max(1, min(n_envs, -(-n_transitions // max_steps) + 1))
+    sims = [envs.make_single_agent_env(env) for _ in range(n_envs)]
+    state = np.zeros((n_envs, envs.STATE_DIM[env]), np.float32)
+    done_eps: dict[int, dict] = {}
+    slot_ep = np.zeros(n_envs, dtype=np.int64)  # episode index each slot is running
+    next_ep = 0
+    bufs = [None] * n_envs
+
+    def start(j):
+        nonlocal next_ep
+        slot_ep[j] = next_ep
+        state[j] = sims[j].reset(seed=seed * 1_000_003 + next_ep)[0]
+        bufs[j] = dict(obs=[state[j].copy()], act=[], rew=[], term=[], trunc=[])
+        next_ep += 1
+
+    for j in range(n_envs):
+        start(j)
+    prefix_len, prefix_steps = 0, 0  # completed episodes 0..prefix_len-1 and their total length
+    bar = tqdm(total=n_transitions, desc=desc, unit="step", unit_scale=True, mininterval=2.0, disable=None)
+    running = np.ones(n_envs, dtype=bool)
+    while prefix_steps < n_transitions:
+        actions = policy.act(state, greedy=greedy, generator=gen)
+        for j in np.flatnonzero(running):
+            o, r, term, trunc, _ = sims[j].step(actions[j])
+            b = bufs[j]
+            b["act"].append(np.asarray(actions[j], np.float32))
+            b["rew"].append(float(r))
+            b["term"].append(bool(term))
+            b["trunc"].append(bool(trunc))
+            b["obs"].append(np.asarray(o, np.float32))
+            state[j] = o
+            if term or trunc:
+                done_eps[int(slot_ep[j])] = b
+                while prefix_len in done_eps and prefix_steps < n_transitions:
+                    add = len(done_eps[prefix_len]["rew"])
+                    bar.update(min(add, n_transitions - prefix_steps))
+                    prefix_steps += add
+                    prefix_len += 1
+                # start another episode only if the prefix may still need it
+                if prefix_steps < n_transitions:
+                    start(j)
+                else:
+                    running[j] = False
+    bar.close()
+    episodes, total = [], 0
+    for k in range(prefix_len):
+        b = done_eps[k]
+        keep = min(len(b["rew"]), n_transitions - total)
+        truncs, terms = np.array(b["trunc"][:keep]), np.array(b["term"][:keep])
+        if keep < len(b["rew"]):
+            truncs[-1] = True
+        episodes.append(dict(observations=np.stack(b["obs"][:keep + 1]), actions=np.stack(b["act"][:keep]),
+                             rewards=np.array(b["rew"][:keep]), terminations=terms, truncations=truncs))
+        total += keep
+    return episodes
+
+
+def replay_episodes(out_dir: pathlib.Path, up_to_step: int, n_transitions: int) -> list[dict]:
+    """Every episode the Ant learner collected up to `up_to_step`, rebuilt per environment stream from
+    the replay chunks; whole episodes evenly subsampled (by collection order) down to n_transitions."""
+    files = sorted((out_dir / "replay").glob("chunk_*.npz"))
+    files = [f for f in files if int(f.stem.split("_")[1]) <= up_to_step]
+    if not files:
+        raise envs.MomaError(f"no replay chunks in {out_dir / 'replay'}")
+    episodes: list[dict] = []
+    open_eps: dict[int, dict] = {}
+    prev_last = None
+    for f in files:
+        z = np.load(f)
+        obs, act, rew, term, trunc = z["obs"], z["act"], z["rew"], z["term"], z["trunc"]
+        finals = {(int(t), int(j)): fo for (t, j), fo in zip(z["final_idx"], z["final_obs"])}
+        T, E = rew.shape
+        for j in range(E):
+            ep = open_eps.get(j)
+            if ep is not None and not np.array_equal(prev_last[j], obs[0, j]):
+                # a resume restarted the environments: the open episode ends here, cut (not terminal)
+                ep["trunc"][-1] = ep["trunc"][-1].copy()
+                ep["trunc"][-1][-1] = True
+                ep["next_last"] = prev_last[j]
+                episodes.append(ep)
+                ep = None
+            start = 0
+            for t in range(T):
+                if term[t, j] or trunc[t, j]:
+                    piece = slice(start, t + 1)
+                    o = obs[piece, j]
+                    nxt = finals[(t, j)]
+                    if ep is None:
+                        ep = dict(obs=[], act=[], rew=[], term=[], trunc=[])
+                    ep["obs"].append(o), ep["act"].append(act[piece, j]), ep["rew"].append(rew[piece, j])
+                    ep["term"].append(term[piece, j]), ep["trunc"].append(trunc[piece, j])
+                    ep["next_last"] = nxt
+                    episodes.append(ep)
+                    ep, start = None, t + 1
+            if start < T:
+                if ep is None:
+                    ep = dict(obs=[], act=[], rew=[], term=[], trunc=[])
+                piece = slice(start, T)
+                ep["obs"].append(obs[piece, j]), ep["act"].append(act[piece, j]), ep["rew"].append(rew[piece, j])
+                ep["term"].append(term[piece, j]), ep["trunc"].append(trunc[piece, j])
+            open_eps[j] = ep
+        prev_last = z["obs_last"]
+    # finish: concatenate pieces
+    done = []
+    for ep in episodes:
+        if isinstance(ep["obs"], list):
+            o = np.concatenate(ep["obs"])
+            done.append(dict(observations=np.concatenate([o, ep["next_last"][None]]), actions=np.concatenate(ep["act"]),
+                             rewards=np.concatenate(ep["rew"]).astype(np.float64), terminations=np.concatenate(ep["term"]),
+                             truncations=np.concatenate(ep["trunc"])))
+    lengths = np.array([len(e["rewards"]) for e in done])
+    if lengths.sum() > n_transitions:  # keep every k-th episode (k fractional), in collection order
+        n_keep = max(1, min(len(done), int(round(len(done) * n_transitions / lengths.sum()))))
+        keep = np.unique(np.linspace(0, len(done) - 1, n_keep).round().astype(int))
+        done = [done[k] for k in keep]
+        total = 0
+        for k, e in enumerate(done):
+            if total + len(e["rewards"]) >= n_transitions:
+                cut = n_transitions - total
+                e = dict(observations=e["observations"][:cut + 1], actions=e["actions"][:cut], rewards=e["rewards"][:cut],
+                         terminations=e["terminations"][:cut], truncations=e["truncations"][:cut].copy())
+                if cut > 0:
+                    e["truncations"][-1] = e["truncations"][-1] or not e["terminations"][-1]
+                done = done[:k] + ([e] if cut > 0 else [])
+                break
+            total += len(e["rewards"])
+    return done
+
+
+# ==================================================================================================
+# Reference scores and the datasets
+# ==================================================================================================
+SHIPPED = dict(
+    reacher_expert=POLICY_DIR / "reacher_expert.pt",
+    ant_expert=POLICY_DIR / "ant_expert.pt",
+    ant_medium=POLICY_DIR / "ant_medium.pt",
+)
+ANT_REPLAY_SNAPSHOTS = POLICY_DIR / "ant_replay_snapshots.pt"  # float16 learner snapshots for full-replay
+REF_EPISODES = 100
+
+
+def _file_key(path: pathlib.Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def reference_scores(env: str, seed: int = 0) -> tuple[float, float]:
+    """(ref_min, ref_max) = mean return of 100 uniform-random episodes and of 100 greedy expert episodes.
+    Cached under envs.CACHE_DIR, keyed by the expert file's hash."""
+    expert_path = SHIPPED[f"{env}_expert"]
+    key = f"{env}:{_file_key(expert_path)}:{seed}:{REF_EPISODES}"
+    cache = envs.CACHE_DIR / "reference_scores.json"
+    table = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in table:
+        random_ret = policy_returns(env, UniformRandomPolicy(envs.JOINT_ACTION_DIM[env], seed), REF_EPISODES,
+                                    seed=20202 + seed, greedy=False)
+        expert_ret = policy_returns(env, _load_policy(expert_path), REF_EPISODES, seed=30303 + seed, greedy=True)
+        table[key] = dict(ref_min=float(random_ret.mean()), ref_max=float(expert_ret.mean()),
+                          ref_min_std=float(random_ret.std()), ref_max_std=float(expert_ret.std()))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, cache)
+    return table[key]["ref_min"], table[key]["ref_max"]
+
+
+def build_reacher_expert_mix(n_transitions: Optional[int], seed: int) -> dict:
+    """Half the transitions from the MAPPO expert, half from its mirror image (opposite elbow bend)."""
+    n = n_transitions or 1_000_000
+    expert = _load_policy(SHIPPED["reacher_expert"])
+    half = n // 2
+    a = collect_episodes("reacher", expert, half, seed=2 * seed + 1, desc="reacher expert")
+    b = collect_episodes("reacher", MirroredPolicy(expert), n - half, seed=2 * seed + 2, desc="reacher mirrored expert")
+    conv = [reacher_convention(e["observations"][1:])[()] for e in a + b]
+    conv_a = np.mean([c == 1 for c in conv[: len(a)]])
+    conv_b = np.mean([c == 1 for c in conv[len(a):]])
+    ref_min, ref_max = reference_scores("reacher", seed)
+    envs.write_minari_dataset(
+        "reacher", "expert-mix", a + b, ref_min, ref_max,
+        algorithm_name="MAPPO expert (mappo.py) + its mirror image, sampled actions",
+        description=(f"Two-agent Reacher-v5 mixture of experts: {len(a)} episodes of a MAPPO expert "
+                     f"({100 * conv_a:.1f}% counter-clockwise, θ2 >= 0 near the target) then {len(b)} episodes of "
+                     f"the same expert reflected across the x-axis ({100 * (1 - conv_b):.1f}% clockwise). "
+                     f"ref_min = uniform random policy, ref_max = greedy expert ({REF_EPISODES} episodes each)."))
+    ccw = np.mean(np.array(conv) == 1)
+    return dict(episodes=len(conv), counter_clockwise_share=float(ccw), clockwise_share=float(1 - ccw),
+                expert_ccw_share=float(conv_a), mirror_ccw_share=float(conv_b))
+
+
+def _ant_replay_source() -> str:
+    expert_step = _load_policy(SHIPPED["ant_expert"]).meta.get("step")
+    chunks = sorted((ANT_TRAIN_DIR / "replay").glob("chunk_*.npz"))
+    if expert_step is not None and chunks and int(chunks[-1].stem.split("_")[1]) >= expert_step:
+        return "replay"
+    return "snapshots"
+
+
+def build_ant(dataset: str, n_transitions: Optional[int], seed: int) -> dict:
+    n = n_transitions or 1_000_000
+    info = {}
+    if dataset == "random":
+        episodes = collect_episodes("ant", UniformRandomPolicy(8, seed), n, seed=10 * seed + 1, desc="ant random")
+        algo = "uniform random actions in [-1, 1]"
+    elif dataset in ("medium", "expert"):
+        policy = _load_policy(SHIPPED[f"ant_{dataset}"])
+        episodes = collect_episodes("ant", policy, n, seed=10 * seed + (2 if dataset == "medium" else 3),
+                                    desc=f"ant {dataset}")
+        algo = f"PPO (make_datasets.train_ant_ppo) policy after {policy.meta.get('step')} env steps, sampled actions"
+    else:  # full-replay
+        expert_step = _load_policy(SHIPPED["ant_expert"]).meta.get("step")
+        source = _ant_replay_source()
+        if source == "replay":
+            episodes = replay_episodes(ANT_TRAIN_DIR, expert_step, n)
+            algo = f"every transition the PPO learner collected up to step {expert_step} (whole episodes, evenly subsampled)"
+        else:
+            episodes = _snapshot_replay(n, seed)
+            algo = (f"PPO learner's shipped snapshots up to step {expert_step}, each collecting (sampled actions) its "
+                    f"share of the learner's steps: a re-enactment of the learner's replay")
+        info["source"] = source
+    ref_min, ref_max = reference_scores("ant", seed)
+    envs.write_minari_dataset("ant", dataset, episodes, ref_min, ref_max, algorithm_name=algo,
+                              description=f"Ant-v5 (27-dim state) {dataset} dataset: {algo}. ref_min = uniform random "
+                                          f"policy, ref_max = greedy expert ({REF_EPISODES} episodes each).")
+    return info
+
+
+def _snapshot_replay(n: int, seed: int) -> list[dict]:
+    """full-replay on a fresh clone: the shipped learner snapshots, snapshot k collecting the share of
+    n that the learner collected between snapshot k-1 and k."""
+    blob = torch.load(ANT_REPLAY_SNAPSHOTS, weights_only=False)
+    steps = np.array([s["meta"]["step"] for s in blob["snapshots"]])
+    share = np.diff(np.concatenate([[0], steps])).astype(np.float64)
+    counts = np.floor(share / share.sum() * n).astype(int)
+    counts[-1] += n - counts.sum()
+    episodes = []
+    for k, (snap, c) in enumerate(zip(blob["snapshots"], counts)):
+        if c > 0:
+            policy = load_gaussian_policy({**snap, "state_dict": {k2: v.float() for k2, v in snap["state_dict"].items()}})
+            episodes += collect_episodes("ant", policy, int(c), seed=10 * seed + 100 + k,
+                                         desc=f"ant replay snapshot {k + 1}/{len(counts)}")
+    return episodes
+
+
+def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0) -> dict:
+    """envs.build_dataset's hook: write the Minari dataset envs.dataset_id(env, dataset)."""
+    envs.check_names(env, None, dataset)
+    if env not in ("reacher", "ant"):
+        raise envs.MomaError(f"make_datasets builds the MuJoCo datasets only; {env} datasets are built by envs.py")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small policies: extra threads only spin against other jobs
+    t0 = time.time()
+    try:
+        info = build_reacher_expert_mix(n_transitions, seed) if env == "reacher" else build_ant(dataset, n_transitions, seed)
+    finally:
+        torch.set_num_threads(threads)
+    info.update(build_time_s=round(time.time() - t0, 1), n_transitions=n_transitions, seed=seed)
+    _record_build(env, dataset, info)
+    return info
+
+
+def _record_build(env: str, dataset: str, info: dict) -> None:
+    path = envs.DATA_DIR / "moma" / "builds.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[envs.dataset_id(env, dataset)] = info
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, path)
+
+
+# ==================================================================================================
+# Exporting the small shipped policies from a training run
+# ==================================================================================================
+def export_ant_policies(out_dir: pathlib.Path = ANT_TRAIN_DIR, n_replay_snapshots: int = 10,
+                        eval_episodes: int = 20, log=print) -> dict:
+    """Ship the Ant policies: expert = the learner's latest state, medium = the snapshot whose quick greedy
+    return is closest to 0.4x the expert's (inside [1/3, 1/2] when one is), and n_replay_snapshots evenly
+    spaced float16 snapshots for rebuilding full-replay on a fresh clone."""
+    ck = torch.load(out_dir / "checkpoint.pt", weights_only=False)
+    agent = AntPPOAgent(envs.STATE_DIM["ant"], envs.JOINT_ACTION_DIM["ant"], ck["config"]["hidden"])
+    agent.load_state_dict(ck["agent"])
+    step = ck["global_step"]
+    expert_ret = policy_returns("ant", agent.actor, eval_episodes, seed=40404)
+    cmd = "python make_datasets.py --train-ant [--resume]"
+    expert = export_gaussian_policy(agent.actor, dict(step=step, greedy_return_mean=float(expert_ret.mean()),
+                                                      greedy_return_episodes=eval_episodes, trained_by=cmd,
+                                                      wall_time_s=round(ck["wall_s"], 1), config=ck["config"]))
+    snaps = [s for s in list_snapshots(out_dir) if s[0] <= step]
+    target = 0.4 * expert_ret.mean()
+    inside = [s for s in snaps if expert_ret.mean() / 3 <= s[1] <= expert_ret.mean() / 2]
+    medium_step, medium_quick, medium_path = min(inside or snaps, key=lambda s: abs(s[1] - target))
+    medium_actor = load_gaussian_policy(torch.load(medium_path, weights_only=False))
+    medium_ret = policy_returns("ant", medium_actor, eval_episodes, seed=40404)
+    medium = export_gaussian_policy(medium_actor, dict(step=medium_step, greedy_return_mean=float(medium_ret.mean()),
+                                                       greedy_return_episodes=eval_episodes, trained_by=cmd,
+                                                       expert_step=step))
+    _atomic_torch_save(expert, SHIPPED["ant_expert"])
+    _atomic_torch_save(medium, SHIPPED["ant_medium"])
+    picks = np.unique(np.linspace(0, len(snaps) - 1, min(n_replay_snapshots, len(snaps))).round().astype(int))
+    replay = []
+    for k in picks:
+        blob = torch.load(snaps[k][2], weights_only=False)
+        blob["state_dict"] = {n: v.half() for n, v in blob["state_dict"].items()}
+        replay.append(blob)
+    # The last replay snapshot covers the steps up to the expert itself.
+    replay[-1]["meta"] = dict(replay[-1]["meta"], step=step)
+    _atomic_torch_save(dict(snapshots=replay), ANT_REPLAY_SNAPSHOTS)
+    info = dict(expert_step=step, expert_greedy_return=float(expert_ret.mean()), medium_step=medium_step,
+                medium_greedy_return=float(medium_ret.mean()), train_wall_s=ck["wall_s"],
+                replay_snapshot_steps=[snaps[k][0] for k in picks])
+    log(f"exported Ant policies: {info}")
+    return info
+
+
+# ==================================================================================================
+# Dataset cards (paper Table 2)
+# ==================================================================================================
+MUJOCO_DATASETS = [("reacher", "expert-mix"), ("ant", "random"), ("ant", "medium"), ("ant", "full-replay"),
+                   ("ant", "expert")]
+
+
+def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.md") -> str:
+    """Markdown Table-2 statistics of every MuJoCo dataset present locally (written to `path`)."""
+    builds_path = envs.DATA_DIR / "moma" / "builds.json"
+    builds = json.loads(builds_path.read_text()) if builds_path.exists() else {}
+    rows = []
+    for env, name in MUJOCO_DATASETS:
+        if not envs.dataset_exists(env, name):
+            continue
+        st = envs.dataset_stats(env, name)
+        b = builds.get(st["dataset"], {})
+        rows.append(f"| `{st['dataset']}` | {st['min_score_pct']:.1f} | {st['mean_score_pct']:.1f} | "
+                    f"{st['median_score_pct']:.1f} | {st['max_score_pct']:.1f} | {st['episodes']:,} | "
+                    f"{st['transitions']:,} | {st['ref_min_score']:.2f} | {st['ref_max_score']:.2f} | "
+                    f"{b.get('build_time_s', float('nan')):.0f} |")
+    policies = []
+    for key, p in SHIPPED.items():
+        if p.exists():
+            m = torch.load(p, weights_only=False).get("meta", {})
+            policies.append(f"| `{p.relative_to(REPO_DIR)}` | {p.stat().st_size / 1e3:.0f} kB | {m.get('step', '')} | "
+                            f"{m.get('greedy_return_mean', float('nan')):.2f} ({m.get('greedy_return_episodes', '')} ep.) | "
+                            f"`{m.get('trained_by', '')}` | {m.get('wall_time_s', '')} |")
+    reacher = builds.get(envs.dataset_id("reacher", "expert-mix"), {})
+    text = f"""# MuJoCo datasets (paper Table 2)
+
+Generated by `python make_datasets.py` from the shipped behaviour policies in `behaviour_policies/`
+(this page: `python make_datasets.py --cards-only`). Scores are normalised per episode,
+100 x (R - ref_min) / (ref_max - ref_min), with ref_min the mean return of the uniform random policy
+and ref_max the mean greedy return of the expert (100 episodes each); both are stored in the Minari
+metadata (`ref_min_score`, `ref_max_score`).
+
+| dataset | min % | mean % | median % | max % | episodes | transitions | ref_min | ref_max | build time (s) |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Paper Table 2 for comparison (D4RL ant-v2 and the authors' reacher): reacher expert-mix 38.8 / 100 / 98.9 / 152.3;
+ant random -7.8 / 7.9 / 7.9 / 21.9 (D4RL's random used a randomly initialised policy), medium -17.4 / 80.3 /
+97.1 / 108.7, full-replay -39.6 / 47.6 / 51.4 / 113.5, expert -19.4 / 114.3 / 121.2 / 131.9 (approximate,
+see the paper).
+
+Reacher arm-bend conventions (θ2 = atan2(state[3], state[1]) averaged over each episode's last 10 states;
+counter-clockwise = θ2 >= 0): {100 * reacher.get('counter_clockwise_share', float('nan')):.1f}% counter-clockwise,
+{100 * reacher.get('clockwise_share', float('nan')):.1f}% clockwise.
+
+## Behaviour policies
+
+| file | size | env steps | greedy return | trained by | train wall time (s) |
+|---|---|---|---|---|---|
+{chr(10).join(policies)}
+
+* `reacher/expert-mix`: one MAPPO expert (`mappo.py`, all-observant, per-agent Gaussian policies, mixed
+  value) and its mirror image. Reflecting the arena across the x-axis maps Reacher onto itself (sign flip
+  of state entries 2, 3, 5, 6, 7, 9 and of both torques; checked against the simulator in
+  `tests/test_make_datasets.py`), so the mirrored expert is equally good and bends the other way. This gives
+  the paper's two conventions in exactly equal shares without relying on two seeds happening to disagree.
+  500k sampled-action transitions from each, 50-step episodes.
+* `ant/*`: single-agent PPO on the joint action (`make_datasets.train_ant_ppo`, CleanRL defaults, 2x256
+  tanh nets, 8 envs, observation normalisation, reward scaling). `expert` = the learner's final policy,
+  `medium` = the snapshot at about 0.4x the expert's greedy return, `random` = uniform random actions,
+  `full-replay` = every transition the learner collected up to the expert (whole episodes, evenly
+  subsampled to 1M) when its replay chunks are on disk, otherwise a re-enactment by the shipped learner
+  snapshots (`ant_replay_snapshots.pt`), each collecting its share of the learner's steps.
+  All sets use sampled (not greedy) actions, clipped to [-1, 1].
+"""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text
+
+
+# ==================================================================================================
+# Command line
+# ==================================================================================================
+@dataclasses.dataclass
+class Args:
+    """Build the MuJoCo datasets from the shipped behaviour policies (or retrain those first)."""
+
+    only: Optional[Literal["reacher/expert-mix", "ant/random", "ant/medium", "ant/full-replay", "ant/expert"]] = None
+    """build only this dataset (default: all five)"""
+    n_transitions: Optional[int] = None
+    """transitions per dataset (default 1M; smaller for quick checks)"""
+    seed: int = 0
+    retrain: bool = False
+    """retrain the behaviour policies from scratch (reacher MAPPO, then Ant PPO), export them, then build"""
+    train_ant: bool = False
+    """only train the Ant PPO learner (with --resume: continue it); no datasets are built"""
+    export_ant: bool = False
+    """only export the Ant expert / medium / replay snapshots from the learner's checkpoint"""
+    resume: bool = False
+    """continue the Ant PPO learner from data/behaviour/ant_ppo/checkpoint.pt"""
+    ant_total_steps: int = 10_000_000
+    """Ant PPO environment steps"""
+    reacher_total_steps: int = 1_500_000
+    """reacher MAPPO environment steps"""
+    cards_only: bool = False
+    """only regenerate docs/datasets.md from the datasets present"""
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(1)  # small policies; extra threads only spin against other jobs
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if args.train_ant or args.export_ant:
+        if args.train_ant:
+            train_ant_ppo(AntPPOConfig(total_steps=args.ant_total_steps), resume=args.resume, log=log)
+        export_ant_policies(log=log)
+        return
+    if args.cards_only:
+        print(dataset_cards())
+        return
+    if args.retrain:
+        import mappo
+
+        mappo.main(mappo.Args(env="reacher", seed=1, total_steps=args.reacher_total_steps,
+                              run_dir=str(TRAIN_DIR / "reacher_mappo"), resume=args.resume and (TRAIN_DIR / "reacher_mappo" / "checkpoint.pt").exists(),
+                              policy_out=str(SHIPPED["reacher_expert"])))
+        train_ant_ppo(AntPPOConfig(total_steps=args.ant_total_steps), resume=args.resume, log=log)
+        export_ant_policies(log=log)
+    todo = MUJOCO_DATASETS if args.only is None else [tuple(args.only.split("/"))]
+    for env, name in todo:
+        info = build(env, name, args.n_transitions, args.seed)
+        st = envs.dataset_stats(env, name)
+        log(f"built {st['dataset']} in {info['build_time_s']:.0f}s: {st['episodes']} episodes, {st['transitions']} "
+            f"transitions, normalised score min/mean/median/max {st['min_score_pct']:.1f} / {st['mean_score_pct']:.1f} / "
+            f"{st['median_score_pct']:.1f} / {st['max_score_pct']:.1f} %, ref {st['ref_min_score']:.2f} / {st['ref_max_score']:.2f}"
+            + (f" | {info}" if len(info) > 3 else ""))
+    dataset_cards()
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(Args))
+    except envs.MomaError as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,169 @@
+"""make_datasets.py: the reacher mirror map and convention classifier, tiny generation round trips
+through minari.load_dataset, reference scores, the Ant learner's replay bookkeeping. Small budgets."""
+
+import json
+
+import minari
+import numpy as np
+import pytest
+import torch
+
+import envs
+import make_datasets as md
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reacher conventions and the mirror map
+# ---------------------------------------------------------------------------------------------------
+def _reacher_state(theta1, theta2, target=(0.1, 0.05), vel=(0.0, 0.0), tip=(0.0, 0.0)):
+    return np.array([np.cos(theta1), np.cos(theta2), np.sin(theta1), np.sin(theta2), *target, *vel, *tip],
+                    dtype=np.float32)
+
+
+def test_convention_classifier_on_hand_made_states():
+    ccw = np.stack([_reacher_state(0.3, 1.2)] * 12)  # elbow bent counter-clockwise (θ2 > 0)
+    cw = np.stack([_reacher_state(-0.3, -1.2)] * 12)
+    assert md.reacher_convention(ccw) == 1
+    assert md.reacher_convention(cw) == -1
+    assert np.isclose(md.reacher_theta2(_reacher_state(0.0, 2.5)), 2.5, atol=1e-6)
+    assert np.isclose(md.reacher_theta2(_reacher_state(0.0, -2.5)), -2.5, atol=1e-6)
+    # Only the last states (at the target) count: an episode that swings through θ2 < 0 first is ccw.
+    swing = np.stack([_reacher_state(0.0, -1.0)] * 40 + [_reacher_state(0.0, 0.8)] * 10)
+    assert md.reacher_convention(swing) == 1
+    # batched over episodes
+    assert md.reacher_convention(np.stack([ccw, cw])).tolist() == [1, -1]
+    # the mirror map flips the convention
+    assert md.reacher_convention(md.mirror_reacher_states(ccw)) == -1
+
+
+def test_mirror_map_is_exact_on_the_simulator():
+    """Mirror a real trajectory (states and actions); the simulator started from the mirrored state and
+    driven by the mirrored actions must produce exactly the mirrored states."""
+    rng = np.random.default_rng(0)
+    real, mirrored = envs.make_env("reacher"), envs.make_env("reacher")
+    _, s = real.reset(seed=3)
+    # give the arm some velocity first, so the check covers the dynamics, not just a resting arm
+    for _ in range(5):
+        _, s, _, _, _ = real.step([rng.uniform(-1, 1, 1), rng.uniform(-1, 1, 1)])
+    mirrored.reset(seed=4)
+    real.set_state(s)  # both simulators start from float32 states
+    mirrored.set_state(md.mirror_reacher_states(s))
+    max_err, rewards = 0.0, []
+    for _ in range(50):
+        a = rng.uniform(-1, 1, 2).astype(np.float32)
+        _, s, r, _, _ = real.step([a[:1], a[1:]])
+        ma = md.mirror_reacher_actions(a)
+        _, ms, mr, _, _ = mirrored.step([ma[:1], ma[1:]])
+        max_err = max(max_err, np.abs(md.mirror_reacher_states(s) - ms).max())
+        rewards.append((r, mr))
+    assert max_err < 1e-5, max_err
+    r, mr = np.array(rewards).T
+    np.testing.assert_allclose(r, mr, atol=1e-6)  # the reward is mirror invariant too
+    assert np.abs(s[[2, 3, 6, 7]]).max() > 1e-2  # the compared states are not trivially symmetric
+
+
+def test_mirrored_policy_acts_as_reflection():
+    class Linear:
+        def act(self, states, greedy, generator=None):
+            return np.clip(states[:, [2, 3]] * 0.5 + states[:, [5, 9]], -1, 1)
+
+    states = np.stack([_reacher_state(0.4, 1.0, target=(0.1, 0.07), tip=(0.02, -0.03))])
+    pol = md.MirroredPolicy(Linear())
+    np.testing.assert_allclose(pol.act(states, True), -Linear().act(md.mirror_reacher_states(states), True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny generation round trips through minari.load_dataset
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def few_ref_episodes(monkeypatch):
+    monkeypatch.setattr(md, "REF_EPISODES", 3)
+
+
+def _check_minari(env, name, n):
+    ds = minari.load_dataset(envs.dataset_id(env, name))
+    assert ds.total_steps == n
+    meta = ds.storage.metadata
+    assert meta["ref_min_score"] < meta["ref_max_score"]
+    data = envs.load_dataset(env, name)
+    assert len(data) == n
+    assert data.joint_actions.min() >= -1 and data.joint_actions.max() <= 1
+    # stored episodes are consistent: next state of row t is the state of row t+1 inside an episode
+    same = data.episode_ids[1:] == data.episode_ids[:-1]
+    np.testing.assert_array_equal(data.next_states[:-1][same], data.states[1:][same])
+    return ds, data
+
+
+def test_reacher_expert_mix_round_trip(few_ref_episodes):
+    info = md.build("reacher", "expert-mix", n_transitions=400, seed=0)
+    ds, data = _check_minari("reacher", "expert-mix", 400)
+    assert ds.total_episodes == 8  # 50-step episodes, 4 from the expert, 4 from its mirror
+    assert data.timeouts.sum() == 8 and data.terminals.sum() == 0
+    # the second half is the mirror image of an expert: conventions as recorded
+    assert info["counter_clockwise_share"] + info["clockwise_share"] == pytest.approx(1.0)
+    builds = json.loads((envs.DATA_DIR / "moma" / "builds.json").read_text())
+    assert builds["moma/reacher/expert-mix-v0"]["build_time_s"] >= 0
+
+
+def test_shipped_reacher_expert_bends_one_way_and_mirror_the_other():
+    expert = md._load_policy(md.SHIPPED["reacher_expert"])
+    a = md.collect_episodes("reacher", expert, 1000, seed=5)
+    b = md.collect_episodes("reacher", md.MirroredPolicy(expert), 1000, seed=5)
+    ca = np.array([md.reacher_convention(e["observations"][1:]) for e in a])
+    cb = np.array([md.reacher_convention(e["observations"][1:]) for e in b])
+    # same seeds, mirrored policy: the mirrored expert's convention is the opposite in most episodes
+    assert (ca == 1).mean() >= 0.8 or (ca == -1).mean() >= 0.8
+    assert abs((ca == 1).mean() - (cb == -1).mean()) <= 0.3
+
+
+@pytest.mark.parametrize("name", ["random", "expert"])
+def test_ant_round_trip(name, few_ref_episodes):
+    md.build("ant", name, n_transitions=300, seed=0)
+    _check_minari("ant", name, 300)
+
+
+def test_reference_scores_sane(few_ref_episodes):
+    lo, hi = md.reference_scores("reacher")
+    assert hi > lo
+    assert -60 < lo < -20  # uniform random torques: distance plus a large control cost per 50 steps
+    assert -10 < hi < 0  # the expert reaches the target
+    lo_a, hi_a = md.reference_scores("ant")
+    assert hi_a > lo_a + 500  # the shipped Ant expert walks
+
+
+def test_collect_is_exact_and_reproducible():
+    pol = md.UniformRandomPolicy(2, seed=1)
+    eps = md.collect_episodes("reacher", pol, 120, seed=7)
+    assert sum(len(e["rewards"]) for e in eps) == 120
+    assert eps[-1]["truncations"][-1]  # the cut episode ends as a timeout
+    eps2 = md.collect_episodes("reacher", md.UniformRandomPolicy(2, seed=1), 120, seed=7)
+    np.testing.assert_array_equal(eps[0]["observations"], eps2[0]["observations"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Ant learner: checkpoint / resume and the replay it keeps for full-replay
+# ---------------------------------------------------------------------------------------------------
+def test_ant_learner_checkpoint_resume_and_replay(tmp_path):
+    cfg = md.AntPPOConfig(total_steps=2 * 2048, num_envs=4, num_steps=512, hidden=16, update_epochs=1,
+                          checkpoint_every_s=0.0, snapshot_every=2048, snapshot_eval_episodes=1)
+    logs = []
+    md.train_ant_ppo(cfg, out_dir=tmp_path, log=logs.append)
+    with pytest.raises(envs.MomaError):
+        md.train_ant_ppo(cfg, out_dir=tmp_path, log=logs.append)  # refuses to overwrite without --resume
+    cfg.total_steps = 3 * 2048
+    md.train_ant_ppo(cfg, resume=True, out_dir=tmp_path, log=logs.append)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["global_step"] == 3 * 2048 and ck["n_resumes"] == 1
+    assert len(md.list_snapshots(tmp_path)) == 3
+    episodes = md.replay_episodes(tmp_path, ck["global_step"], 10**9)
+    # every collected transition is in exactly one episode, except the still-open ones at the end
+    total = sum(len(e["rewards"]) for e in episodes)
+    assert 0 < total <= 3 * 2048
+    for e in episodes:
+        T = len(e["rewards"])
+        assert e["observations"].shape == (T + 1, 27) and e["actions"].shape == (T, 8)
+        assert e["terminations"][-1] or e["truncations"][-1]
+        assert not (e["terminations"][:-1].any() or e["truncations"][:-1].any())
+    # the resume boundary cut the open episodes (truncated, not terminal)
+    sub = md.replay_episodes(tmp_path, ck["global_step"], total // 2)
+    assert sum(len(e["rewards"]) for e in sub) <= total // 2
