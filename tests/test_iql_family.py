@@ -1,0 +1,250 @@
+"""Tests of iql.py, maiql.py (+ MAIQL-ft) and ibc.py: the losses that are easy to get wrong, the
+discrete-action variants, Table-3 behaviour on the coordination game, and end-to-end smoke runs.
+
+Budget: about a minute on 2 cores (the coordination runs use 64-wide nets and a few hundred steps;
+the MuJoCo smoke runs use tiny random datasets written into the session's temporary Minari folder).
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+import ibc
+import iql
+import maiql
+
+SUMMARY_KEYS = {"algorithm", "env", "obs", "dataset_id", "seed", "config", "eval_episodes", "normalized_score_mean",
+                "normalized_score_std", "episode_returns", "episode_normalized_scores", "train_steps", "wall_time_s",
+                "git_commit"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses, by hand
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", [iql, maiql])
+def test_expectile_loss_hand_computed(module):
+    # diff = Q̂ - V: positive errors weigh τ = 0.7, negative ones 1 - τ = 0.3.
+    diff = torch.tensor([1.0, -2.0, 0.5])
+    expected = (0.7 * 1.0 + 0.3 * 4.0 + 0.7 * 0.25) / 3
+    assert module.expectile_loss(diff, 0.7).item() == pytest.approx(expected)
+    # τ = 0.5 is half the mean squared error.
+    assert module.expectile_loss(diff, 0.5).item() == pytest.approx(0.5 * diff.pow(2).mean().item())
+
+
+def test_expectile_loss_gradient_pushes_v_to_the_expectile():
+    # Minimising over a constant V gives the τ-expectile of the samples, above the mean for τ > 0.5.
+    q = torch.tensor([0.0, 1.0])
+    v = torch.zeros((), requires_grad=True)
+    opt = torch.optim.SGD([v], lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        maiql.expectile_loss(q - v, 0.7).backward()
+        opt.step()
+    assert v.item() == pytest.approx(0.7, abs=1e-4)  # 0.7 (1 - v) = 0.3 v  <=>  v = 0.7
+
+
+@pytest.mark.parametrize("module", [iql, maiql])
+def test_awr_weights_are_clipped(module):
+    adv = torch.tensor([-1.0, 0.0, 1.0, 2.0, 10.0])
+    w = module.awr_weights(adv, beta=3.0, max_weight=100.0)
+    assert torch.allclose(w[:3], torch.tensor([math.exp(-3.0), 1.0, math.exp(3.0)]))
+    assert w[3].item() == pytest.approx(100.0)  # exp(6) = 403 -> clipped
+    assert w[4].item() == pytest.approx(100.0)  # exp(30) -> clipped, not inf
+    assert torch.isfinite(module.awr_weights(torch.tensor([1e4]), 3.0)).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# QMIX mixing
+# --------------------------------------------------------------------------------------------------
+def test_qmix_mixer_is_monotonic_even_with_negative_raw_weights():
+    torch.manual_seed(0)
+    n, B = 3, 64
+    mixer = maiql.Mixer(in_dim=5, n=n, hidden=16)
+    with torch.no_grad():  # make the raw weight outputs negative: |w| must still be used
+        mixer.net[-1].weight.mul_(-1.0)
+        mixer.net[-1].bias.fill_(-1.0)
+    m = torch.randn(B, 5)
+    q = torch.randn(n, B, requires_grad=True)
+    q_tot = mixer(q, m)
+    assert q_tot.shape == (B,)
+    grad = torch.autograd.grad(q_tot.sum(), q)[0]
+    assert (grad >= 0).all() and (grad > 0).any()
+    # Hand check: Q_tot = Σ_i |w_i| Q_i + b with (w, b) the raw MLP outputs.
+    wb = mixer.net(m)
+    expected = (wb[:, :n].abs() * q.T).sum(1) + wb[:, n]
+    assert torch.allclose(q_tot, expected, atol=1e-6)
+    # Raising one agent's value never lowers the team value.
+    assert (mixer(q + torch.eye(n)[0][:, None], m) >= q_tot - 1e-6).all()
+
+
+def test_mixer_applies_to_both_q_heads():
+    mixer = maiql.Mixer(in_dim=2, n=2, hidden=8)
+    q = torch.randn(2, 2, 5)  # [heads, n, B]
+    m = torch.randn(5, 2)
+    out = mixer(q, m)
+    assert out.shape == (2, 5)
+    assert torch.allclose(out[1], mixer(q[1], m))
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks: discrete variants, tanh-Gaussian log-prob, batched per-agent encoder
+# --------------------------------------------------------------------------------------------------
+def test_discrete_maiql_agents_log_prob_and_greedy():
+    torch.manual_seed(0)
+    agents = maiql.MAIQLAgents(n=2, obs_dim=1, action_dim=2, discrete=True, state_dim=1, joint_action_dim=4,
+                               hidden=8, history_len=0, history_in=3, history_dim=8)
+    x = torch.randn(2, 5, 1)
+    a = torch.randint(0, 2, (2, 5))
+    logits = agents.policy(x)
+    assert torch.allclose(agents.log_prob(x, a), torch.log_softmax(logits, -1).gather(-1, a[..., None]).squeeze(-1))
+    assert torch.equal(agents.act(x, greedy=True), logits.argmax(-1))
+    q = agents.q_values(x, a)
+    assert q.shape == (2, 2, 5)
+    full = agents.q(x.repeat(2, 1, 1)).reshape(2, 2, 5, 2)
+    assert torch.allclose(q, full.gather(-1, a[None, ..., None].expand(2, -1, -1, 1)).squeeze(-1))
+
+
+def test_tanh_gaussian_log_prob_hand_computed():
+    agents = maiql.MAIQLAgents(n=1, obs_dim=1, action_dim=1, discrete=False, state_dim=1, joint_action_dim=1,
+                               hidden=4, history_len=0, history_in=2, history_dim=8)
+    with torch.no_grad():  # policy output = (mean 0.2, log_std -0.5) whatever the input
+        for w in agents.policy.weights:
+            w.zero_()
+        agents.policy.biases[-1].copy_(torch.tensor([[[0.2, -0.5]]]))
+    a = torch.tensor([[[0.3]]])
+    u, std = math.atanh(0.3), math.exp(-0.5)
+    expected = -0.5 * ((u - 0.2) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi) - math.log(1 - 0.09 + 1e-5)
+    assert agents.log_prob(torch.zeros(1, 1, 1), a).item() == pytest.approx(expected, rel=1e-5)
+    # Actions on the bound are finite (clipped to 1 - 1e-5 before atanh).
+    assert torch.isfinite(agents.log_prob(torch.zeros(1, 1, 1), torch.ones(1, 1, 1))).all()
+
+
+def test_history_encoder_is_per_agent():
+    torch.manual_seed(0)
+    enc = maiql.AgentsHistoryEncoder(n=3, in_dim=5, length=10, d=16)
+    h = torch.randn(3, 4, 10, 5)
+    out = enc(h)
+    assert out.shape == (3, 4, 16)
+    h2 = h.clone()
+    h2[1] += 1.0  # change agent 1's histories only
+    out2 = enc(h2)
+    assert torch.allclose(out[0], out2[0]) and torch.allclose(out[2], out2[2])
+    assert not torch.allclose(out[1], out2[1])
+    # Batch rows do not interact.
+    assert torch.allclose(enc(h[:, :1]), out[:, :1], atol=1e-6)
+
+
+def test_iql_coordination_joint_action_is_one_of_four():
+    agent = iql.IQLAgent(state_dim=1, action_dim=4, discrete=True, hidden=8, history_len=0, history_in=5, history_dim=8)
+    x = agent.features(torch.rand(6, 1), None)
+    assert agent.greedy(x).shape == (6,)
+    assert agent.q_values(x, torch.tensor([0, 1, 2, 3, 0, 3])).shape == (2, 6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 3 on the coordination game, at a tiny budget
+# --------------------------------------------------------------------------------------------------
+def _coordination(module, dataset, steps, tmp_path, seed=1):
+    args = module.Args(env="coordination", dataset=dataset, seed=seed, total_steps=steps, hidden=64,
+                       eval_every=0, eval_episodes=10, checkpoint_every=0, run_dir=str(tmp_path / f"{module.__name__}-{dataset}"))
+    return module.main(args)
+
+
+def test_table3_iql_solves_unfavorable(tmp_path):
+    summary = _coordination(iql, "unfavorable", 400, tmp_path)
+    assert summary["normalized_score_mean"] == pytest.approx(1.0)
+    assert set(summary) == SUMMARY_KEYS
+
+
+def test_table3_ibc_fails_unfavorable(tmp_path):
+    # Agent 1 mostly goes left, agent 2 mostly right: each copies its majority action, never agreeing.
+    summary = _coordination(ibc, "unfavorable", 300, tmp_path)
+    assert summary["normalized_score_mean"] == pytest.approx(0.0)
+
+
+def test_table3_maiql_solves_favorable(tmp_path):
+    summary = _coordination(maiql, "favorable", 400, tmp_path)
+    assert summary["normalized_score_mean"] == pytest.approx(1.0)
+    assert summary["algorithm"] == "maiql"
+
+
+# --------------------------------------------------------------------------------------------------
+# MuJoCo smoke runs on tiny random datasets (written to the session's temporary Minari folder)
+# --------------------------------------------------------------------------------------------------
+def _random_episodes(env, n_episodes, steps, seed):
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for j in range(n_episodes):
+        sim = envs.make_single_agent_env(env)
+        state, _ = sim.reset(seed=seed + j)
+        obs, acts, rews, terms, truncs = [state], [], [], [], []
+        for t in range(steps):
+            a = rng.uniform(-1, 1, envs.JOINT_ACTION_DIM[env]).astype(np.float32)
+            state, r, term, trunc, _ = sim.step(a)
+            obs.append(state), acts.append(a), rews.append(r), terms.append(term), truncs.append(trunc or t == steps - 1)
+            if term:
+                break
+        episodes.append(dict(observations=np.array(obs, np.float32), actions=np.array(acts), rewards=np.array(rews),
+                             terminations=np.array(terms), truncations=np.array(truncs)))
+    return episodes
+
+
+@pytest.fixture(scope="module")
+def tiny_mujoco_datasets():
+    # Never let load_dataset build the real (expensive) datasets: write tiny random ones first.
+    if not envs.dataset_exists("reacher", "expert-mix"):
+        envs.write_minari_dataset("reacher", "expert-mix", _random_episodes("reacher", 4, 50, 0), -11.144625,
+                                  -4.2370844, "uniform random", "tiny test dataset")
+    if not envs.dataset_exists("ant", "random"):
+        envs.write_minari_dataset("ant", "random", _random_episodes("ant", 2, 100, 0), -325.6, 3879.7,
+                                  "uniform random", "tiny test dataset")
+    assert str(envs.DATA_DIR) != str(envs.REPO_DIR / "data" / "minari")  # conftest's temporary folder
+
+
+SMOKE = [("reacher", "leader-only", "expert-mix"), ("ant", "partial", "random")]
+
+
+@pytest.mark.parametrize("module", [iql, maiql, ibc])
+@pytest.mark.parametrize("env,obs,dataset", SMOKE)
+def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path):
+    args = module.Args(env=env, obs=obs, dataset=dataset, seed=0, total_steps=6, batch_size=32, hidden=16,
+                       history_dim=8, eval_every=3, eval_episodes=1, checkpoint_every=3, run_dir=str(tmp_path / "run"))
+    if module is not iql:
+        assert envs.HISTORY_LEN > 0  # PO tasks: histories on by default
+    summary = module.main(args)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(on_disk) == SUMMARY_KEYS and on_disk["train_steps"] == 6 and on_disk["obs"] == obs
+    assert np.isfinite(summary["normalized_score_mean"]) and len(summary["episode_returns"]) == 1
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_maiql_finetune_adds_online_data_and_resumes(tiny_mujoco_datasets, tmp_path):
+    run = tmp_path / "ft"
+    common = dict(env="reacher", obs="leader-only", dataset="expert-mix", seed=0, batch_size=32, hidden=16,
+                  history_dim=8, eval_every=0, eval_episodes=1, populate_every=2, run_dir=str(run))
+    summary = maiql.main(maiql.Args(total_steps=8, finetune=True, checkpoint_every=4, **common))
+    assert summary["algorithm"] == "maiql-ft" and summary["train_steps"] == 16  # offline + as many fine-tuning steps
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    n_offline = len(envs.load_dataset("reacher", "expert-mix", "leader-only"))
+    online = ck["online"]["rewards"].shape[0]
+    assert online == n_offline  # reacher never terminates: exactly as many online as offline transitions
+    # Online histories point at real rows (dataset or this rollout), never past the filled part.
+    index = ck["online"]["hist_index"]
+    pad_row = n_offline + n_offline + 10 + 1 - 1  # offline rows, capacity (N + rollout_length), then padding
+    assert ((index < n_offline + online) | (index == pad_row)).all()
+    assert (index >= n_offline).any() and (index < n_offline).any()  # rollout steps after a dataset history
+    resumed = maiql.main(maiql.Args(total_steps=10, finetune=True, checkpoint_every=0, resume=True, **common))
+    assert resumed["train_steps"] == 20
+
+
+def test_bad_input_is_a_moma_error(tmp_path):
+    with pytest.raises(envs.MomaError, match="observation function"):
+        maiql.main(maiql.Args(env="reacher", obs="partial", run_dir=str(tmp_path / "x")))
+    with pytest.raises(envs.MomaError, match="resume"):
+        ibc.main(ibc.Args(env="coordination", resume=True, run_dir=str(tmp_path / "missing")))
+    with pytest.raises(envs.MomaError, match="total-steps"):
+        iql.main(iql.Args(env="coordination", total_steps=0, run_dir=str(tmp_path / "y")))
