@@ -785,19 +785,24 @@ def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int
 
 
 def _record_build(env: str, dataset: str, info: dict) -> None:
-    path = envs.DATA_DIR / "moma" / "builds.json"
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table[envs.dataset_id(env, dataset)] = info
+    """Build facts (time, conventions, source) next to the datasets, one file per dataset (no write races)."""
+    path = envs.DATA_DIR / "moma" / "builds" / (envs.dataset_id(env, dataset).replace("/", "__") + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
+    tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, path)
+
+
+def build_records() -> dict:
+    folder = envs.DATA_DIR / "moma" / "builds"
+    return {f.stem.replace("__", "/"): json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))} \
+        if folder.exists() else {}
 
 
 # ==================================================================================================
 # Exporting the small shipped policies from a training run
 # ==================================================================================================
-def export_ant_policies(out_dir: pathlib.Path = ANT_TRAIN_DIR, n_replay_snapshots: int = 10,
+def export_ant_policies(out_dir: pathlib.Path = ANT_TRAIN_DIR, n_replay_snapshots: int = 8,
                         eval_episodes: int = 20, log=print) -> dict:
     """Ship the Ant policies: expert = the learner's latest state, medium = the snapshot whose quick greedy
     return is closest to 0.4x the expert's (inside [1/3, 1/2] when one is), and n_replay_snapshots evenly
@@ -847,8 +852,7 @@ MUJOCO_DATASETS = [("reacher", "expert-mix"), ("ant", "random"), ("ant", "medium
 
 def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.md") -> str:
     """Markdown Table-2 statistics of every MuJoCo dataset present locally (written to `path`)."""
-    builds_path = envs.DATA_DIR / "moma" / "builds.json"
-    builds = json.loads(builds_path.read_text()) if builds_path.exists() else {}
+    builds = build_records()
     rows = []
     for env, name in MUJOCO_DATASETS:
         if not envs.dataset_exists(env, name):
@@ -940,6 +944,16 @@ class Args:
     """reacher MAPPO environment steps"""
     cards_only: bool = False
     """only regenerate docs/datasets.md from the datasets present"""
+    workers: int = 2
+    """datasets built in parallel processes (one per core)"""
+
+
+def _report_build(env: str, name: str, info: dict, log) -> None:
+    st = envs.dataset_stats(env, name)
+    log(f"built {st['dataset']} in {info['build_time_s']:.0f}s: {st['episodes']} episodes, {st['transitions']} "
+        f"transitions, normalised score min/mean/median/max {st['min_score_pct']:.1f} / {st['mean_score_pct']:.1f} / "
+        f"{st['median_score_pct']:.1f} / {st['max_score_pct']:.1f} %, ref {st['ref_min_score']:.2f} / "
+        f"{st['ref_max_score']:.2f} | {info}")
 
 
 def main(args: Args) -> None:
@@ -962,13 +976,25 @@ def main(args: Args) -> None:
         train_ant_ppo(AntPPOConfig(total_steps=args.ant_total_steps), resume=args.resume, log=log)
         export_ant_policies(log=log)
     todo = MUJOCO_DATASETS if args.only is None else [tuple(args.only.split("/"))]
-    for env, name in todo:
-        info = build(env, name, args.n_transitions, args.seed)
-        st = envs.dataset_stats(env, name)
-        log(f"built {st['dataset']} in {info['build_time_s']:.0f}s: {st['episodes']} episodes, {st['transitions']} "
-            f"transitions, normalised score min/mean/median/max {st['min_score_pct']:.1f} / {st['mean_score_pct']:.1f} / "
-            f"{st['median_score_pct']:.1f} / {st['max_score_pct']:.1f} %, ref {st['ref_min_score']:.2f} / {st['ref_max_score']:.2f}"
-            + (f" | {info}" if len(info) > 3 else ""))
+    for env in sorted({env for env, _ in todo}):  # once, before any worker needs them
+        lo, hi = reference_scores(env, args.seed)
+        log(f"{env} reference scores: random {lo:.3f}, expert {hi:.3f} ({REF_EPISODES} episodes each)")
+    t0 = time.time()
+    if args.workers > 1 and len(todo) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(min(args.workers, len(todo)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            # the big Ant sets first, so the two workers finish together
+            jobs = {pool.submit(build, env, name, args.n_transitions, args.seed): (env, name)
+                    for env, name in sorted(todo, key=lambda t: t[0] == "reacher")}
+            for job in concurrent.futures.as_completed(jobs):
+                _report_build(*jobs[job], job.result(), log)
+    else:
+        for env, name in todo:
+            _report_build(env, name, build(env, name, args.n_transitions, args.seed), log)
+    log(f"all builds done in {time.time() - t0:.0f}s")
     dataset_cards()
 
 

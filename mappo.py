@@ -61,6 +61,9 @@ class Args:
     anneal_lr: bool = True
     """linearly anneal the learning rate to 0 over total_steps"""
     gamma: float = 0.99
+    norm_obs: bool = True
+    """normalise states by their running mean / std (CleanRL; the authors did not): reacher's key input,
+    fingertip - target (~0.1), is tiny next to the joint velocities"""
     norm_reward: bool = True
     """divide rewards by the running std of the discounted return (gymnasium NormalizeReward); without it
     reacher's returns (-50..-4) dwarf the value clip of 0.2 and learning drifts (the authors normalised
@@ -128,10 +131,17 @@ class MAPPOAgents(nn.Module):
 
     LOG_STD_MIN, LOG_STD_MAX = -6.0, 0.0
 
-    def __init__(self, obs_dims: list[int], action_dim: int, state_dim: int, hidden: int = 256):
+    def __init__(self, obs_dims: list[int], action_dim: int, state_dim: int, hidden: int = 256,
+                 obs_index: Optional[list[list[int]]] = None):
         super().__init__()
         n = len(obs_dims)
         self.obs_dims, self.action_dim, self.max_obs = list(obs_dims), action_dim, max(obs_dims)
+        # Running mean / variance of the global state (CleanRL's observation normalisation); agent i's
+        # observation o_i = s[obs_index[i]] is normalised with the matching entries.
+        self.obs_index = obs_index or [list(range(d)) for d in obs_dims]
+        self.register_buffer("state_mean", torch.zeros(state_dim))
+        self.register_buffer("state_var", torch.ones(state_dim))
+        self.register_buffer("state_count", torch.tensor(1e-4, dtype=torch.float64))
         self.policy = AgentsMLP(n, [self.max_obs, hidden, hidden, 2 * action_dim], last_scale=0.1)
         self.value = AgentsMLP(n, [self.max_obs, hidden, hidden, 1])
         # QMIX-style non-negative mixing weights, here w(s) = n * softmax(.) (bounded, summing to n).
@@ -140,10 +150,26 @@ class MAPPOAgents(nn.Module):
         self.mixer = nn.Sequential(nn.Linear(n * state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                    nn.Linear(hidden, n + 1))
 
+    def update_state_stats(self, states: np.ndarray) -> None:
+        x = torch.as_tensor(states, dtype=torch.float64)
+        b_mean, b_var, b_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta, tot = b_mean - self.state_mean.double(), self.state_count + b_count
+        m2 = self.state_var.double() * self.state_count + b_var * b_count + delta**2 * self.state_count * b_count / tot
+        self.state_mean.copy_(self.state_mean.double() + delta * b_count / tot)
+        self.state_var.copy_(m2 / tot)
+        self.state_count.copy_(tot)
+
+    def normalize_states(self, states) -> torch.Tensor:
+        s = torch.as_tensor(states, dtype=torch.float32, device=self.state_mean.device)
+        return ((s - self.state_mean) / torch.sqrt(self.state_var + 1e-8)).clamp(-10.0, 10.0)
+
     def stack_obs(self, observations: list) -> torch.Tensor:
-        """Per-agent [B, o_i] -> zero-padded [n, B, max_o]."""
-        return torch.stack([nn.functional.pad(torch.as_tensor(o, dtype=torch.float32), (0, self.max_obs - o.shape[-1]))
-                            for o in observations])
+        """Per-agent raw [B, o_i] -> normalised, zero-padded [n, B, max_o]."""
+        std = torch.sqrt(self.state_var + 1e-8)
+        return torch.stack([
+            nn.functional.pad(((torch.as_tensor(o, dtype=torch.float32, device=std.device) - self.state_mean[ix]) / std[ix])
+                              .clamp(-10.0, 10.0), (0, self.max_obs - o.shape[-1]))
+            for o, ix in zip(observations, self.obs_index)])
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         out = self.policy(obs)
@@ -154,7 +180,7 @@ class MAPPOAgents(nn.Module):
         """obs [n, B, max_o], states [B, S] -> V_tot [B]. In FO tasks the mixer sees n copies of the state
         (authors: the concatenation of all agents' current observations); here it sees s per agent slot."""
         v = self.value(obs).squeeze(-1)  # [n, B]
-        wb = self.mixer(states.repeat(1, v.shape[0]))  # [B, n + 1]
+        wb = self.mixer(self.normalize_states(states).repeat(1, v.shape[0]))  # [B, n + 1]
         w = v.shape[0] * torch.softmax(wb[:, :-1], dim=-1)
         return (w * v.T).sum(-1) + wb[:, -1]
 
@@ -163,7 +189,8 @@ def save_policy_file(agents: MAPPOAgents, env: str, obs: str, path: pathlib.Path
     """The small per-agent policy file make_datasets.py collects with (policy weights only)."""
     blob = dict(kind="mappo", env=env, obs=obs, obs_dims=agents.obs_dims, action_dim=agents.action_dim,
                 hidden=agents.policy.weights[0].shape[-1],
-                policy_state={k: v.detach().clone() for k, v in agents.policy.state_dict().items()}, meta=meta)
+                policy_state={k: v.detach().clone() for k, v in agents.policy.state_dict().items()},
+                state_mean=agents.state_mean.detach().clone(), state_var=agents.state_var.detach().clone(), meta=meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
@@ -178,8 +205,12 @@ class MAPPOPolicy:
         self.net = AgentsMLP(len(blob["obs_dims"]), [max(blob["obs_dims"]), blob["hidden"], blob["hidden"],
                                                      2 * blob["action_dim"]])
         self.net.load_state_dict(blob["policy_state"])
-        self.helper = MAPPOAgents(blob["obs_dims"], blob["action_dim"], envs.STATE_DIM[self.env], 8)
+        self.helper = MAPPOAgents(blob["obs_dims"], blob["action_dim"], envs.STATE_DIM[self.env], 8,
+                                  envs.obs_indices(self.env, self.obs))
         self.helper.policy = self.net
+        if "state_mean" in blob:
+            self.helper.state_mean.copy_(blob["state_mean"])
+            self.helper.state_var.copy_(blob["state_var"])
         self.meta = blob.get("meta", {})
 
     @classmethod
@@ -230,7 +261,7 @@ def main(args: Args) -> dict:
 
     n_agents, S, E, T = envs.N_AGENTS[args.env], envs.STATE_DIM[args.env], args.num_envs, args.num_steps
     odims, a_dim = envs.obs_dims(args.env, obs_name), adims[0]
-    agents = MAPPOAgents(odims, a_dim, S, args.hidden).to(device)
+    agents = MAPPOAgents(odims, a_dim, S, args.hidden, envs.obs_indices(args.env, obs_name)).to(device)
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
     alpha, global_step, iteration, wall_before = 0.0, 0, 0, 0.0
     if args.resume:
@@ -277,6 +308,8 @@ def main(args: Args) -> dict:
             optimizer.param_groups[0]["lr"] = args.learning_rate * max(0.0, 1.0 - global_step / args.total_steps)
         # ---- collect E x T real steps with sampled actions ----
         for t in range(T):
+            if args.norm_obs:
+                agents.update_state_stats(states)
             with torch.no_grad():
                 obs_t = agents.stack_obs(envs.split_state(args.env, obs_name, states)).to(device)
                 action = agents.dist(obs_t).sample().cpu().numpy()  # [n, E, a]

@@ -101,7 +101,7 @@ def test_reacher_expert_mix_round_trip(few_ref_episodes):
     assert data.timeouts.sum() == 8 and data.terminals.sum() == 0
     # the second half is the mirror image of an expert: conventions as recorded
     assert info["counter_clockwise_share"] + info["clockwise_share"] == pytest.approx(1.0)
-    builds = json.loads((envs.DATA_DIR / "moma" / "builds.json").read_text())
+    builds = md.build_records()
     assert builds["moma/reacher/expert-mix-v0"]["build_time_s"] >= 0
 
 
@@ -167,3 +167,30 @@ def test_ant_learner_checkpoint_resume_and_replay(tmp_path):
     # the resume boundary cut the open episodes (truncated, not terminal)
     sub = md.replay_episodes(tmp_path, ck["global_step"], total // 2)
     assert sum(len(e["rewards"]) for e in sub) <= total // 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# mappo.py: a tiny run writes the summary, a loadable policy file, and resumes
+# ---------------------------------------------------------------------------------------------------
+def test_mappo_smoke_resume_and_policy_file(tmp_path):
+    import mappo
+
+    run = tmp_path / "run"
+    args = mappo.Args(env="reacher", total_steps=2 * 4 * 50, num_envs=4, hidden=16, minibatch_size=64,
+                      update_epochs=1, eval_every=1, eval_episodes=2, checkpoint_every=1, run_dir=str(run),
+                      policy_out=str(tmp_path / "policy.pt"))
+    summary = mappo.main(args)
+    keys = {"algorithm", "env", "obs", "dataset_id", "seed", "config", "eval_episodes", "normalized_score_mean",
+            "normalized_score_std", "episode_returns", "episode_normalized_scores", "train_steps", "wall_time_s",
+            "git_commit"}
+    assert set(json.loads((run / "summary.json").read_text())) == keys
+    assert summary["train_steps"] == 400 and len(summary["episode_returns"]) == 2
+    args.total_steps, args.resume = 3 * 4 * 50, True
+    assert mappo.main(args)["train_steps"] == 600
+    policy = mappo.MAPPOPolicy.load(tmp_path / "policy.pt")
+    states = np.stack([_reacher_state(0.1, 0.2)] * 3)
+    a = policy.act(states, greedy=True)
+    assert a.shape == (3, 2) and np.abs(a).max() <= 1
+    np.testing.assert_array_equal(a, policy.act(states, greedy=True))  # greedy is deterministic
+    with pytest.raises(envs.MomaError):
+        mappo.main(mappo.Args(env="coordination", run_dir=str(tmp_path / "x")))
