@@ -80,8 +80,11 @@ class Args:
     """use the GPU (CPU by default)"""
     torch_threads: int = 1
     """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
-    total_steps: int = 50_000
-    """offline gradient steps (authors: 1,000,001; 50k fits a 2-core CPU in well under an hour on reacher)"""
+    total_steps: Optional[int] = None
+    """offline gradient steps (authors: 1,000,001). None = a budget that fits the shared 2-core CPU:
+    50k without histories, 10k with the history encoder (PO tasks), which dominates the cost. Measured
+    (1 thread, nets 256-256, batch 256, machine shared): MAIQL reacher all-observant 18 steps/s
+    (50k ~ 45 min), MAIQL ant partial 2.3 steps/s (10k ~ 70 min), IBC ant partial 5.5 steps/s"""
     finetune: bool = False
     """MAIQL-ft: after the offline steps, train total_steps more with online simulator data mixed in"""
     populate_every: int = 10
@@ -372,7 +375,7 @@ def main(args: Args) -> dict:
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
     if args.resume and args.run_dir is None:
         raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
-    for name in ("total_steps", "batch_size", "populate_every", "rollout_length"):
+    for name in ("batch_size", "populate_every", "rollout_length"):
         if getattr(args, name) < 1:
             raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     exp_name = args.exp_name if not (args.finetune and args.exp_name == "maiql") else "maiql-ft"
@@ -395,6 +398,9 @@ def main(args: Args) -> dict:
         history_len = envs.HISTORY_LEN if (args.env, obs_name) in PARTIALLY_OBSERVABLE else 0
     if args.env == "coordination":
         history_len = 0  # the round index is the whole state (authors force memory_len = 0 here)
+    offline_steps = args.total_steps if args.total_steps is not None else (50_000 if history_len == 0 else 10_000)
+    if offline_steps < 1:
+        raise envs.MomaError(f"--total-steps must be >= 1, got {offline_steps}")
     data = envs.load_dataset(args.env, dataset, obs_name, history_len=max(history_len, 1))
     n, discrete = data.n_agents, args.env == "coordination"
     adims = envs.action_dims(args.env)
@@ -405,7 +411,7 @@ def main(args: Args) -> dict:
     reward_scale = 1.0
     if args.env == "ant" and args.normalize_rewards:
         returns = data.episode_returns()
-        reward_scale = 1000.0 / max(returns.max() - returns.min(), 1e-6)
+        reward_scale = float(1000.0 / max(returns.max() - returns.min(), 1e-6))
     capacity = int(math.ceil(args.online_ratio * len(data))) + args.rollout_length if args.finetune else 0
     buffer = ReplayData(data, capacity, obs_dim, hist_dim, history_len, reward_scale, discrete, device)
     joint_action_dim = buffer.joint_features.shape[1]
@@ -417,7 +423,7 @@ def main(args: Args) -> dict:
     target_q_mixer = copy.deepcopy(agents.q_mixer).requires_grad_(False)
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    total_steps = args.total_steps * (2 if args.finetune else 1)
+    total_steps = offline_steps * (2 if args.finetune else 1)
     step, wall_before = 0, 0.0
     if args.resume:
         ck = torch.load(ckpt_path, weights_only=False, map_location=device)
@@ -458,7 +464,7 @@ def main(args: Args) -> dict:
         return list(a)
 
     # ---- MAIQL-ft: short real-simulator rollouts from dataset states (reference §5(c)) ----
-    populations = max(1, args.total_steps // args.populate_every)
+    populations = max(1, offline_steps // args.populate_every)
     rollouts_per_population = max(1, int(math.ceil(args.online_ratio * len(data) / (populations * args.rollout_length))))
     sims = [envs.make_env(args.env, obs_name) for _ in range(rollouts_per_population)] if args.finetune else []
     rng = np.random.default_rng(args.seed + 7)
@@ -518,9 +524,9 @@ def main(args: Args) -> dict:
 
     # ---- training loop ----
     agents.train()
-    t_last, step_last = time.time(), step
+    t_last, step_last, sps = time.time(), step, 0.0
     while step < total_steps:
-        if args.finetune and step >= args.total_steps and (step - args.total_steps) % args.populate_every == 0:
+        if args.finetune and step >= offline_steps and (step - offline_steps) % args.populate_every == 0:
             populate()
         b = buffer.sample(args.batch_size, generator)
         mixer_in_q = torch.cat([b["states"], b["joint_features"]], dim=1)
@@ -569,7 +575,7 @@ def main(args: Args) -> dict:
             writer.add_scalar("eval/episodic_return", eval_ret.mean(), step)
             writer.add_scalar("eval/normalized_score", float(data.normalized_score(eval_ret).mean()), step)
             print(f"step {step} | greedy return {eval_ret.mean():.3f} | q_loss {q_loss.item():.4f} | "
-                  f"v_loss {v_loss.item():.4f} | SPS {sps if step >= 1000 else 0:.0f} | online rows {buffer.size - len(data)}", flush=True)
+                  f"v_loss {v_loss.item():.4f} | SPS {sps:.0f} | online rows {buffer.size - len(data)}", flush=True)
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_checkpoint()
     save_checkpoint()
