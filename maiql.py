@@ -499,9 +499,9 @@ def main(args: Args) -> dict:
             act_np = actions.cpu().numpy()
             rewards, terms, nexts = [], [], []
             for j, m in enumerate(live):
-                _, nxt, r, term, _ = sims[m].step([act_np[i, j] for i in range(n)])
+                _, nxt, r, term, trunc = sims[m].step([act_np[i, j] for i in range(n)])
                 rewards.append(r), terms.append(term), nexts.append(nxt)
-                alive[m] = not term
+                alive[m] = not (term or trunc)  # stop at terminals and at the episode's time limit
             nexts = np.stack(nexts)
             buffer.states[rows] = torch.as_tensor(states[live], device=device)
             buffer.next_states[rows] = torch.as_tensor(nexts, device=device)
