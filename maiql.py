@@ -424,7 +424,7 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     total_steps = offline_steps * (2 if args.finetune else 1)
-    step, wall_before = 0, 0.0
+    step, wall_before, ck = 0, 0.0, None
     if args.resume:
         ck = torch.load(ckpt_path, weights_only=False, map_location=device)
         agents.load_state_dict(ck["agents"])
@@ -449,7 +449,7 @@ def main(args: Args) -> dict:
         torch.save(dict(agents=agents.state_dict(), target_q=target_q.state_dict(), target_q_mixer=target_q_mixer.state_dict(),
                         target_encoder=None if target_encoder is None else target_encoder.state_dict(),
                         optimizer=optimizer.state_dict(), step=step, wall_s=wall_before + time.time() - t0,
-                        online=buffer.online_rows(), generator=generator.get_state(),
+                        online=buffer.online_rows(), populate_rng=rng.bit_generator.state, generator=generator.get_state(),
                         torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args)), tmp)
         os.replace(tmp, ckpt_path)
 
@@ -467,7 +467,10 @@ def main(args: Args) -> dict:
     populations = max(1, offline_steps // args.populate_every)
     rollouts_per_population = max(1, int(math.ceil(args.online_ratio * len(data) / (populations * args.rollout_length))))
     sims = [envs.make_env(args.env, obs_name) for _ in range(rollouts_per_population)] if args.finetune else []
-    rng = np.random.default_rng(args.seed + 7)
+    rng = np.random.default_rng(args.seed + 7)  # start states of the rollouts
+    if ck is not None:
+        rng.bit_generator.state = ck["populate_rng"]
+        del ck
 
     def populate() -> int:
         """Roll the current (sampling) policies out of dataset states; append the steps to the buffer."""
