@@ -126,7 +126,7 @@ class AgentsMLP(nn.Module):
 
 
 class MAPPOAgents(nn.Module):
-    """Per-agent Gaussian policies (state-dependent log-std in [-6, 0], heads x0.1, no squashing),
+    """Per-agent Gaussian policies (state-dependent log-std in [-6, 0), heads x0.1, no squashing),
     per-agent values V_i(o_i) and the mixer V_tot(s) = Σ w_i(s) V_i + b(s) (authors §4(c))."""
 
     LOG_STD_MIN, LOG_STD_MAX = -6.0, 0.0
@@ -173,8 +173,13 @@ class MAPPOAgents(nn.Module):
 
     def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
         out = self.policy(obs)
-        mean, log_std = out[..., : self.action_dim], out[..., self.action_dim:]
-        return torch.distributions.Normal(mean, log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX).exp())
+        mean, raw = out[..., : self.action_dim], out[..., self.action_dim:]
+        # Authors: hard clamp of log σ to [-6, 0]. A hard upper clamp has zero gradient wherever the head
+        # exceeds 0, so σ stays 1 in those states for good: our reacher runs flailed with sampled actions
+        # (return -35 vs -7 greedy). A soft upper bound keeps the gradient: log σ = -softplus(-(raw + 2)) <= 0
+        # (σ ≈ 0.88 at init), then the lower clamp.
+        log_std = (-nn.functional.softplus(-(raw + 2.0))).clamp(min=self.LOG_STD_MIN)
+        return torch.distributions.Normal(mean, log_std.exp())
 
     def v_tot(self, obs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """obs [n, B, max_o], states [B, S] -> V_tot [B]. In FO tasks the mixer sees n copies of the state
