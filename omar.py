@@ -1,0 +1,515 @@
+"""IOMAR: independent OMAR (Pan et al. 2022, "Plan better amid conservatism"), paper §5.1.
+
+OMAR = a CQL critic + an actor that, besides maximising Q, imitates the best action a zeroth-order
+(CEM-like) search finds on its own critic, which pulls it out of the bad local optima of the
+conservative Q landscape. This is the authors' `itd3` learner with td3_omar_coeff = 0.9,
+td3_omar_cql_alpha = 1, td3_shortcut_omar off and td3_bc_coeff = 0 (reference §5(e)). Each agent i has
+its own (no parameter sharing, no agent id) deterministic tanh actor π_i(x_i), double critic
+Q1_i, Q2_i(x_i, a_i) and target copies; x_i is [history embedding, o_i] on partially observable tasks
+(the one-layer self-attention + soft-attention pooling encoder of MOMA-PPO, paper §3.2 / reference
+§4(c), with a target encoder soft-updated with τ), o_i otherwise. Every agent learns from the team reward.
+
+    critic:  TD3 target + CQL(H) term, exactly as icql.py (importance-sampled logsumexp over 10 uniform,
+             10 noisy π(x) and 10 noisy π(x') actions; α = 1; we subtract the correct log-density of the
+             proposals where the authors' OMAR-derived code subtracted the Gaussian pdf).
+    search:  μ = 0, σ = 2 per action dimension; for each of 2 iterations draw 20 actions ~ N(μ, σ²)
+             clipped to [-1, 1], score them with Q1_i(x_i, ·), add the previous iteration's elites, keep
+             the top 5 elites and refit μ, σ to them (σ + 1e-6). â_i = the best action scored; keep it only
+             if Q1_i(x_i, â_i) > Q1_i(x_i, π_i(x_i)), else â_i = π_i(x_i).
+    actor:   L_π = (1 - c) (-E[Q1_i(x_i, π_i(x_i))]) + c MSE(π_i(x_i), â_i) + 1e-3 E[π_i(x_i)²],
+             c = 0.9, every 2 critic steps, with the soft target updates (τ = 0.005).
+
+Other choices (the issue is silent; a researcher comparing offline MARL methods would expect these):
+* the history encoder is trained by the critic loss (TD + CQL); actors read its detached embedding,
+  the target actor the target encoder's. Histories on for partially observable tasks only.
+* the MSE is F.mse_loss (a mean over batch and action dimensions), as in OMAR's code.
+* raw rewards (the authors' TD3 family did not normalise them, reference §2(e)); no state
+  normalisation; no gradient clipping; the search runs on the CPU as well (the authors' needed CUDA).
+* continuous actions only: the coordination game's discrete baselines are iql.py, maiql.py and ibc.py.
+* all agents' networks are stacks of per-agent weights [n, in, out] run with one bmm per layer; the
+  CQL proposals and the search's samples go through the critics in the same batched call.
+
+    python omar.py --env reacher --obs all-observant
+    python omar.py --env ant --obs partial --dataset expert
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import envs
+
+
+@dataclasses.dataclass
+class Args:
+    env: envs.EnvName = "reacher"
+    """reacher or ant (continuous actions)"""
+    obs: Optional[envs.ObsName] = None
+    """observation function (None = the env's default)"""
+    dataset: Optional[str] = None
+    """dataset name of the env (None = the env's default)"""
+    exp_name: str = "omar"
+    seed: int = 1
+    cuda: bool = False
+    """use the GPU (CPU by default)"""
+    torch_threads: int = 1
+    """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
+    total_steps: Optional[int] = None
+    """critic gradient steps (authors: 1,000,001). None = a budget that fits a 2-core CPU: 50k without
+    histories (fully observable), 5k with the history encoder (partially observable); the 30 CQL
+    actions and 40 search actions per state and the encoder dominate the cost. See the README / report for measured steps/s"""
+    batch_size: int = 256
+    hidden: int = 256
+    """width of the two hidden layers of every MLP"""
+    history_len: Optional[int] = None
+    """history length (None = 10 on partially observable tasks, 0 on fully observable ones)"""
+    history_dim: int = 128
+    """width of the history encoder (reference §4(c))"""
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005
+    """soft target-update coefficient"""
+    policy_noise: float = 0.2
+    """std of the target-policy smoothing noise"""
+    noise_clip: float = 0.5
+    policy_freq: int = 2
+    """critic steps per actor (and target) update"""
+    cql_alpha: float = 1.0
+    """α, weight of the CQL term (authors' td3_omar_cql_alpha)"""
+    cql_samples: int = 10
+    """sampled actions per state and per proposal (uniform, π(s), π(s')): 3 x this in the logsumexp"""
+    cql_noise: float = 0.2
+    """std of the Gaussian noise on the policy proposals"""
+    cql_temperature: float = 1.0
+    """temperature T of the logsumexp"""
+    omar_coef: float = 0.9
+    """c: actor loss (1 - c)(-Q) + c MSE(π, searched action)"""
+    omar_iters: int = 2
+    """iterations of the zeroth-order search"""
+    omar_samples: int = 20
+    """actions sampled per iteration"""
+    omar_elites: int = 5
+    """elites the Gaussian is refit to"""
+    omar_init_mu: float = 0.0
+    omar_init_sigma: float = 2.0
+    eval_every: int = 5_000
+    """gradient steps between greedy evaluations (10 episodes); 0 disables"""
+    eval_episodes: int = 100
+    """greedy episodes of the final evaluation"""
+    checkpoint_every: int = 10_000
+    """gradient steps between atomic checkpoints"""
+    resume: bool = False
+    """continue the run in --run-dir from its checkpoint"""
+    run_dir: Optional[str] = None
+    """fixed run folder (default: runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<unix time>)"""
+
+
+PARTIALLY_OBSERVABLE = {("reacher", "independent"), ("reacher", "leader-only"), ("ant", "partial")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks. Every per-agent network is a stack of per-agent weights [n, in, out] and runs as one bmm
+# per layer for all agents; agents with smaller inputs see zero-padded inputs, which is exactly a
+# smaller per-agent network.
+# --------------------------------------------------------------------------------------------------
+class AgentsMLP(nn.Module):
+    """n independent MLPs in -> hidden -> hidden -> out, ReLU; [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, n: int, sizes: list[int]):
+        super().__init__()
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for i, o in zip(sizes[:-1], sizes[1:]):
+            layers = [nn.Linear(i, o) for _ in range(n)]  # PyTorch's default init, per agent
+            self.weights.append(nn.Parameter(torch.stack([l.weight.detach().T for l in layers])))
+            self.biases.append(nn.Parameter(torch.stack([l.bias.detach() for l in layers])[:, None, :]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if k < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class AgentsHistoryEncoder(nn.Module):
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+
+    [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
+    self-attention layer with residual + LayerNorm, then soft-attention pooling
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    """
+
+    def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
+        super().__init__()
+        self.d = d
+        self.embed = AgentsMLP(n, [in_dim, d])
+        self.qkv = AgentsMLP(n, [d, 3 * d])
+        self.ln_weight = nn.Parameter(torch.ones(n, 1, 1, d))
+        self.ln_bias = nn.Parameter(torch.zeros(n, 1, 1, d))
+        self.pool_key = nn.Parameter(torch.stack([nn.Linear(d, d, bias=False).weight.detach().T for _ in range(n)]))
+        self.pool_query = nn.Parameter(torch.randn(n, d, 1))
+        position = torch.arange(length, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+        pe = torch.zeros(length, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq)
+        self.register_buffer("positions", pe)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, B, H, _ = h.shape
+        x = self.embed(h.reshape(n, B * H, -1)).reshape(n, B, H, self.d) + self.positions
+        q, k, v = self.qkv(x.reshape(n, B * H, self.d)).reshape(n * B, H, 3 * self.d).split(self.d, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.d), dim=-1) @ v
+        x = F.layer_norm(x + attn.reshape(n, B, H, self.d), (self.d,)) * self.ln_weight + self.ln_bias
+        scores = torch.bmm(torch.tanh(torch.bmm(x.reshape(n, B * H, self.d), self.pool_key)), self.pool_query)
+        weights = torch.softmax(scores.reshape(n, B, H, 1), dim=2)
+        return (weights * x).sum(2)
+
+
+class TD3Agents(nn.Module):
+    """All agents' history encoders, deterministic tanh actors and double critics."""
+
+    def __init__(self, n: int, obs_dim: int, action_dim: int, hidden: int, history_len: int, history_in: int,
+                 history_dim: int):
+        super().__init__()
+        self.n, self.action_dim = n, action_dim
+        self.encoder = AgentsHistoryEncoder(n, history_in, history_len, history_dim) if history_len > 0 else None
+        x_dim = obs_dim + (history_dim if history_len > 0 else 0)
+        self.actor = AgentsMLP(n, [x_dim, hidden, hidden, action_dim])
+        self.critic = AgentsMLP(2 * n, [x_dim + action_dim, hidden, hidden, 1])  # [Q1_0..Q1_n-1, Q2_0..Q2_n-1]
+
+    def features(self, obs: torch.Tensor, hist: Optional[torch.Tensor], encoder: Optional[nn.Module] = None) -> torch.Tensor:
+        """obs [n, B, o], hist [n, B, H, d] -> per-agent input [n, B, (emb,) o] (embedding first, §4(c))."""
+        encoder = self.encoder if encoder is None else encoder
+        return obs if self.encoder is None else torch.cat([encoder(hist), obs], dim=-1)
+
+    def act(self, x: torch.Tensor, actor: Optional[AgentsMLP] = None) -> torch.Tensor:
+        return torch.tanh((self.actor if actor is None else actor)(x))
+
+    def q_values(self, x: torch.Tensor, actions: torch.Tensor, critic: Optional[AgentsMLP] = None) -> torch.Tensor:
+        """x [n, B, x], actions [n, B, a] -> [2, n, B] (Q1_i, Q2_i)."""
+        critic = self.critic if critic is None else critic
+        return critic(torch.cat([x, actions], -1).repeat(2, 1, 1)).reshape(2, self.n, x.shape[1])
+
+    def q1(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q1_i only (the actor's objective), [n, B] — half the cost of q_values."""
+        w, b = self.critic.weights, self.critic.biases
+        h = torch.cat([x, actions], -1)
+        for k in range(len(w)):
+            h = torch.baddbmm(b[k][: self.n], h, w[k][: self.n])
+            if k < len(w) - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+
+def cql_sample_actions(pi: torch.Tensor, pi_next: torch.Tensor, n_samples: int, noise: float,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """CQL's proposal actions (reference §5(e)): n_samples uniform in [-1, 1]^d, n_samples π(x) + ε and
+    n_samples π(x') + ε, ε ~ N(0, noise² I), clipped to [-1, 1].
+
+    pi, pi_next [n, B, a] (no grad) -> actions [n, B, 3 n_samples, a] and their proposal log-densities
+    log μ [n, B, 3 n_samples]: d log 0.5 for the uniform ones, Σ_d log N(ε_d; 0, noise²) for the noisy
+    ones (the log-density; the authors subtracted the pdf, see the module docstring)."""
+    n, B, a = pi.shape
+    shape = (n, B, n_samples, a)
+    uniform = torch.rand(shape, device=pi.device, generator=generator) * 2.0 - 1.0
+    eps = torch.randn((2,) + shape, device=pi.device, generator=generator) * noise
+    noisy = (torch.stack([pi, pi_next])[:, :, :, None, :] + eps).clamp(-1.0, 1.0)  # [2, n, B, K, a]
+    log_gauss = (-0.5 * (eps / noise).pow(2) - math.log(noise) - 0.5 * math.log(2 * math.pi)).sum(-1)  # [2, n, B, K]
+    actions = torch.cat([uniform, noisy[0], noisy[1]], dim=2)
+    log_density = torch.cat([torch.full((n, B, n_samples), a * math.log(0.5), device=pi.device), log_gauss[0], log_gauss[1]], 2)
+    return actions, log_density
+
+
+def cql_term(q_data: torch.Tensor, q_sampled: torch.Tensor, log_density: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """CQL(H)'s conservative term E_s[T logsumexp_j((Q(s, â_j) - log μ(â_j | s)) / T) - Q(s, a_data)].
+
+    q_data [..., B], q_sampled / log_density [..., B, M] -> [...] (mean over B; the caller sums the
+    critics and agents and multiplies by α). Importance-sampled logsumexp, Kumar et al. 2020 app. F."""
+    lse = temperature * torch.logsumexp((q_sampled - log_density) / temperature, dim=-1)
+    return (lse - q_data).mean(-1)
+
+
+def omar_elite_update(samples: torch.Tensor, q: torch.Tensor, n_elites: int, prev_elites: Optional[torch.Tensor] = None,
+                      prev_q: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One refit of OMAR's search: pool this iteration's samples [..., S, a] (scores q [..., S]) with the
+    previous elites, keep the top n_elites by Q and refit μ = mean, σ = std (+1e-6) to them.
+    Returns the pool's elites [..., E, a], their Q [..., E], μ [..., a], σ [..., a]."""
+    if prev_elites is not None:
+        samples, q = torch.cat([samples, prev_elites], -2), torch.cat([q, prev_q], -1)
+    top_q, top = q.topk(n_elites, dim=-1)
+    elites = samples.gather(-2, top[..., None].expand(*top.shape, samples.shape[-1]))
+    return elites, top_q, elites.mean(-2), elites.std(-2) + 1e-6
+
+
+def omar_choose_target(pi: torch.Tensor, q_pi: torch.Tensor, best: torch.Tensor, q_best: torch.Tensor) -> torch.Tensor:
+    """The action the actor imitates: the search's best action where its Q beats Q(x, π(x)), else π(x)."""
+    return torch.where((q_best > q_pi)[..., None], best, pi)
+
+
+def omar_search(q1, pi: torch.Tensor, q_pi: torch.Tensor, iters: int, n_samples: int, n_elites: int, init_mu: float,
+                init_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """OMAR's zeroth-order action search on Q1 (reference §5(e)), batched over agents and states.
+
+    q1(actions [n, B, S, a]) -> [n, B, S]; pi [n, B, a], q_pi = Q1(x, π(x)) [n, B]. Returns the target
+    action [n, B, a] (no grad)."""
+    mu = torch.full_like(pi, init_mu)
+    sigma = torch.full_like(pi, init_sigma)
+    elites = elite_q = None
+    for _ in range(iters):
+        eps = torch.randn(pi.shape[:-1] + (n_samples, pi.shape[-1]), device=pi.device, generator=generator)
+        samples = (mu[..., None, :] + sigma[..., None, :] * eps).clamp(-1.0, 1.0)
+        elites, elite_q, mu, sigma = omar_elite_update(samples, q1(samples), n_elites, elites, elite_q)
+    # The pool's best action is the first elite of the last iteration (topk is sorted).
+    return omar_choose_target(pi, q_pi, elites[..., 0, :], elite_q[..., 0])
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for t, s in zip(target.parameters(), source.parameters()):
+            t.lerp_(s, tau)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).parent,
+                                       stderr=subprocess.DEVNULL).decode().strip()
+    except Exception:
+        return "unknown"
+
+
+def pad_stack(arrays: list, width: int) -> torch.Tensor:
+    """Per-agent [..., d_i] -> zero-padded [n, ..., width] float32 tensor."""
+    return torch.stack([F.pad(torch.as_tensor(np.asarray(a), dtype=torch.float32), (0, width - a.shape[-1]))
+                        for a in arrays])
+
+
+class ReplayData:
+    """The offline dataset on the device: per-agent fields stacked [n, N, width] (zero-padded to a common
+    width) so that a minibatch is one gather for all agents; histories are gathered from the (o_i, a_i)
+    table with the dataset's history index (row N = the all-zero padding row)."""
+
+    def __init__(self, data: envs.OfflineData, obs_dim: int, hist_dim: int, history_len: int, device: torch.device):
+        dev, self.size = device, len(data)
+        self.states = torch.as_tensor(data.states, device=dev)
+        self.next_states = torch.as_tensor(data.next_states, device=dev)
+        self.rewards = torch.as_tensor(data.rewards, dtype=torch.float32, device=dev)
+        self.terminals = torch.as_tensor(data.terminals, dtype=torch.float32, device=dev)
+        self.obs = pad_stack(data.observations, obs_dim).to(dev)
+        self.next_obs = pad_stack(data.next_observations, obs_dim).to(dev)
+        self.actions = torch.as_tensor(np.stack(data.actions), dtype=torch.float32, device=dev)
+        self.history_len = history_len
+        if history_len > 0:
+            self.table = pad_stack([data.history_table(i) for i in range(data.n_agents)], hist_dim).to(dev)
+            self.hist_index = torch.as_tensor(data.history_index, device=dev)
+            self.next_hist_index = torch.as_tensor(data.next_history_index, device=dev)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict:
+        rows = torch.randint(0, self.size, (batch_size,), device=self.states.device, generator=generator)
+        hist = lambda index: None if self.history_len == 0 else self.table[:, index[rows]]  # noqa: E731
+        return dict(states=self.states[rows], next_states=self.next_states[rows], rewards=self.rewards[rows],
+                    terminals=self.terminals[rows], obs=self.obs[:, rows], next_obs=self.next_obs[:, rows],
+                    actions=self.actions[:, rows], hist=hist(self.hist_index) if self.history_len else None,
+                    next_hist=hist(self.next_hist_index) if self.history_len else None)
+
+
+def main(args: Args) -> dict:
+    if args.env == "coordination":
+        raise envs.MomaError("omar.py is continuous-action only (reacher, ant); the coordination game's "
+                             "discrete-action baselines are iql.py, maiql.py and ibc.py")
+    obs_name = envs.check_names(args.env, args.obs, args.dataset)
+    dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
+    if args.resume and args.run_dir is None:
+        raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
+    for name in ("batch_size", "policy_freq", "cql_samples", "omar_iters", "omar_samples", "omar_elites"):
+        if getattr(args, name) < 1:
+            raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.omar_elites > args.omar_samples:
+        raise envs.MomaError(f"--omar-elites ({args.omar_elites}) must be <= --omar-samples ({args.omar_samples})")
+    algorithm, exp_name = "omar", args.exp_name
+    run_dir = pathlib.Path(args.run_dir or f"runs/{args.env}__{obs_name}__{dataset}__{exp_name}__{args.seed}__{int(time.time())}")
+    ckpt_path = run_dir / "checkpoint.pt"
+    if args.resume and not ckpt_path.exists():
+        raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    torch.backends.cudnn.deterministic = True
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        raise envs.MomaError("--cuda given but torch sees no GPU; drop --cuda")
+    from torch.utils.tensorboard import SummaryWriter
+
+    history_len = args.history_len
+    if history_len is None:
+        history_len = envs.HISTORY_LEN if (args.env, obs_name) in PARTIALLY_OBSERVABLE else 0
+    total_steps = args.total_steps if args.total_steps is not None else (50_000 if history_len == 0 else 5_000)
+    if total_steps < 1:
+        raise envs.MomaError(f"--total-steps must be >= 1, got {total_steps}")
+    data = envs.load_dataset(args.env, dataset, obs_name, history_len=max(history_len, 1))
+    n = data.n_agents
+    adims = envs.action_dims(args.env)
+    if len(set(adims)) != 1:
+        raise envs.MomaError(f"omar.py needs equal per-agent action dims, got {adims}")
+    action_dim = adims[0]
+    obs_dim, hist_dim = max(envs.obs_dims(args.env, obs_name)), max(envs.history_dims(args.env, obs_name))
+    buffer = ReplayData(data, obs_dim, hist_dim, history_len, device)
+
+    agents = TD3Agents(n, obs_dim, action_dim, args.hidden, history_len, hist_dim, args.history_dim).to(device)
+    target_actor = copy.deepcopy(agents.actor).requires_grad_(False)
+    target_critic = copy.deepcopy(agents.critic).requires_grad_(False)
+    target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
+    critic_params = list(agents.critic.parameters()) + (list(agents.encoder.parameters()) if agents.encoder else [])
+    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
+    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    step, wall_before = 0, 0.0
+    if args.resume:
+        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
+        agents.load_state_dict(ck["agents"])
+        target_actor.load_state_dict(ck["target_actor"])
+        target_critic.load_state_dict(ck["target_critic"])
+        if target_encoder is not None:
+            target_encoder.load_state_dict(ck["target_encoder"])
+        critic_optimizer.load_state_dict(ck["critic_optimizer"])
+        actor_optimizer.load_state_dict(ck["actor_optimizer"])
+        step, wall_before = ck["step"], ck["wall_s"]
+        generator.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        np.random.set_state(ck["numpy_rng"])
+        del ck
+        print(f"resumed {run_dir} at step {step}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    t0 = time.time()
+
+    def save_checkpoint():
+        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
+        torch.save(dict(agents=agents.state_dict(), target_actor=target_actor.state_dict(),
+                        target_critic=target_critic.state_dict(),
+                        target_encoder=None if target_encoder is None else target_encoder.state_dict(),
+                        critic_optimizer=critic_optimizer.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
+                        step=step, wall_s=wall_before + time.time() - t0, generator=generator.get_state(),
+                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args)), tmp)
+        os.replace(tmp, ckpt_path)
+
+    def greedy_act(observations, histories):
+        with torch.no_grad():
+            obs_t = pad_stack(observations, obs_dim).to(device)
+            hist_t = pad_stack(histories, hist_dim).to(device) if history_len > 0 else None
+            return list(agents.act(agents.features(obs_t, hist_t)).cpu().numpy())
+
+    # ---- training loop ----
+    t_last, step_last, sps = time.time(), step, 0.0
+    actor_loss = torch.zeros(())
+    while step < total_steps:
+        b = buffer.sample(args.batch_size, generator)
+        with torch.no_grad():
+            # TD3 target: smoothed target-policy action at s', min of the two target critics.
+            x_next = agents.features(b["next_obs"], b["next_hist"], target_encoder)
+            noise = (torch.randn(b["actions"].shape, device=device, generator=generator) * args.policy_noise).clamp(
+                -args.noise_clip, args.noise_clip)
+            next_actions = (agents.act(x_next, target_actor) + noise).clamp(-1.0, 1.0)
+            q_next = agents.q_values(x_next, next_actions, target_critic)  # [2, n, B]
+            y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * q_next.min(0).values  # [n, B]
+        x = agents.features(b["obs"], b["hist"])
+        q = agents.q_values(x, b["actions"])  # [2, n, B]
+        td_loss = (y - q).pow(2).mean(-1).sum()  # Σ over heads and agents of the mean squared TD error
+        # CQL term: push Q down on sampled actions (importance-sampled logsumexp), up on the data's.
+        with torch.no_grad():
+            x_sg = x.detach()
+            sampled, log_density = cql_sample_actions(agents.act(x_sg), agents.act(x_next), args.cql_samples,
+                                                      args.cql_noise, generator)  # [n, B, M, a], [n, B, M]
+        M = sampled.shape[2]
+        x_rep = x[:, :, None, :].expand(-1, -1, M, -1).reshape(n, -1, x.shape[-1])
+        q_sampled = agents.q_values(x_rep, sampled.reshape(n, -1, action_dim)).reshape(2, n, -1, M)
+        cql_loss = args.cql_alpha * cql_term(q, q_sampled, log_density, args.cql_temperature).sum()
+        critic_loss = td_loss + cql_loss
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_optimizer.step()
+        step += 1
+
+        if step % args.policy_freq == 0:
+            x_actor = x.detach()  # the encoder is the critic's; actors read its embedding
+            pi = agents.act(x_actor)
+            q_pi = agents.q1(x_actor, pi)  # [n, B]
+            with torch.no_grad():
+                def q1_of(actions):  # [n, B, S, a] -> Q1_i(x_i, ·) [n, B, S]
+                    S = actions.shape[2]
+                    x_rep = x_actor[:, :, None, :].expand(-1, -1, S, -1).reshape(n, -1, x_actor.shape[-1])
+                    return agents.q1(x_rep, actions.reshape(n, -1, action_dim)).reshape(n, -1, S)
+                target_action = omar_search(q1_of, pi.detach(), q_pi.detach(), args.omar_iters, args.omar_samples,
+                                            args.omar_elites, args.omar_init_mu, args.omar_init_sigma, generator)
+            # Per agent: (1 - c)(-Q) + c MSE(π, â) + 1e-3 ‖π‖², summed over agents.
+            mimic = (pi - target_action).pow(2).mean((-1, -2))
+            actor_loss = ((1.0 - args.omar_coef) * -q_pi.mean(-1) + args.omar_coef * mimic
+                          + 1e-3 * pi.pow(2).mean((-1, -2))).sum()
+            actor_optimizer.zero_grad(set_to_none=True)
+            actor_loss.backward()  # also reaches critic grads; they are zeroed before the next critic step
+            actor_optimizer.step()
+            soft_update(target_actor, agents.actor, args.tau)
+            soft_update(target_critic, agents.critic, args.tau)
+            if target_encoder is not None:
+                soft_update(target_encoder, agents.encoder, args.tau)
+
+        if step % 1000 == 0 or step == total_steps:
+            sps = (step - step_last) / max(time.time() - t_last, 1e-9)
+            t_last, step_last = time.time(), step
+            writer.add_scalar("charts/SPS", sps, step)
+            writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
+            writer.add_scalar("losses/td_loss", td_loss.item(), step)
+            writer.add_scalar("losses/cql_loss", cql_loss.item(), step)
+            writer.add_scalar("losses/actor_loss", actor_loss.item(), step)
+            writer.add_scalar("losses/q_mean", q.mean().item(), step)
+        if args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+            eval_ret = envs.evaluate(args.env, obs_name, greedy_act, 10, seed=10101 + 1000 * step, history_len=history_len)
+            writer.add_scalar("eval/episodic_return", eval_ret.mean(), step)
+            writer.add_scalar("eval/normalized_score", float(data.normalized_score(eval_ret).mean()), step)
+            print(f"step {step} | greedy return {eval_ret.mean():.3f} | td_loss {td_loss.item():.4f} | cql_loss {cql_loss.item():.4f} | "
+                  f"actor_loss {actor_loss.item():.4f} | SPS {sps:.1f}", flush=True)
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            save_checkpoint()
+    save_checkpoint()
+
+    # ---- final greedy evaluation and summary ----
+    returns = envs.evaluate(args.env, obs_name, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
+                            history_len=history_len)
+    scores = data.normalized_score(returns)
+    wall = wall_before + time.time() - t0
+    summary = dict(algorithm=algorithm, env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
+                   config=vars(args), eval_episodes=args.eval_episodes,
+                   normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
+                   episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
+                   train_steps=step, wall_time_s=wall, git_commit=git_commit())
+    writer.add_scalar("eval/episodic_return", returns.mean(), step)
+    writer.add_scalar("eval/normalized_score", scores.mean(), step)
+    writer.close()
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, run_dir / "summary.json")
+    print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "
+          f"{step} steps in {wall:.0f}s; run {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except envs.MomaError as e:
+        raise SystemExit(f"error: {e}")
