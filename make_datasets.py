@@ -51,6 +51,9 @@ POLICY_DIR = REPO_DIR / "behaviour_policies"
 # Training state (resumable checkpoints, replay chunks, snapshots) lives in the ignored data/ folder.
 TRAIN_DIR = pathlib.Path(os.environ.get("MOMA_BEHAVIOUR_DIR", str(REPO_DIR / "data" / "behaviour")))
 ANT_TRAIN_DIR = TRAIN_DIR / "ant_ppo"
+# A second, short PPO run (another seed) with fine snapshots, stopped at half the expert's return: the main
+# run climbs from ~450 to ~2300 greedy return between two of its snapshots, so `medium` comes from here.
+ANT_MEDIUM_DIR = TRAIN_DIR / "ant_ppo_medium"
 
 
 def _atomic_torch_save(obj, path: pathlib.Path) -> None:
@@ -92,7 +95,7 @@ class AntPPOConfig:
     seed: int = 1
     checkpoint_every_s: float = 180.0
     """seconds between atomic checkpoints (with the replay chunk collected since the last one)"""
-    snapshot_every: int = 250_000
+    snapshot_every: int = 100_000
     """steps between small policy snapshots (candidates for `medium`), each greedily evaluated"""
     snapshot_eval_episodes: int = 5
 
@@ -205,7 +208,7 @@ def load_gaussian_policy(blob: dict) -> GaussianMLPPolicy:
 
 
 def train_ant_ppo(cfg: AntPPOConfig, resume: bool = False, out_dir: pathlib.Path = ANT_TRAIN_DIR,
-                  max_wall_s: Optional[float] = None, log=print) -> pathlib.Path:
+                  max_wall_s: Optional[float] = None, log=print, stop_above: Optional[float] = None) -> pathlib.Path:
     """Train the Ant behaviour policy; every collected transition is kept in replay chunks for full-replay.
 
     Resumable: `out_dir/checkpoint.pt` holds parameters, optimiser, observation and reward normalisers,
@@ -409,12 +412,23 @@ def train_ant_ppo(cfg: AntPPOConfig, resume: bool = False, out_dir: pathlib.Path
             log(f"snapshot at step {global_step}: greedy return {rets.mean():.1f} +- {rets.std():.1f} "
                 f"({len(rets)} episodes), wall {wall_at_start + time.time() - t_start:.0f}s")
             next_snapshot += cfg.snapshot_every
+            if stop_above is not None and rets.mean() >= stop_above:
+                log(f"greedy return {rets.mean():.1f} >= {stop_above:.1f}: stopping")
+                break
         if time.time() - t_ckpt > cfg.checkpoint_every_s:
             save_checkpoint()
             t_ckpt = time.time()
     save_checkpoint()
     writer.close()
     return out_dir
+
+
+def train_ant_medium(total_steps: int, resume: bool, log=print) -> None:
+    """The medium run: the same learner with another seed and snapshots every 25k steps, stopped once a
+    snapshot's greedy return reaches half the shipped expert's."""
+    expert_return = torch.load(POLICY_DIR / "ant_expert.pt", weights_only=False)["meta"]["greedy_return_mean"]
+    train_ant_ppo(AntPPOConfig(seed=2, total_steps=total_steps, snapshot_every=25_000), resume=resume,
+                  out_dir=ANT_MEDIUM_DIR, log=log, stop_above=0.5 * expert_return)
 
 
 def list_snapshots(out_dir: pathlib.Path = ANT_TRAIN_DIR) -> list[tuple[int, float, pathlib.Path]]:
@@ -846,13 +860,17 @@ def export_ant_policies(out_dir: pathlib.Path = ANT_TRAIN_DIR, n_replay_snapshot
                                                       wall_time_s=round(ck["wall_s"], 1), config=ck["config"]))
     snaps = [s for s in list_snapshots(out_dir) if s[0] <= step]
     target = 0.4 * expert_ret.mean()
-    inside = [s for s in snaps if expert_ret.mean() / 3 <= s[1] <= expert_ret.mean() / 2]
-    medium_step, medium_quick, medium_path = min(inside or snaps, key=lambda s: abs(s[1] - target))
+    # medium: from the dedicated medium run (finer snapshots) when there is one, else from this run
+    medium_snaps = list_snapshots(ANT_MEDIUM_DIR) if (ANT_MEDIUM_DIR / "snapshots").exists() else snaps
+    inside = [s for s in medium_snaps if expert_ret.mean() / 3 <= s[1] <= expert_ret.mean() / 2]
+    medium_step, medium_quick, medium_path = min(inside or medium_snaps, key=lambda s: abs(s[1] - target))
     medium_actor = load_gaussian_policy(torch.load(medium_path, weights_only=False))
     medium_ret = policy_returns("ant", medium_actor, eval_episodes, seed=40404)
     medium = export_gaussian_policy(medium_actor, dict(step=medium_step, greedy_return_mean=float(medium_ret.mean()),
-                                                       greedy_return_episodes=eval_episodes, trained_by=cmd,
-                                                       expert_step=step))
+                                                       greedy_return_episodes=eval_episodes, expert_step=step,
+                                                       trained_by=cmd if medium_snaps is snaps else
+                                                       "python make_datasets.py --train-ant-medium",
+                                                       snapshot=str(medium_path.relative_to(TRAIN_DIR))))
     _atomic_torch_save(expert, SHIPPED["ant_expert"])
     _atomic_torch_save(medium, SHIPPED["ant_medium"])
     picks = np.unique(np.linspace(0, len(snaps) - 1, min(n_replay_snapshots, len(snaps))).round().astype(int))
@@ -868,6 +886,25 @@ def export_ant_policies(out_dir: pathlib.Path = ANT_TRAIN_DIR, n_replay_snapshot
                 medium_greedy_return=float(medium_ret.mean()), train_wall_s=ck["wall_s"],
                 replay_snapshot_steps=[snaps[k][0] for k in picks])
     log(f"exported Ant policies: {info}")
+    return info
+
+
+def export_ant_medium(step: int, eval_episodes: int = 20, out_dir: pathlib.Path = ANT_TRAIN_DIR, log=print) -> dict:
+    """Ship a chosen snapshot as `medium` (e.g. when no snapshot fell inside [1/3, 1/2] of the expert)."""
+    path = out_dir / "snapshots" / f"step_{step:010d}.pt"
+    if not path.exists():
+        raise envs.MomaError(f"no snapshot at step {step}: {path} is missing; see {out_dir / 'snapshots'}")
+    actor = load_gaussian_policy(torch.load(path, weights_only=False))
+    rets = policy_returns("ant", actor, eval_episodes, seed=40404)
+    expert_meta = torch.load(SHIPPED["ant_expert"], weights_only=False)["meta"]
+    blob = export_gaussian_policy(actor, dict(step=step, greedy_return_mean=float(rets.mean()),
+                                              greedy_return_episodes=eval_episodes, expert_step=expert_meta["step"],
+                                              trained_by="python make_datasets.py --train-ant [--resume]",
+                                              snapshot=str(path.relative_to(TRAIN_DIR))))
+    _atomic_torch_save(blob, SHIPPED["ant_medium"])
+    info = dict(medium_step=step, medium_greedy_return=float(rets.mean()),
+                fraction_of_expert=float(rets.mean() / expert_meta["greedy_return_mean"]))
+    log(f"exported Ant medium: {info}")
     return info
 
 
@@ -972,13 +1009,18 @@ class Args:
     """retrain the behaviour policies from scratch (reacher MAPPO, then Ant PPO), export them, then build"""
     train_ant: bool = False
     """only train the Ant PPO learner (with --resume: continue it); no datasets are built"""
+    train_ant_medium: bool = False
+    """only train the short medium run (seed 2, snapshots every 25k steps) until half the shipped expert's
+    greedy return, then re-export the Ant policies"""
     export_ant: bool = False
     """only export the Ant expert / medium / replay snapshots from the learner's checkpoint"""
+    medium_step: Optional[int] = None
+    """only ship the main run's snapshot at this step as `medium`"""
     resume: bool = False
     """continue the Ant PPO learner from data/behaviour/ant_ppo/checkpoint.pt"""
     ant_total_steps: int = 10_000_000
     """Ant PPO environment steps"""
-    reacher_total_steps: int = 1_000_000
+    reacher_total_steps: int = 800_000
     """reacher MAPPO environment steps"""
     cards_only: bool = False
     """only regenerate docs/datasets.md from the datasets present"""
@@ -999,6 +1041,13 @@ def _report_build(env: str, name: str, info: dict, log) -> None:
 def main(args: Args) -> None:
     torch.set_num_threads(1)  # small policies; extra threads only spin against other jobs
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if args.medium_step is not None:
+        export_ant_medium(args.medium_step, log=log)
+        return
+    if args.train_ant_medium:
+        train_ant_medium(args.ant_total_steps, args.resume, log)
+        export_ant_policies(log=log)
+        return
     if args.train_ant or args.export_ant:
         if args.train_ant:
             train_ant_ppo(AntPPOConfig(total_steps=args.ant_total_steps), resume=args.resume, log=log)
@@ -1015,10 +1064,14 @@ def main(args: Args) -> None:
     if args.retrain:
         import mappo
 
-        mappo.main(mappo.Args(env="reacher", seed=1, total_steps=args.reacher_total_steps,
+        # the shipped expert's settings (see its meta["config"]): 2x64 nets, GAE λ 0.95, minibatch 64
+        mappo.main(mappo.Args(env="reacher", seed=2, hidden=64, gae_lambda=0.95, minibatch_size=64,
+                              total_steps=args.reacher_total_steps,
                               run_dir=str(TRAIN_DIR / "reacher_mappo"), resume=args.resume and (TRAIN_DIR / "reacher_mappo" / "checkpoint.pt").exists(),
                               policy_out=str(SHIPPED["reacher_expert"])))
         train_ant_ppo(AntPPOConfig(total_steps=args.ant_total_steps), resume=args.resume, log=log)
+        export_ant_policies(log=log)
+        train_ant_medium(args.ant_total_steps, args.resume, log)
         export_ant_policies(log=log)
     todo = MUJOCO_DATASETS if args.only is None else [tuple(args.only.split("/"))]
     for env in sorted({env for env, _ in todo}):  # once, before any worker needs them

@@ -436,7 +436,11 @@ def main(args: Args) -> dict:
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, run_dir / "summary.json")
-    meta = dict(trained_by=f"python mappo.py --env {args.env} --obs {obs_name} --seed {args.seed} --total-steps {args.total_steps}",
+    import sys
+
+    command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("mappo.py") else \
+        f"python mappo.py --env {args.env} --obs {obs_name} --seed {args.seed} --total-steps {args.total_steps}"
+    meta = dict(trained_by=command, config=vars(args),
                 steps=global_step, wall_time_s=round(wall, 1), greedy_return_mean=float(returns.mean()),
                 greedy_return_episodes=len(returns), git_commit=summary["git_commit"])
     save_policy_file(agents, args.env, obs_name, run_dir / "policy.pt", meta)
