@@ -204,6 +204,22 @@ class TD3Agents(nn.Module):
         critic = self.critic if critic is None else critic
         return critic(torch.cat([x, actions], -1).repeat(2, 1, 1)).reshape(2, self.n, x.shape[1])
 
+    def q_sampled(self, x: torch.Tensor, actions: torch.Tensor, heads: int = 2) -> torch.Tensor:
+        """Critics at M actions per state: x [n, B, x], actions [n, B, M, a] -> [heads, n, B, M] (heads = 2:
+        Q1_i and Q2_i; 1: Q1_i only). Equal to q_values on x repeated M times, but the first layer's
+        x-part is computed once per state instead of once per sampled action."""
+        w, b = self.critic.weights, self.critic.biases
+        n, B, M, a = actions.shape
+        members, xd = heads * self.n, x.shape[-1]
+        hx = torch.bmm(x.repeat(heads, 1, 1), w[0][:members, :xd])  # [members, B, hidden]
+        ha = torch.bmm(actions.repeat(heads, 1, 1, 1).reshape(members, B * M, a), w[0][:members, xd:])
+        h = torch.relu(ha.reshape(members, B, M, -1) + (hx + b[0][:members])[:, :, None]).reshape(members, B * M, -1)
+        for k in range(1, len(w)):
+            h = torch.baddbmm(b[k][:members], h, w[k][:members])
+            if k < len(w) - 1:
+                h = torch.relu(h)
+        return h.reshape(heads, n, B, M)
+
     def q1(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q1_i only (the actor's objective), [n, B] — half the cost of q_values."""
         w, b = self.critic.weights, self.critic.biases
@@ -435,9 +451,7 @@ def main(args: Args) -> dict:
             x_sg = x.detach()
             sampled, log_density = cql_sample_actions(agents.act(x_sg), agents.act(x_next), args.cql_samples,
                                                       args.cql_noise, generator)  # [n, B, M, a], [n, B, M]
-        M = sampled.shape[2]
-        x_rep = x[:, :, None, :].expand(-1, -1, M, -1).reshape(n, -1, x.shape[-1])
-        q_sampled = agents.q_values(x_rep, sampled.reshape(n, -1, action_dim)).reshape(2, n, -1, M)
+        q_sampled = agents.q_sampled(x, sampled)  # [2, n, B, M]
         cql_loss = args.cql_alpha * cql_term(q, q_sampled, log_density, args.cql_temperature).sum()
         critic_loss = td_loss + cql_loss
         critic_optimizer.zero_grad(set_to_none=True)
@@ -450,11 +464,7 @@ def main(args: Args) -> dict:
             pi = agents.act(x_actor)
             q_pi = agents.q1(x_actor, pi)  # [n, B]
             with torch.no_grad():
-                def q1_of(actions):  # [n, B, S, a] -> Q1_i(x_i, ·) [n, B, S]
-                    S = actions.shape[2]
-                    x_rep = x_actor[:, :, None, :].expand(-1, -1, S, -1).reshape(n, -1, x_actor.shape[-1])
-                    return agents.q1(x_rep, actions.reshape(n, -1, action_dim)).reshape(n, -1, S)
-                target_action = omar_search(q1_of, pi.detach(), q_pi.detach(), args.omar_iters, args.omar_samples,
+                target_action = omar_search(lambda actions: agents.q_sampled(x_actor, actions, heads=1)[0], pi.detach(), q_pi.detach(), args.omar_iters, args.omar_samples,
                                             args.omar_elites, args.omar_init_mu, args.omar_init_sigma, generator)
             # Per agent: (1 - c)(-Q) + c MSE(π, â) + 1e-3 ‖π‖², summed over agents.
             mimic = (pi - target_action).pow(2).mean((-1, -2))

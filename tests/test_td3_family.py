@@ -1,0 +1,252 @@
+"""Tests of itd3bc.py (+ MATD3+BC), icql.py and omar.py: the losses that are easy to get wrong (CQL's
+importance-sampled logsumexp, TD3+BC's λ, QMIX monotonic mixing, OMAR's elite update and target
+choice), the batched critics, and end-to-end smoke runs on tiny random reacher / ant datasets written
+into the session's temporary Minari folder (conftest.py).
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+import icql
+import itd3bc
+import omar
+
+SUMMARY_KEYS = {"algorithm", "env", "obs", "dataset_id", "seed", "config", "eval_episodes", "normalized_score_mean",
+                "normalized_score_std", "episode_returns", "episode_normalized_scores", "train_steps", "wall_time_s",
+                "git_commit"}
+
+
+# --------------------------------------------------------------------------------------------------
+# CQL
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", [icql, omar])
+def test_cql_term_hand_computed(module):
+    q_data = torch.tensor([1.0, -0.5])
+    q_sampled = torch.tensor([[0.0, 2.0, 1.0], [-1.0, 0.5, 3.0]])
+    log_density = torch.tensor([[math.log(0.25), -1.0, 0.5], [math.log(0.25), 2.0, -0.3]])
+    by_hand = []
+    for b in range(2):
+        lse = math.log(sum(math.exp(q_sampled[b, j].item() - log_density[b, j].item()) for j in range(3)))
+        by_hand.append(lse - q_data[b].item())
+    assert module.cql_term(q_data, q_sampled, log_density).item() == pytest.approx(sum(by_hand) / 2, rel=1e-6)
+    # Temperature T: T logsumexp(z / T).
+    T = 2.0
+    by_hand_t = [T * math.log(sum(math.exp((q_sampled[b, j] - log_density[b, j]).item() / T) for j in range(3)))
+                 - q_data[b].item() for b in range(2)]
+    assert module.cql_term(q_data, q_sampled, log_density, T).item() == pytest.approx(sum(by_hand_t) / 2, rel=1e-6)
+    # Leading dims (critic heads, agents) are kept for the caller to sum.
+    assert module.cql_term(q_data.expand(2, 3, 2), q_sampled.expand(2, 3, 2, 3), log_density).shape == (2, 3)
+
+
+def test_cql_term_pushes_sampled_q_down_and_data_q_up():
+    q_data = torch.zeros(4, requires_grad=True)
+    q_sampled = torch.randn(4, 30, requires_grad=True)
+    icql.cql_term(q_data, q_sampled, torch.zeros(4, 30)).backward()
+    assert torch.allclose(q_data.grad, torch.full((4,), -0.25))  # minimising raises Q(s, a_data)
+    assert (q_sampled.grad > 0).all()  # ... and lowers Q on the sampled actions (softmax weights / B)
+    assert torch.allclose(q_sampled.grad.sum(-1), torch.full((4,), 0.25))
+
+
+def test_cql_proposals_use_log_densities_not_pdfs():
+    # The authors' (OMAR-derived) code subtracted the Gaussian *pdf*; we subtract its log-density.
+    g = torch.Generator().manual_seed(0)
+    n, B, K, a, sigma = 2, 5, 10, 3, 0.01  # tiny noise around 0: nothing gets clipped
+    pi = torch.zeros(n, B, a)
+    actions, log_density = icql.cql_sample_actions(pi, pi + 0.5, K, sigma, g)
+    assert actions.shape == (n, B, 3 * K, a) and log_density.shape == (n, B, 3 * K)
+    assert actions.abs().max() <= 1.0
+    assert torch.allclose(log_density[..., :K], torch.full((n, B, K), a * math.log(0.5)))  # uniform on [-1, 1]^3
+    normal = torch.distributions.Normal(0.0, sigma)
+    assert torch.allclose(log_density[..., K:2 * K], normal.log_prob(actions[..., K:2 * K, :]).sum(-1), atol=1e-4)
+    assert torch.allclose(log_density[..., 2 * K:], normal.log_prob(actions[..., 2 * K:, :] - 0.5).sum(-1), atol=1e-4)
+    assert (actions[..., 2 * K:, :] - 0.5).abs().max() < 0.1  # next-step proposals centre on π(x')
+
+
+@pytest.mark.parametrize("module", [icql, omar])
+def test_sampled_critics_equal_repeated_critics(module):
+    torch.manual_seed(0)
+    agents = module.TD3Agents(n=3, obs_dim=5, action_dim=2, hidden=16, history_len=0, history_in=7, history_dim=8)
+    x, a = torch.randn(3, 4, 5), torch.rand(3, 4, 6, 2) * 2 - 1
+    repeated = agents.q_values(x[:, :, None].expand(-1, -1, 6, -1).reshape(3, 24, 5), a.reshape(3, 24, 2))
+    assert torch.allclose(agents.q_sampled(x, a), repeated.reshape(2, 3, 4, 6), atol=1e-5)
+    assert torch.allclose(agents.q_sampled(x, a, heads=1)[0], repeated.reshape(2, 3, 4, 6)[0], atol=1e-5)
+    assert torch.allclose(agents.q1(x, a[:, :, 0]), agents.q_values(x, a[:, :, 0])[0], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# TD3+BC and MATD3+BC
+# --------------------------------------------------------------------------------------------------
+def test_td3bc_lambda_normalisation():
+    q = torch.tensor([[1.0, -3.0], [4.0, 4.0]], requires_grad=True)  # two learners, batch of two
+    lam = itd3bc.td3bc_lambda(q, alpha=2.5)
+    assert torch.allclose(lam, torch.tensor([2.5 / 2.0, 2.5 / 4.0]))
+    assert not lam.requires_grad  # λ only rescales; it is not differentiated
+    pi = torch.tensor([[[0.5], [0.0]], [[-1.0], [1.0]]])  # [n=2, B=2, a=1]
+    data = torch.tensor([[[0.0], [0.0]], [[0.0], [0.5]]])
+    loss = itd3bc.td3bc_actor_loss(q, pi, data, alpha=2.5)
+    by_hand = -(1.25 * (-1.0) + 0.625 * 4.0) + ((0.25 + 0.0) / 2 + (1.0 + 0.25) / 2)
+    assert loss.item() == pytest.approx(by_hand)
+    (grad,) = torch.autograd.grad(loss, q)
+    assert torch.allclose(grad, torch.tensor([[-0.625, -0.625], [-0.3125, -0.3125]]))  # -λ / B, λ held fixed
+    # Scale invariance of the Q term: scaling Q by 100 leaves λ·Q unchanged.
+    assert itd3bc.td3bc_actor_loss(100 * q, pi, data, 2.5).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_matd3bc_mixer_is_monotonic_even_with_negative_raw_weights():
+    torch.manual_seed(0)
+    n, B = 4, 32
+    mixer = itd3bc.Mixer(state_dim=6, n=n, hidden=16)
+    with torch.no_grad():  # negative raw outputs: the mixer must use |w|
+        mixer.net[-1].weight.mul_(-1.0)
+        mixer.net[-1].bias.fill_(-1.0)
+    s = torch.randn(B, 6)
+    q = torch.randn(2, n, B, requires_grad=True)  # both critic heads share the mixer
+    q_tot = mixer(q, s)
+    assert q_tot.shape == (2, B)
+    (grad,) = torch.autograd.grad(q_tot.sum(), q)
+    assert (grad >= 0).all() and (grad > 0).any()
+    wb = mixer.net(s)
+    assert torch.allclose(q_tot[1], (wb[:, :n].abs() * q[1].T).sum(1) + wb[:, n], atol=1e-6)
+    # Raising one agent's value never lowers the team value.
+    assert (mixer(q + torch.eye(n)[2][:, None], s) >= q_tot - 1e-6).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# OMAR
+# --------------------------------------------------------------------------------------------------
+def test_omar_elite_update_hand_computed():
+    samples = torch.tensor([[-0.9], [0.1], [0.4], [0.8], [-0.2]])  # [S=5, a=1]
+    q = torch.tensor([0.0, 3.0, 5.0, 1.0, 2.0])
+    elites, elite_q, mu, sigma = omar.omar_elite_update(samples, q, n_elites=3)
+    assert torch.allclose(elite_q, torch.tensor([5.0, 3.0, 2.0]))  # sorted, best first
+    assert torch.allclose(elites[:, 0], torch.tensor([0.4, 0.1, -0.2]))
+    assert mu.item() == pytest.approx(0.1)
+    assert sigma.item() == pytest.approx(0.3 + 1e-6)  # unbiased std of (0.4, 0.1, -0.2) = 0.3
+    # The next iteration pools its samples with the previous elites.
+    new = torch.tensor([[0.0], [0.2], [0.3], [-1.0], [1.0]])
+    new_q = torch.tensor([1.0, 4.0, 6.0, -5.0, 0.5])
+    elites2, elite_q2, mu2, _ = omar.omar_elite_update(new, new_q, 3, elites, elite_q)
+    assert torch.allclose(elite_q2, torch.tensor([6.0, 5.0, 4.0]))
+    assert torch.allclose(elites2[:, 0], torch.tensor([0.3, 0.4, 0.2]))
+    assert mu2.item() == pytest.approx(0.3)
+
+
+def test_omar_keeps_the_searched_action_only_if_it_beats_the_policy():
+    pi = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    best = torch.tensor([[0.9, 0.9], [-0.9, -0.9]])
+    target = omar.omar_choose_target(pi, torch.tensor([1.0, 2.0]), best, torch.tensor([1.5, 1.0]))
+    assert torch.allclose(target, torch.tensor([[0.9, 0.9], [0.3, 0.4]]))
+
+
+def test_omar_search_finds_the_critic_peak():
+    g = torch.Generator().manual_seed(0)
+    peak = torch.tensor([0.5, -0.3])
+    q1 = lambda a: -(a - peak).pow(2).sum(-1)  # noqa: E731  [n, B, S, a] -> [n, B, S]
+    pi = torch.full((2, 64, 2), -0.9)
+    target = omar.omar_search(q1, pi, q1(pi[:, :, None])[..., 0], iters=2, n_samples=20, n_elites=5,
+                              init_mu=0.0, init_sigma=2.0, generator=g)
+    assert (q1(target[:, :, None])[..., 0] > q1(pi[:, :, None])[..., 0]).all()
+    assert (target - peak).norm(dim=-1).mean() < 0.4
+    # A policy already at the peak is kept: no sample can beat it.
+    at_peak = peak.expand(2, 64, 2).clone()
+    kept = omar.omar_search(q1, at_peak, torch.zeros(2, 64), 2, 20, 5, 0.0, 2.0, g)
+    assert torch.equal(kept, at_peak)
+
+
+# --------------------------------------------------------------------------------------------------
+# End-to-end smoke runs on tiny random datasets (the session's temporary Minari folder)
+# --------------------------------------------------------------------------------------------------
+def _random_episodes(env, n_episodes, steps, seed):
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for j in range(n_episodes):
+        sim = envs.make_single_agent_env(env)
+        state, _ = sim.reset(seed=seed + j)
+        obs, acts, rews, terms, truncs = [state], [], [], [], []
+        for t in range(steps):
+            a = rng.uniform(-1, 1, envs.JOINT_ACTION_DIM[env]).astype(np.float32)
+            state, r, term, trunc, _ = sim.step(a)
+            obs.append(state), acts.append(a), rews.append(r), terms.append(term), truncs.append(trunc or t == steps - 1)
+            if term:
+                break
+        episodes.append(dict(observations=np.array(obs, np.float32), actions=np.array(acts), rewards=np.array(rews),
+                             terminations=np.array(terms), truncations=np.array(truncs)))
+    return episodes
+
+
+@pytest.fixture(scope="module")
+def tiny_mujoco_datasets():
+    # Never let load_dataset build the real (expensive) datasets: write tiny random ones first.
+    assert str(envs.DATA_DIR) != str(envs.REPO_DIR / "data" / "minari")  # conftest's temporary folder
+    if not envs.dataset_exists("reacher", "expert-mix"):
+        envs.write_minari_dataset("reacher", "expert-mix", _random_episodes("reacher", 4, 50, 0), -11.144625,
+                                  -4.2370844, "uniform random", "tiny test dataset")
+    if not envs.dataset_exists("ant", "random"):
+        envs.write_minari_dataset("ant", "random", _random_episodes("ant", 2, 100, 0), -325.6, 3879.7,
+                                  "uniform random", "tiny test dataset")
+
+
+SMOKE = [(m, "reacher", o, "expert-mix") for m in (itd3bc, icql, omar) for o in envs.OBS_FUNCTIONS["reacher"]]
+SMOKE += [(m, "ant", o, "random") for m in (itd3bc, icql, omar) for o in envs.OBS_FUNCTIONS["ant"]]
+
+
+def _tiny(module, tmp_path, **kw):
+    config = dict(seed=0, total_steps=6, batch_size=16, hidden=16, history_dim=8, eval_every=0, eval_episodes=1,
+                  checkpoint_every=3, run_dir=str(tmp_path / "run"))
+    return module.Args(**{**config, **kw})
+
+
+@pytest.mark.parametrize("module,env,obs,dataset", SMOKE, ids=lambda v: getattr(v, "__name__", v))
+def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path):
+    extra = dict(cql_samples=2) if module is not itd3bc else {}
+    summary = module.main(_tiny(module, tmp_path, env=env, obs=obs, dataset=dataset,
+                                **(dict(eval_every=3) if env == "reacher" else {}), **extra))
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(on_disk) == SUMMARY_KEYS and on_disk["train_steps"] == 6 and on_disk["obs"] == obs
+    assert on_disk["algorithm"] == module.__name__ and on_disk["env"] == env
+    assert np.isfinite(summary["normalized_score_mean"]) and len(summary["episode_returns"]) == 1
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    uses_history = any(k.startswith("encoder.") for k in ck["agents"])
+    assert uses_history == ((env, obs) in module.PARTIALLY_OBSERVABLE)  # the 10-step encoder on PO tasks only
+    assert (ck["target_encoder"] is not None) == uses_history
+
+
+@pytest.mark.parametrize("env,obs,dataset", [("reacher", "leader-only", "expert-mix"), ("ant", "partial", "random")])
+def test_smoke_matd3bc(env, obs, dataset, tiny_mujoco_datasets, tmp_path):
+    summary = itd3bc.main(_tiny(itd3bc, tmp_path, env=env, obs=obs, dataset=dataset, mixer=True))
+    assert summary["algorithm"] == "matd3bc" and summary["train_steps"] == 6
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["mixer"] is not None and ck["target_mixer"] is not None
+
+
+def test_resume_continues_the_run(tiny_mujoco_datasets, tmp_path):
+    first = omar.main(_tiny(omar, tmp_path, env="reacher", obs="independent", dataset="expert-mix", cql_samples=2))
+    assert first["train_steps"] == 6
+    resumed = omar.main(dataclass_replace(_tiny(omar, tmp_path, env="reacher", obs="independent", dataset="expert-mix",
+                                                cql_samples=2), total_steps=9, resume=True))
+    assert resumed["train_steps"] == 9 and resumed["wall_time_s"] >= first["wall_time_s"]
+
+
+def dataclass_replace(args, **kw):
+    import dataclasses
+    return dataclasses.replace(args, **kw)
+
+
+@pytest.mark.parametrize("module", [itd3bc, icql, omar])
+def test_coordination_game_is_refused_clearly(module, tmp_path):
+    with pytest.raises(envs.MomaError, match="continuous-action only.*iql.py, maiql.py and ibc.py"):
+        module.main(module.Args(env="coordination", run_dir=str(tmp_path / "x")))
+
+
+def test_bad_input_is_a_moma_error(tmp_path):
+    with pytest.raises(envs.MomaError, match="observation function"):
+        itd3bc.main(itd3bc.Args(env="reacher", obs="partial", run_dir=str(tmp_path / "x")))
+    with pytest.raises(envs.MomaError, match="resume"):
+        icql.main(icql.Args(env="reacher", resume=True, run_dir=str(tmp_path / "missing")))
+    with pytest.raises(envs.MomaError, match="omar-elites"):
+        omar.main(omar.Args(env="reacher", omar_elites=30, run_dir=str(tmp_path / "y")))
