@@ -40,6 +40,14 @@ Other choices (the issue is silent; a researcher comparing offline MARL methods 
 * the coordination game is discrete: Q_i(o_i, ·) has one output per action, π_i is categorical and
   the greedy action is the argmax; the Q-mixer sees one-hot joint actions.
 
+Coordination game, unfavorable dataset (Table 3 reports 0 ± 0): with exact values the team AWR
+makes each agent's greedy action its weighted marginal, P(a1 = left) ≈ 0.53, P(a2 = right) ≈ 0.53,
+so the team never agrees. That margin is thin: a gap of ~0.04 between the learned Q_tot of the two
+coordinated joint actions (or a similar error on a rare uncoordinated one) tips one agent over and
+the team coordinates. At our small budgets (2k-10k steps, 64-wide nets) this happens in about half
+of the seeds (see the issue-6 report), i.e. the paper's "numerical errors break the symmetry" also
+shows on this dataset until the critic is very precise.
+
     python maiql.py --env coordination --dataset favorable --total-steps 5000
     python maiql.py --env reacher --obs leader-only --total-steps 50000
     python maiql.py --env ant --obs full --dataset medium --total-steps 50000 --finetune
