@@ -118,6 +118,8 @@ class Args:
     """AWR weights are clipped to this"""
     tau: float = 0.005
     """soft target-update coefficient"""
+    monotonic_mixers: bool = True
+    """QMIX mixers with |w| >= 0 (paper); --no-monotonic-mixers = the authors' unconstrained weights (reference §7.5)"""
     grad_clip: float = 1.0
     """per-module gradient-norm clip (authors' MAIQL); 0 disables"""
     normalize_rewards: bool = True
@@ -202,15 +204,17 @@ class Mixer(nn.Module):
     unconstrained (reference §7 item 5); we follow the paper.
     """
 
-    def __init__(self, in_dim: int, n: int, hidden: int):
+    def __init__(self, in_dim: int, n: int, hidden: int, monotonic: bool = True):
         super().__init__()
+        self.monotonic = monotonic
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, n + 1))
 
     def forward(self, values: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """values [..., n, B], mixer input m [B, in] -> [..., B]."""
         wb = self.net(m)
-        return (wb[:, :-1].abs().T * values).sum(-2) + wb[:, -1]
+        w = wb[:, :-1].abs() if self.monotonic else wb[:, :-1]
+        return (w.T * values).sum(-2) + wb[:, -1]
 
 
 class MAIQLAgents(nn.Module):
@@ -219,7 +223,8 @@ class MAIQLAgents(nn.Module):
     LOG_STD_MIN, LOG_STD_MAX = -6.0, 0.0
 
     def __init__(self, n: int, obs_dim: int, action_dim: int, discrete: bool, state_dim: int,
-                 joint_action_dim: int, hidden: int, history_len: int, history_in: int, history_dim: int):
+                 joint_action_dim: int, hidden: int, history_len: int, history_in: int, history_dim: int,
+                 monotonic_mixers: bool = True):
         super().__init__()
         self.n, self.action_dim, self.discrete = n, action_dim, discrete
         self.encoder = AgentsHistoryEncoder(n, history_in, history_len, history_dim) if history_len > 0 else None
@@ -228,8 +233,8 @@ class MAIQLAgents(nn.Module):
         self.q = AgentsMLP(2 * n, [q_in, hidden, hidden, q_out])  # members [Q1_0..Q1_n-1, Q2_0..Q2_n-1]
         self.v = AgentsMLP(n, [x_dim, hidden, hidden, 1])
         self.policy = AgentsMLP(n, [x_dim, hidden, hidden, action_dim if discrete else 2 * action_dim])
-        self.q_mixer = Mixer(state_dim + joint_action_dim, n, hidden)
-        self.v_mixer = Mixer(state_dim, n, hidden)
+        self.q_mixer = Mixer(state_dim + joint_action_dim, n, hidden, monotonic_mixers)
+        self.v_mixer = Mixer(state_dim, n, hidden, monotonic_mixers)
 
     def features(self, obs: torch.Tensor, hist: Optional[torch.Tensor]) -> torch.Tensor:
         """obs [n, B, o], hist [n, B, H, d] -> per-agent input [n, B, (emb,) o] (embedding first, §4(c))."""
@@ -425,7 +430,7 @@ def main(args: Args) -> dict:
     joint_action_dim = buffer.joint_features.shape[1]
 
     agents = MAIQLAgents(n, obs_dim, action_dim, discrete, data.states.shape[1], joint_action_dim, args.hidden,
-                         history_len, hist_dim, args.history_dim).to(device)
+                         history_len, hist_dim, args.history_dim, args.monotonic_mixers).to(device)
     target_q = copy.deepcopy(agents.q).requires_grad_(False)
     target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
     target_q_mixer = copy.deepcopy(agents.q_mixer).requires_grad_(False)

@@ -81,6 +81,14 @@ def test_qmix_mixer_is_monotonic_even_with_negative_raw_weights():
     assert (mixer(q + torch.eye(n)[0][:, None], m) >= q_tot - 1e-6).all()
 
 
+def test_unconstrained_mixer_option_reproduces_the_authors_code():
+    torch.manual_seed(0)
+    mixer = maiql.Mixer(in_dim=2, n=2, hidden=8, monotonic=False)
+    m, q = torch.randn(4, 2), torch.randn(2, 4)
+    wb = mixer.net(m)
+    assert torch.allclose(mixer(q, m), (wb[:, :2] * q.T).sum(1) + wb[:, 2])
+
+
 def test_mixer_applies_to_both_q_heads():
     mixer = maiql.Mixer(in_dim=2, n=2, hidden=8)
     q = torch.randn(2, 2, 5)  # [heads, n, B]
