@@ -214,11 +214,12 @@ class TD3Agents(nn.Module):
         return h.reshape(heads, n, B, M)
 
     def q1(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q1_i only (the actor's objective), [n, B] — half the cost of q_values."""
+        """Q1_i only (the actor's objective), [n, B] — half the cost of q_values. The critic's weights are
+        detached: the actor step differentiates Q1 with respect to the actions only."""
         w, b = self.critic.weights, self.critic.biases
         h = torch.cat([x, actions], -1)
         for k in range(len(w)):
-            h = torch.baddbmm(b[k][: self.n], h, w[k][: self.n])
+            h = torch.baddbmm(b[k][: self.n].detach(), h, w[k][: self.n].detach())
             if k < len(w) - 1:
                 h = torch.relu(h)
         return h.squeeze(-1)
@@ -421,7 +422,7 @@ def main(args: Args) -> dict:
             pi = agents.act(x_actor)
             actor_loss = -agents.q1(x_actor, pi).mean(-1).sum()  # plain TD3 actor, each agent on its own Q1_i
             actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()  # also reaches critic grads; they are zeroed before the next critic step
+            actor_loss.backward()
             actor_optimizer.step()
             soft_update(target_actor, agents.actor, args.tau)
             soft_update(target_critic, agents.critic, args.tau)

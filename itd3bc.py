@@ -211,11 +211,12 @@ class TD3Agents(nn.Module):
         return critic(torch.cat([x, actions], -1).repeat(2, 1, 1)).reshape(2, self.n, x.shape[1])
 
     def q1(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q1_i only (the actor's objective), [n, B] — half the cost of q_values."""
+        """Q1_i only (the actor's objective), [n, B] — half the cost of q_values. The critic's weights are
+        detached: the actor step differentiates Q1 with respect to the actions only."""
         w, b = self.critic.weights, self.critic.biases
         h = torch.cat([x, actions], -1)
         for k in range(len(w)):
-            h = torch.baddbmm(b[k][: self.n], h, w[k][: self.n])
+            h = torch.baddbmm(b[k][: self.n].detach(), h, w[k][: self.n].detach())
             if k < len(w) - 1:
                 h = torch.relu(h)
         return h.squeeze(-1)
@@ -412,7 +413,7 @@ def main(args: Args) -> dict:
                 q_pi = mixer(q_pi, b["states"])[None]  # [1, B]: all actors jointly maximise Q1_tot
             actor_loss = td3bc_actor_loss(q_pi, pi, b["actions"], args.alpha)
             actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()  # also reaches critic/mixer grads; they are zeroed before their next step
+            actor_loss.backward()  # also reaches the mixer's grads; they are zeroed before its next step
             actor_optimizer.step()
             soft_update(target_actor, agents.actor, args.tau)
             soft_update(target_critic, agents.critic, args.tau)
