@@ -3,9 +3,14 @@
 Neither the authors' reacher dataset nor D4RL's ant datasets can be downloaded on the project
 machines, so the project makes its own, the way the paper and D4RL did:
 
-* reacher `expert-mix` (all-observant two-agent Reacher-v5): two MAPPO experts (`mappo.py`) that
-  reach with opposite elbow-bend conventions, 500k sampled-action transitions each -> 1M transitions,
-  20k episodes of 50 steps (authors' code §2(a)).
+* reacher `expert-mix` (all-observant two-agent Reacher-v5): two experts that reach with opposite
+  elbow-bend conventions, 500k sampled-action transitions each -> 1M transitions, 20k episodes of 50
+  steps (authors' code §2(a)). One is a MAPPO team (`mappo.py`) trained to bend counter-clockwise
+  (θ2 >= 0, via a training-only penalty on θ2 < 0); the other is its exact mirror image (see
+  REACHER_MIRROR_SIGNS), which bends clockwise. Why not two seeds: our unshaped MAPPO experts choose the
+  bend from the target's side (58% / 42%), so seeds need not disagree and mirroring such an expert
+  changes nothing; a one-convention expert and its mirror give the two conventions in equal shares,
+  with equal skill.
 * ant `random` / `medium` / `full-replay` / `expert` (Ant-v5, 27-dim state): uniform random actions; a
   snapshot of the behaviour learner at 1/3-1/2 of the expert's return; every transition the learner
   collected on its way to the expert (evenly subsampled, whole episodes, to 1M); the final policy.
@@ -974,11 +979,14 @@ counter-clockwise = θ2 >= 0): {100 * reacher.get('counter_clockwise_share', flo
 {chr(10).join(policies)}
 
 * `reacher/expert-mix`: one MAPPO expert (`mappo.py`, all-observant, per-agent Gaussian policies, mixed
-  value) and its mirror image. Reflecting the arena across the x-axis maps Reacher onto itself (sign flip
-  of state entries 2, 3, 5, 6, 7, 9 and of both torques; checked against the simulator in
-  `tests/test_make_datasets.py`), so the mirrored expert is equally good and bends the other way. This gives
-  the paper's two conventions in exactly equal shares without relying on two seeds happening to disagree.
-  500k sampled-action transitions from each, 50-step episodes.
+  value) trained to bend counter-clockwise, and its mirror image. An unshaped MAPPO expert picks the bend
+  from the target's side (ours: 58% of episodes counter-clockwise), and so does its mirror image, so
+  neither two seeds nor a mirror of such an expert make the paper's two incompatible conventions. The
+  expert was therefore trained 400k steps unshaped, then 300k more with a training-only penalty
+  max(0, -θ2) per step (`--elbow-convention 1`). Reflecting the arena across the x-axis maps Reacher onto
+  itself (sign flip of state entries 2, 3, 5, 6, 7, 9 and of both torques; checked step by step against
+  the simulator in `tests/test_make_datasets.py`), so the mirrored expert is equally good and bends
+  clockwise. 500k sampled-action transitions from each, 50-step episodes.
 * `ant/*`: single-agent PPO on the joint action (`make_datasets.train_ant_ppo`, CleanRL defaults, 2x256
   tanh nets, 8 envs, observation normalisation, reward scaling). `expert` = the learner's final policy,
   `medium` = the snapshot at about 0.4x the expert's greedy return, `random` = uniform random actions,
@@ -1020,8 +1028,6 @@ class Args:
     """continue the Ant PPO learner from data/behaviour/ant_ppo/checkpoint.pt"""
     ant_total_steps: int = 10_000_000
     """Ant PPO environment steps"""
-    reacher_total_steps: int = 800_000
-    """reacher MAPPO environment steps"""
     cards_only: bool = False
     """only regenerate docs/datasets.md from the datasets present"""
     update_refs: bool = False
@@ -1064,10 +1070,14 @@ def main(args: Args) -> None:
     if args.retrain:
         import mappo
 
-        # the shipped expert's settings (see its meta["config"]): 2x64 nets, GAE λ 0.95, minibatch 64
-        mappo.main(mappo.Args(env="reacher", seed=2, hidden=64, gae_lambda=0.95, minibatch_size=64,
-                              total_steps=args.reacher_total_steps,
-                              run_dir=str(TRAIN_DIR / "reacher_mappo"), resume=args.resume and (TRAIN_DIR / "reacher_mappo" / "checkpoint.pt").exists(),
+        # The shipped reacher expert, exactly: 2x64 nets, GAE λ 0.95, minibatch 64; 400k steps of an 800k
+        # schedule, then (the same run) 300k more steps with the θ2 >= 0 convention penalty, annealed to 700k.
+        run = TRAIN_DIR / "reacher_mappo"
+        common = dict(env="reacher", seed=2, hidden=64, gae_lambda=0.95, minibatch_size=64, eval_every=10,
+                      checkpoint_every=25, run_dir=str(run))
+        if not (args.resume and (run / "checkpoint.pt").exists()):
+            mappo.main(mappo.Args(**common, total_steps=800_000, stop_steps=400_000))
+        mappo.main(mappo.Args(**common, total_steps=700_000, elbow_convention=1, resume=True,
                               policy_out=str(SHIPPED["reacher_expert"])))
         train_ant_ppo(AntPPOConfig(total_steps=args.ant_total_steps), resume=args.resume, log=log)
         export_ant_policies(log=log)

@@ -51,7 +51,9 @@ class Args:
     torch_threads: int = 1
     """torch CPU threads (1: small nets, and extra threads spin against other jobs on a shared machine)"""
     total_steps: int = 1_500_000
-    """environment steps (summed over the parallel environments)"""
+    """environment steps (summed over the parallel environments); the learning rate anneals over these"""
+    stop_steps: Optional[int] = None
+    """stop (final evaluation, policy file) after this many steps, before total_steps"""
     num_envs: int = 40
     """parallel environments, stepped in a plain loop (faster than AsyncVectorEnv on 2 cores)"""
     num_steps: int = 50
@@ -96,6 +98,11 @@ class Args:
     """continue the run in --run-dir from its checkpoint"""
     run_dir: Optional[str] = None
     """fixed run folder (default: runs/<env>__<obs>__online__<exp_name>__<seed>__<unix time>)"""
+    elbow_convention: int = 0
+    """reacher only: +1 / -1 adds a training-only penalty elbow_penalty * max(0, -c * θ2) per step, so the
+    team adopts one arm-bend convention (θ2 >= 0 for +1) for every target; the logged returns stay the task's.
+    Unshaped experts pick the bend from the target's side, which a mirror image does not flip."""
+    elbow_penalty: float = 1.0
     policy_out: Optional[str] = None
     """also write the final policy file here (e.g. behaviour_policies/reacher_expert.pt)"""
 
@@ -307,7 +314,7 @@ def main(args: Args) -> dict:
     b_term = np.zeros((T, E), np.float32)
     b_timeout = np.zeros((T, E), np.float32)  # ζ = 0 (here: 1 in this array) at episode or rollout ends
     b_end = np.zeros((T, E), bool)  # episode ends (terminal or time limit)
-    while global_step < args.total_steps:
+    while global_step < min(args.total_steps, args.stop_steps or args.total_steps):
         t_iter = time.time()
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = args.learning_rate * max(0.0, 1.0 - global_step / args.total_steps)
@@ -335,15 +342,20 @@ def main(args: Args) -> dict:
         iteration += 1
         t_collect = time.time() - t_iter
         rew_used = b_rew
+        if args.elbow_convention != 0:
+            if args.env != "reacher":
+                raise envs.MomaError("--elbow-convention is for reacher only")
+            theta2 = np.arctan2(b_next[..., 3], b_next[..., 1])
+            rew_used = b_rew - args.elbow_penalty * np.maximum(0.0, -args.elbow_convention * theta2)
         if args.norm_reward:
             for t in range(T):  # gymnasium NormalizeReward: running variance of the discounted return
-                disc_ret = disc_ret * args.gamma + b_rew[t]
+                disc_ret = disc_ret * args.gamma + rew_used[t]
                 bm, bv, bc = disc_ret.mean(), disc_ret.var(), E
                 d, tot = bm - ret_stats["mean"], ret_stats["count"] + bc
                 m2 = ret_stats["var"] * ret_stats["count"] + bv * bc + d**2 * ret_stats["count"] * bc / tot
                 ret_stats.update(mean=ret_stats["mean"] + d * bc / tot, var=m2 / tot, count=tot)
                 disc_ret[b_end[t]] = 0.0
-            rew_used = b_rew / np.sqrt(ret_stats["var"] + 1e-8)
+            rew_used = rew_used / np.sqrt(ret_stats["var"] + 1e-8)
 
         # ---- old quantities, GAE and critic targets (authors §4(e)) ----
         N = T * E

@@ -111,9 +111,11 @@ def test_shipped_reacher_expert_bends_one_way_and_mirror_the_other():
     b = md.collect_episodes("reacher", md.MirroredPolicy(expert), 1000, seed=5)
     ca = np.array([md.reacher_convention(e["observations"][1:]) for e in a])
     cb = np.array([md.reacher_convention(e["observations"][1:]) for e in b])
-    # same seeds, mirrored policy: the mirrored expert's convention is the opposite in most episodes
-    assert (ca == 1).mean() >= 0.8 or (ca == -1).mean() >= 0.8
-    assert abs((ca == 1).mean() - (cb == -1).mean()) <= 0.3
+    # the shipped expert bends counter-clockwise (θ2 >= 0) for (nearly) every target, its mirror clockwise
+    assert (ca == 1).mean() >= 0.8, (ca == 1).mean()
+    assert (cb == -1).mean() >= 0.8, (cb == -1).mean()
+    # and both reach: sampled-action returns well above uniform random torques (about -43)
+    assert np.mean([e["rewards"].sum() for e in a + b]) > -10
 
 
 @pytest.mark.parametrize("name", ["random", "expert"])
