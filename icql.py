@@ -72,9 +72,12 @@ class Args:
     torch_threads: int = 1
     """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
     total_steps: Optional[int] = None
-    """critic gradient steps (authors: 1,000,001). None = a budget that fits a 2-core CPU: 50k without
-    histories (fully observable), 5k with the history encoder (partially observable); the 30 CQL
-    actions per state and the encoder dominate the cost. See the README / report for measured steps/s"""
+    """critic gradient steps (authors: 1,000,001). None = a budget that fits a 2-core CPU: 10k without
+    histories (fully observable), 5k with the history encoder (partially observable). The CQL term
+    scores 30 sampled actions per state with both critics, about 30x a TD3 critic step, and dominates
+    the cost. Measured with 1 thread at batch 256 on the shared 2-core machine (load 6-10): ICQL ant
+    full 0.69 updates/s, ICQL ant partial 0.62, OMAR ant partial 0.54; an unshared machine is
+    expected to be several times faster (not measured). --cql-samples 3 cuts the CQL cost about 3x"""
     batch_size: int = 256
     hidden: int = 256
     """width of the two hidden layers of every MLP"""
@@ -331,7 +334,7 @@ def main(args: Args) -> dict:
     history_len = args.history_len
     if history_len is None:
         history_len = envs.HISTORY_LEN if (args.env, obs_name) in PARTIALLY_OBSERVABLE else 0
-    total_steps = args.total_steps if args.total_steps is not None else (50_000 if history_len == 0 else 5_000)
+    total_steps = args.total_steps if args.total_steps is not None else (10_000 if history_len == 0 else 5_000)
     if total_steps < 1:
         raise envs.MomaError(f"--total-steps must be >= 1, got {total_steps}")
     data = envs.load_dataset(args.env, dataset, obs_name, history_len=max(history_len, 1))
