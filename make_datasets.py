@@ -982,7 +982,7 @@ counter-clockwise = θ2 >= 0): {100 * reacher.get('counter_clockwise_share', flo
   value) trained to bend counter-clockwise, and its mirror image. An unshaped MAPPO expert picks the bend
   from the target's side (ours: 58% of episodes counter-clockwise), and so does its mirror image, so
   neither two seeds nor a mirror of such an expert make the paper's two incompatible conventions. The
-  expert was therefore trained 400k steps unshaped, then 300k more with a training-only penalty
+  expert was therefore trained 400k steps unshaped, then 200k more with a training-only penalty
   max(0, -θ2) per step (`--elbow-convention 1`). Reflecting the arena across the x-axis maps Reacher onto
   itself (sign flip of state entries 2, 3, 5, 6, 7, 9 and of both torques; checked step by step against
   the simulator in `tests/test_make_datasets.py`), so the mirrored expert is equally good and bends
@@ -1071,13 +1071,14 @@ def main(args: Args) -> None:
         import mappo
 
         # The shipped reacher expert, exactly: 2x64 nets, GAE λ 0.95, minibatch 64; 400k steps of an 800k
-        # schedule, then (the same run) 300k more steps with the θ2 >= 0 convention penalty, annealed to 700k.
+        # schedule, then (the same run) 200k more steps with the θ2 >= 0 convention penalty (annealing towards
+        # 700k, stopped at 600k).
         run = TRAIN_DIR / "reacher_mappo"
         common = dict(env="reacher", seed=2, hidden=64, gae_lambda=0.95, minibatch_size=64, eval_every=10,
                       checkpoint_every=25, run_dir=str(run))
         if not (args.resume and (run / "checkpoint.pt").exists()):
             mappo.main(mappo.Args(**common, total_steps=800_000, stop_steps=400_000))
-        mappo.main(mappo.Args(**common, total_steps=700_000, elbow_convention=1, resume=True,
+        mappo.main(mappo.Args(**common, total_steps=700_000, stop_steps=600_000, elbow_convention=1, resume=True,
                               policy_out=str(SHIPPED["reacher_expert"])))
         train_ant_ppo(AntPPOConfig(total_steps=args.ant_total_steps), resume=args.resume, log=log)
         export_ant_policies(log=log)
