@@ -107,8 +107,8 @@ def test_reacher_expert_mix_round_trip(few_ref_episodes):
 
 def test_shipped_reacher_expert_bends_one_way_and_mirror_the_other():
     expert = md._load_policy(md.SHIPPED["reacher_expert"])
-    a = md.collect_episodes("reacher", expert, 1000, seed=5)
-    b = md.collect_episodes("reacher", md.MirroredPolicy(expert), 1000, seed=5)
+    a = md.collect_episodes("reacher", expert, 500, seed=5)
+    b = md.collect_episodes("reacher", md.MirroredPolicy(expert), 500, seed=5)
     ca = np.array([md.reacher_convention(e["observations"][1:]) for e in a])
     cb = np.array([md.reacher_convention(e["observations"][1:]) for e in b])
     # the shipped expert bends counter-clockwise (θ2 >= 0) for (nearly) every target, its mirror clockwise
