@@ -1,0 +1,669 @@
+"""MOMA-PPO: Model-based Offline Multi-Agent PPO (Barde et al., AAMAS 2024, Algorithm 1).
+
+    python moma_ppo.py --env ant --obs partial
+    python moma_ppo.py --env coordination --dataset unfavorable
+
+1. Load the offline dataset (built locally if missing) and the world-model ensemble of that dataset
+   (`world_model.py`; trained and cached if missing). The world model works on the global state, so one
+   model serves every observation function of a dataset.
+2. Every iteration, generate synthetic data (Algorithm 1): b start states drawn uniformly from the
+   dataset, each with its real 10-step per-agent histories; k steps of the current decentralised policies
+   inside the world model; reward r~ = r_bar - λ_r ε_r - λ_g ε_g; timeout ζ = 0 at the last step or where
+   the *unclamped* ε_g ≥ l_ε (the authors' code clamped ε_g first, so its adaptive rollout length never fired:
+   reference §7 item 2); rollouts stop at predicted terminals f = 0.
+3. Train MAPPO on that data: per-agent policies and values (no parameter sharing), a QMIX-mixed team value
+   V(s) = Σ_i w_i(s) V_i(h_i) + b(s) with w_i ≥ 0 (paper §3.2; the authors' mixer left w_i unconstrained,
+   reference §7 item 5), per-agent clipped ratios with the shared advantage (MAPPO; the authors used one
+   joint ratio, reference §7 item 6).
+
+All agents are evaluated in one batched network: per-agent weights are stacked [n_agents, in, out] and
+applied with one bmm per layer; observations are zero-padded to a common width. Everything in the rollout
+is a tensor over [agents, rollouts]: there is no Python loop over agents or rollouts on the hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import random
+import subprocess
+import time
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import envs
+from envs import MomaError
+
+# Per-env defaults chosen for a 2-core CPU. k = rollout horizon, λ_r / λ_g = penalty weights, l_ε = uncertainty
+# threshold (paper §3). λ and l_ε are the authors' code defaults (reference §4(b)); per-task values were not
+# released. The coordination game follows the authors' toy settings (reference §1(a)): k = 1, no history,
+# no clipping, no penalty. `world_model` holds the training overrides used if the ensemble must be trained.
+PRESETS = {
+    "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=40, lambda_r=0.0, lambda_g=0.0,
+                         uncertainty_threshold=float("inf"), clip_to_dataset=False, minibatch_size=1024,
+                         learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10,
+                         world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250,
+                                          patience=3)),
+    "reacher": dict(rollout_horizon=10, rollout_batch=1000, iterations=400, lambda_r=0.05, lambda_g=0.1,
+                    uncertainty_threshold=2.0, clip_to_dataset=True, minibatch_size=2048, learning_rate=3e-4,
+                    hidden_dim=256, eval_every=20, eval_episodes_during=20, world_model={}),
+    "ant": dict(rollout_horizon=10, rollout_batch=2000, iterations=500, lambda_r=0.05, lambda_g=0.1,
+                uncertainty_threshold=2.0, clip_to_dataset=True, minibatch_size=4096, learning_rate=3e-4,
+                hidden_dim=256, eval_every=25, eval_episodes_during=3, world_model={}),
+}
+
+
+@dataclasses.dataclass
+class Args:
+    env: envs.EnvName = "ant"
+    """benchmark: coordination, reacher or ant"""
+    obs: Optional[envs.ObsName] = None
+    """observation function (None = the env's fully observable one)"""
+    dataset: Optional[str] = None
+    """dataset name (None = the env's default dataset)"""
+    seed: int = 1
+    """seed of the agents, the rollouts and the evaluation"""
+    cuda: bool = False
+    """run on the GPU"""
+    exp_name: str = "moma_ppo"
+    """name of the run"""
+    run_dir: Optional[str] = None
+    """run folder (default runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<time>); give it to --resume"""
+    resume: bool = False
+    """resume the run in --run-dir from its last checkpoint"""
+    threads: int = 2
+    """torch CPU threads"""
+
+    # Synthetic rollouts (Algorithm 1); None = the env's preset.
+    iterations: Optional[int] = None
+    """PPO iterations (each: one batch of synthetic rollouts, then the updates)"""
+    rollout_batch: Optional[int] = None
+    """b, rollouts started from dataset states per iteration"""
+    rollout_horizon: Optional[int] = None
+    """k, maximum model steps per rollout"""
+    lambda_r: Optional[float] = None
+    """λ_r, weight of the reward-variance penalty ε_r"""
+    lambda_g: Optional[float] = None
+    """λ_g, weight of the ensemble-covariance penalty ε_g"""
+    uncertainty_threshold: Optional[float] = None
+    """l_ε: penalties are capped at it, and a rollout times out where the unclamped ε_g ≥ l_ε"""
+    world_model_seed: int = 0
+    """which cached ensemble to use (one per dataset and seed, shared by MOMA-PPO seeds as the authors did)"""
+
+    # Ablations of §6.3.
+    penalty: Literal["epistemic", "aleatoric"] = "epistemic"
+    """epistemic: λ_r ε_r + λ_g ε_g (paper); aleatoric: MOPO's λ_a max_m ||σ²_m||"""
+    lambda_aleatoric: float = 1.0
+    """λ_a of the aleatoric ablation (MOPO's search used 1 and 5)"""
+    clip_to_dataset: Optional[bool] = None
+    """clip next states and rewards to the dataset's bounding box (paper §3.1)"""
+    adaptive_rollout: bool = True
+    """end rollouts early where ε_g ≥ l_ε (paper §3.2)"""
+    ground_truth: bool = False
+    """use the real simulator from the dataset states instead of the world model (slow)"""
+
+    # Agents and PPO.
+    use_history: Optional[bool] = None
+    """condition on the 10-step history encoder (default: only for partially observable tasks)"""
+    hidden_dim: Optional[int] = None
+    """width of the 2 hidden layers of every policy, value and the mixer"""
+    embed_dim: int = 64
+    """width of the self-attention history encoder (the authors: 128)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate of every network"""
+    update_epochs: int = 5
+    """PPO epochs per iteration (the authors: 5)"""
+    minibatch_size: Optional[int] = None
+    """transitions per minibatch"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE λ"""
+    clip_coef: float = 0.2
+    """PPO ratio clipping"""
+    ent_coef: float = 0.0
+    """entropy bonus"""
+    vf_coef: float = 0.5
+    """value loss weight"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip"""
+    init_log_std: float = -0.5
+    """initial log standard deviation of the Gaussian policies"""
+
+    # Evaluation and checkpoints.
+    eval_every: Optional[int] = None
+    """iterations between greedy evaluations in the real environment"""
+    eval_episodes_during: Optional[int] = None
+    """episodes of each evaluation during training"""
+    eval_episodes: int = 100
+    """greedy episodes of the final evaluation (paper: 100)"""
+    checkpoint_every: int = 25
+    """iterations between checkpoints"""
+
+
+def resolve(args: Args) -> Args:
+    """Fill the preset values and validate names."""
+    obs = envs.check_names(args.env, args.obs, args.dataset)
+    dataset = envs.DEFAULT_DATASET[args.env] if args.dataset is None else args.dataset
+    preset = PRESETS[args.env]
+    filled = {k: preset[k] for k in preset if k != "world_model" and getattr(args, k) is None}
+    if args.use_history is None:  # the state is Markov under full observability: histories only cost time
+        filled["use_history"] = obs in ("independent", "leader-only", "partial")
+    if args.env == "coordination" and (args.use_history or filled.get("use_history")):
+        raise MomaError("the coordination game runs without histories (reference §1(a)); drop --use-history")
+    if args.ground_truth and args.env == "coordination":
+        raise MomaError("--ground-truth needs a MuJoCo env (reacher or ant)")
+    return dataclasses.replace(args, obs=obs, dataset=dataset, **filled)
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks: every layer holds one weight per agent, [n_agents, in, out], applied with one bmm.
+# --------------------------------------------------------------------------------------------------
+class AgentLinear(nn.Module):
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int, std: float = math.sqrt(2), bias: bool = True):
+        super().__init__()
+        w = torch.empty(n_agents, out_dim, in_dim)
+        for i in range(n_agents):
+            nn.init.orthogonal_(w[i], std)  # CleanRL's PPO initialisation, per agent
+        self.weight = nn.Parameter(w.transpose(1, 2).contiguous())
+        self.bias = nn.Parameter(torch.zeros(n_agents, 1, out_dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [n, B, in] -> [n, B, out]
+        return torch.bmm(x, self.weight) if self.bias is None else torch.baddbmm(self.bias, x, self.weight)
+
+
+def agent_mlp(n_agents: int, in_dim: int, hidden: int, out_dim: int, out_std: float) -> nn.Sequential:
+    return nn.Sequential(AgentLinear(n_agents, in_dim, hidden), nn.Tanh(), AgentLinear(n_agents, hidden, hidden),
+                         nn.Tanh(), AgentLinear(n_agents, hidden, out_dim, std=out_std))
+
+
+class HistoryEncoder(nn.Module):
+    """Paper §3.2: one self-attention layer, then soft-attention pooling, over the 10-step history.
+
+    Per agent (reference §4(c)): embed each (o, a) pair, add a sinusoidal position code (0 = oldest), one
+    single-head self-attention with a residual and LayerNorm, then pool with scores q·tanh(W_k h_s).
+    """
+
+    def __init__(self, n_agents: int, in_dim: int, dim: int, length: int):
+        super().__init__()
+        self.dim = dim
+        self.embed = AgentLinear(n_agents, in_dim, dim, std=1.0)
+        self.qkv = AgentLinear(n_agents, dim, 3 * dim, std=1.0)
+        self.norm_weight = nn.Parameter(torch.ones(n_agents, 1, 1, dim))
+        self.norm_bias = nn.Parameter(torch.zeros(n_agents, 1, 1, dim))
+        self.pool_key = AgentLinear(n_agents, dim, dim, std=1.0, bias=False)
+        self.pool_query = nn.Parameter(torch.randn(n_agents, 1, 1, dim) / math.sqrt(dim))
+        position = torch.arange(length, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        pe = torch.zeros(length, dim)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq)
+        self.register_buffer("position_code", pe)
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:  # [n, B, H, d] -> [n, B, dim]
+        n, b, h, d = history.shape
+        x = self.embed(history.reshape(n, b * h, d)).view(n, b, h, self.dim) + self.position_code
+        q, k, v = self.qkv(x.view(n, b * h, self.dim)).view(n, b, h, 3 * self.dim).chunk(3, dim=-1)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dim), dim=-1)
+        x = F.layer_norm(x + attention @ v, (self.dim,)) * self.norm_weight + self.norm_bias
+        keys = torch.tanh(self.pool_key(x.view(n, b * h, self.dim))).view(n, b, h, self.dim)
+        weights = torch.softmax((keys * self.pool_query).sum(-1), dim=-1)  # [n, B, H]
+        return (weights.unsqueeze(-1) * x).sum(2)
+
+
+class Agents(nn.Module):
+    """The n decentralised policies π_i(a_i | h_i), values V_i(h_i) and the QMIX mixer over the state."""
+
+    def __init__(self, n_agents: int, obs_dim: int, action_dim: int, discrete: bool, state_dim: int,
+                 hidden: int, use_history: bool, history_dim: int, embed_dim: int, init_log_std: float,
+                 obs_mean: torch.Tensor, obs_std: torch.Tensor, state_mean: torch.Tensor, state_std: torch.Tensor):
+        super().__init__()
+        self.n_agents, self.obs_dim, self.action_dim, self.discrete = n_agents, obs_dim, action_dim, discrete
+        self.use_history = use_history
+        in_dim = obs_dim + (embed_dim if use_history else 0)
+        self.encoder = HistoryEncoder(n_agents, history_dim, embed_dim, envs.HISTORY_LEN) if use_history else None
+        self.actor = agent_mlp(n_agents, in_dim, hidden, action_dim, out_std=0.01)
+        self.log_std = None if discrete else nn.Parameter(torch.full((n_agents, 1, action_dim), init_log_std))
+        self.critic = agent_mlp(n_agents, in_dim, hidden, 1, out_std=1.0)
+        # QMIX-style mixer: non-negative weights w_i(s) and a bias b(s) from the global state.
+        self.mixer = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, n_agents + 1))
+        # Fixed input normalisers from the dataset (padded dims have mean 0, std 1).
+        self.register_buffer("obs_mean", obs_mean)  # [n, 1, obs_dim]
+        self.register_buffer("obs_std", obs_std)
+        self.register_buffer("state_mean", state_mean)
+        self.register_buffer("state_std", state_std)
+        # Running statistics of the value targets: the critic predicts normalised values (MAPPO's ValueNorm), so
+        # returns of hundreds (Ant) do not swamp the policy gradient under the global gradient clip.
+        self.register_buffer("return_mean", torch.zeros(()))
+        self.register_buffer("return_std", torch.ones(()))
+        self.register_buffer("return_stats_ready", torch.zeros(()))
+
+    def update_return_stats(self, returns: torch.Tensor, momentum: float = 0.9) -> None:
+        mean, std = returns.mean(), returns.std().clamp(min=1e-2) if returns.numel() > 1 else torch.ones(())
+        if self.return_stats_ready == 0:
+            self.return_mean.copy_(mean), self.return_std.copy_(std), self.return_stats_ready.fill_(1)
+        else:
+            self.return_mean.mul_(momentum).add_((1 - momentum) * mean)
+            self.return_std.mul_(momentum).add_((1 - momentum) * std)
+
+    def denormalise(self, normalised_value: torch.Tensor) -> torch.Tensor:
+        return normalised_value * self.return_std + self.return_mean
+
+    def features(self, obs: torch.Tensor, history: Optional[torch.Tensor]) -> torch.Tensor:
+        """obs [n, B, obs_dim] (raw, zero-padded), history [n, B, H, history_dim] -> network input."""
+        x = (obs - self.obs_mean) / self.obs_std
+        if not self.use_history:
+            return x
+        # Normalise the observation part of every history element; all-zero padding rows stay zero.
+        hist_obs = (history[..., : self.obs_dim] - self.obs_mean.unsqueeze(2)) / self.obs_std.unsqueeze(2)
+        real = (history.abs().sum(-1, keepdim=True) > 0).float()
+        history = torch.cat([hist_obs * real, history[..., self.obs_dim:]], dim=-1)
+        return torch.cat([self.encoder(history), x], dim=-1)
+
+    def distribution(self, feats: torch.Tensor):
+        out = self.actor(feats)
+        if self.discrete:
+            return torch.distributions.Categorical(logits=out)
+        return torch.distributions.Normal(out, self.log_std.exp().expand_as(out))
+
+    def log_prob(self, dist, actions: torch.Tensor) -> torch.Tensor:  # -> [n, B]
+        return dist.log_prob(actions) if self.discrete else dist.log_prob(actions).sum(-1)
+
+    def entropy(self, dist) -> torch.Tensor:
+        return dist.entropy() if self.discrete else dist.entropy().sum(-1)
+
+    def team_value(self, feats: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """V(s) = Σ_i w_i(s) V_i(h_i) + b(s), w_i = |.| ≥ 0 (QMIX monotonicity), in normalised units. -> [B]"""
+        agent_values = self.critic(feats).squeeze(-1)  # [n, B]
+        mix = self.mixer((states - self.state_mean) / self.state_std)  # [B, n + 1]
+        return (mix[:, :-1].abs() * agent_values.T).sum(-1) + mix[:, -1]
+
+    def greedy(self, feats: torch.Tensor) -> torch.Tensor:
+        out = self.actor(feats)
+        return out.argmax(-1) if self.discrete else out.clamp(-1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# GAE with terminal masks f and timeout masks ζ over [k, b] rollouts.
+# --------------------------------------------------------------------------------------------------
+def compute_gae(rewards, values, not_terminal, not_timeout, gamma: float, gae_lambda: float):
+    """Advantages and value targets of k-step rollouts (all tensors [k, b]; values [k + 1, b]).
+
+    For t = k-1 .. 0, with f_t = 1 - terminal and ζ_t = 0 at a timeout (last step or uncertainty cut):
+        δ_t = r_t + γ f_t V(s_{t+1}) - V(s_t)            (bootstraps from V at timeouts, 0 at terminals)
+        A_t = δ_t + γ λ f_t ζ_t A_{t+1}                   (nothing flows across a rollout's end)
+        G_t = A_t + V(s_t)                                 (λ-return target of the value)
+    Steps after a rollout's end are garbage but never leak into valid ones: the end step has f ζ = 0.
+    (The authors regressed V on a Monte-Carlo return bootstrapped only at timeouts, reference §4(e); we use
+    the standard λ-return, which has lower variance.)
+    """
+    k = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[0])
+    for t in reversed(range(k)):
+        delta = rewards[t] + gamma * not_terminal[t] * values[t + 1] - values[t]
+        next_advantage = delta + gamma * gae_lambda * not_terminal[t] * not_timeout[t] * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values[:-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models of the environment used for the rollouts.
+# --------------------------------------------------------------------------------------------------
+class GroundTruthSimulator:
+    """Ablation of §6.3: the real simulator, restarted from each dataset state (no uncertainty)."""
+
+    def __init__(self, env: str, device):
+        self.env, self.device, self.sims = env, device, []
+
+    @torch.no_grad()
+    def step(self, states, joint_actions, clip=True, generator=None, restart: bool = False) -> dict:
+        b = states.shape[0]
+        while len(self.sims) < b:
+            sim = envs.make_env(self.env)
+            sim.reset(seed=len(self.sims))
+            self.sims.append(sim)
+        s_np, a_np = states.cpu().numpy(), joint_actions.clamp(-1, 1).cpu().numpy()
+        out = np.zeros((b, s_np.shape[1]), dtype=np.float32)
+        rewards, terminals = np.zeros(b, dtype=np.float32), np.zeros(b, dtype=np.float32)
+        for j in range(b):  # a Python loop over simulators: this ablation is about fidelity, not speed
+            sim = self.sims[j]
+            if restart or sim._state is None or not np.array_equal(sim._state, s_np[j]):
+                sim.set_state(s_np[j])
+            _, out[j], rewards[j], term, _ = sim.step(envs.split_actions(self.env, a_np[j]))
+            terminals[j] = term
+        z = torch.zeros(b, device=self.device)
+        t = lambda x: torch.as_tensor(x, device=self.device)  # noqa: E731
+        return {"next_states": t(out), "rewards": t(rewards), "terminals": t(terminals), "eps_r": z, "eps_g": z,
+                "aleatoric": z}
+
+
+def penalised_reward(out: dict, args: Args) -> torch.Tensor:
+    """r~ = r_bar - λ_r min(ε_r, l_ε) - λ_g min(ε_g, l_ε) (paper §3.2; uncertainties capped at l_ε, §3.1)."""
+    cap = args.uncertainty_threshold
+    if args.penalty == "aleatoric":
+        return out["rewards"] - args.lambda_aleatoric * out["aleatoric"].clamp(max=cap)
+    return out["rewards"] - args.lambda_r * out["eps_r"].clamp(max=cap) - args.lambda_g * out["eps_g"].clamp(max=cap)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by rollouts, updates and evaluation.
+# --------------------------------------------------------------------------------------------------
+class Layout:
+    """Padding of per-agent observations, actions and histories to common widths, as index maps."""
+
+    def __init__(self, env: str, obs: str, device):
+        self.env = env
+        self.n = envs.N_AGENTS[env]
+        self.discrete = env == "coordination"
+        self.obs_dims = envs.obs_dims(env, obs)
+        self.obs_dim = max(self.obs_dims)
+        act = envs.action_dims(env)
+        if len(set(act)) != 1:
+            raise MomaError(f"{env}: agents with different action sizes are not supported")
+        self.action_dim = envs.COORDINATION_N_ACTIONS if self.discrete else act[0]
+        self.history_dim = self.obs_dim + self.action_dim
+        # state index of every padded observation slot; padded slots read a zero column appended to the state
+        state_dim = envs.STATE_DIM[env]
+        index = torch.full((self.n, self.obs_dim), state_dim, dtype=torch.long)
+        for i, ix in enumerate(envs.obs_indices(env, obs)):
+            index[i, : len(ix)] = torch.as_tensor(ix)
+        self.obs_index = index.to(device)
+        self.action_index = torch.as_tensor(envs.ACTION_INDICES[env], device=device)  # [n, a]
+        self.joint_action_dim = envs.JOINT_ACTION_DIM[env]
+
+    def observe(self, states: torch.Tensor) -> torch.Tensor:  # [B, S] -> [n, B, obs_dim]
+        padded = torch.cat([states, torch.zeros_like(states[:, :1])], dim=1)
+        return padded[:, self.obs_index].permute(1, 0, 2)
+
+    def joint(self, actions: torch.Tensor) -> torch.Tensor:
+        """Per-agent actions [n, B, a] (or ints [n, B]) -> joint action [B, A] in the env's order."""
+        if self.discrete:
+            return actions.T
+        b = actions.shape[1]
+        joint = actions.new_zeros(b, self.joint_action_dim)
+        joint[:, self.action_index.reshape(-1)] = actions.permute(1, 0, 2).reshape(b, -1)
+        return joint
+
+    def history_step(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """One history element per agent [n, B, history_dim]: (o, a) with a clipped (or one-hot)."""
+        a = F.one_hot(actions, self.action_dim).float() if self.discrete else actions.clamp(-1.0, 1.0)
+        return torch.cat([obs, a], dim=-1)
+
+    def pad_histories(self, histories: list) -> torch.Tensor:
+        """envs' per-agent [B, H, o_i + a_i] histories -> [n, B, H, history_dim] in this layout."""
+        b, h = histories[0].shape[:2]
+        out = np.zeros((self.n, b, h, self.history_dim), dtype=np.float32)
+        for i, (hist, o) in enumerate(zip(histories, self.obs_dims)):
+            out[i, :, :, :o] = hist[..., :o]
+            out[i, :, :, self.obs_dim:] = hist[..., o:]
+        return torch.as_tensor(out, device=self.obs_index.device)
+
+    def dataset_history_table(self, data: envs.OfflineData) -> torch.Tensor:
+        """[n, N + 1, history_dim] table; row N is the zero padding (see envs.OfflineData)."""
+        tables = [data.history_table(i)[:, None] for i in range(self.n)]
+        return self.pad_histories(tables)[:, :, 0]
+
+
+def greedy_policy(agents: Agents, layout: Layout, device):
+    """The act() function envs.evaluate expects: greedy (mean / argmax) decentralised actions."""
+
+    @torch.no_grad()
+    def act(observations, histories):
+        b = observations[0].shape[0]
+        obs = torch.zeros(layout.n, b, layout.obs_dim, device=device)
+        for i, o in enumerate(observations):
+            obs[i, :, : o.shape[1]] = torch.as_tensor(o, device=device)
+        hist = layout.pad_histories(histories) if agents.use_history else None
+        actions = agents.greedy(agents.features(obs, hist)).cpu().numpy()
+        return [actions[i] for i in range(layout.n)]
+
+    return act
+
+
+@torch.no_grad()
+def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Tensor, history_table, history_index,
+                     args: Args, generator: torch.Generator):
+    """Algorithm 1's inner loops, vectorised over the b rollouts and the n agents. Returns the valid
+    transitions flattened for PPO (per-agent tensors lead with the agent axis) and rollout statistics."""
+    device = states_all.device
+    k, b = args.rollout_horizon, args.rollout_batch
+    rows = torch.randint(len(states_all), (b,), device=device, generator=generator)
+    state = states_all[rows]
+    hist = history_table[:, history_index[rows]] if args.use_history else None  # [n, b, H, d]
+    buf = {key: [] for key in ("obs", "hist", "actions", "logp", "values", "rewards", "f", "zeta", "states",
+                               "eps_g")}
+    alive = torch.ones(b, device=device)  # 1 while the rollout has not ended
+    valid = []
+    for j in range(k):
+        obs = layout.observe(state)
+        feats = agents.features(obs, hist)
+        dist = agents.distribution(feats)
+        actions = dist.sample()
+        logp = agents.log_prob(dist, actions)
+        value = agents.denormalise(agents.team_value(feats, state))
+        joint = layout.joint(actions)
+        out = model.step(state, joint if layout.discrete else joint.clamp(-1.0, 1.0),
+                         clip=args.clip_to_dataset, generator=generator)
+        reward = penalised_reward(out, args)
+        not_terminal = 1.0 - out["terminals"]
+        # ζ = 0 at the last step, or where the unclamped ε_g reaches l_ε (adaptive rollout length)
+        zeta = torch.ones(b, device=device) if j < k - 1 else torch.zeros(b, device=device)
+        if args.adaptive_rollout:
+            zeta = zeta * (out["eps_g"] < args.uncertainty_threshold).float()
+        for key, value_ in (("obs", obs), ("hist", hist), ("actions", actions), ("logp", logp),
+                            ("values", value), ("rewards", reward), ("f", not_terminal), ("zeta", zeta),
+                            ("states", state), ("eps_g", out["eps_g"])):
+            buf[key].append(value_)
+        valid.append(alive.clone())
+        alive = alive * not_terminal * zeta
+        if args.use_history:  # h_{j+1}: drop the oldest pair, append (o_j, a_j)
+            hist = torch.cat([hist[:, :, 1:], layout.history_step(obs, actions).unsqueeze(2)], dim=2)
+        state = out["next_states"]
+    last_value = agents.denormalise(agents.team_value(agents.features(layout.observe(state), hist), state))
+    values = torch.stack(buf["values"] + [last_value])
+    advantages, returns = compute_gae(torch.stack(buf["rewards"]), values, torch.stack(buf["f"]),
+                                      torch.stack(buf["zeta"]), args.gamma, args.gae_lambda)
+    valid = torch.stack(valid).bool()  # [k, b]
+    flat = valid.reshape(-1)
+    n_valid = int(flat.sum())
+    batch = {
+        "obs": torch.stack(buf["obs"], 1).reshape(layout.n, k * b, -1)[:, flat],
+        "actions": torch.stack(buf["actions"], 1).reshape(layout.n, k * b, *buf["actions"][0].shape[2:])[:, flat],
+        "logp": torch.stack(buf["logp"], 1).reshape(layout.n, k * b)[:, flat],
+        "states": torch.stack(buf["states"]).reshape(k * b, -1)[flat],
+        "advantages": advantages.reshape(-1)[flat],
+        "returns": returns.reshape(-1)[flat],
+    }
+    if args.use_history:
+        batch["hist"] = torch.stack(buf["hist"], 1).reshape(layout.n, k * b, envs.HISTORY_LEN, -1)[:, flat]
+    agents.update_return_stats(batch["returns"])
+    batch["value_targets"] = (batch["returns"] - agents.return_mean) / agents.return_std
+    stats = {"mean_length": n_valid / b, "penalised_reward": float(torch.stack(buf["rewards"])[valid].mean()),
+             "eps_g": float(torch.stack(buf["eps_g"])[valid].mean()),
+             "timeouts_by_uncertainty": float(((torch.stack(buf["zeta"]) == 0) & valid)[:-1].sum()) / b}
+    return batch, stats
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=envs.REPO_DIR, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def atomic_save(obj, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(args: Args) -> dict:
+    args = resolve(args)
+    if args.cuda and not torch.cuda.is_available():
+        raise MomaError("--cuda was given but torch sees no GPU; drop --cuda to run on the CPU")
+    device = torch.device("cuda" if args.cuda else "cpu")
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = True
+    start_time = time.time()
+
+    if args.resume and args.run_dir is None:
+        raise MomaError("--resume needs --run-dir <the run folder to resume>")
+    run_dir = pathlib.Path(args.run_dir or envs.REPO_DIR / "runs" / (
+        f"{args.env}__{args.obs}__{args.dataset.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if args.resume and not checkpoint_path.exists():
+        raise MomaError(f"nothing to resume: {checkpoint_path} does not exist")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- data and world model
+    data = envs.load_dataset(args.env, args.dataset, args.obs)
+    if args.ground_truth:
+        model = GroundTruthSimulator(args.env, device)
+    else:
+        import world_model
+
+        model = world_model.load_or_train(args.env, args.dataset, seed=args.world_model_seed, device=device,
+                                          **PRESETS[args.env]["world_model"])
+    layout = Layout(args.env, args.obs, device)
+    states_all = torch.as_tensor(data.states, device=device)
+    history_table = layout.dataset_history_table(data) if args.use_history else None
+    history_index = torch.as_tensor(data.history_index, device=device) if args.use_history else None
+
+    obs_all = layout.observe(states_all)  # [n, N, obs_dim]
+    obs_mean, obs_std = obs_all.mean(1, keepdim=True), obs_all.std(1, keepdim=True)
+    obs_std = torch.where(obs_std < 1e-6, torch.ones_like(obs_std), obs_std)
+    state_std = states_all.std(0)
+    state_std = torch.where(state_std < 1e-6, torch.ones_like(state_std), state_std)
+    agents = Agents(layout.n, layout.obs_dim, layout.action_dim, layout.discrete, envs.STATE_DIM[args.env],
+                    args.hidden_dim, args.use_history, layout.history_dim, args.embed_dim, args.init_log_std,
+                    obs_mean, obs_std, states_all.mean(0), state_std).to(device)
+    del obs_all
+    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate, eps=1e-5)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    start_iteration, synthetic_steps = 0, 0
+    if args.resume:
+        try:
+            ck = torch.load(checkpoint_path, map_location=device, weights_only=False)
+            agents.load_state_dict(ck["agents"])
+            optimizer.load_state_dict(ck["optimizer"])
+            generator.set_state(ck["generator"].cpu() if device.type == "cpu" else ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            start_iteration, synthetic_steps = ck["iteration"], ck["synthetic_steps"]
+        except Exception as e:
+            raise MomaError(f"checkpoint {checkpoint_path} is corrupt or from another configuration "
+                            f"({type(e).__name__}: {e}); start a new run without --resume") from None
+        print(f"resuming {run_dir} at iteration {start_iteration}")
+
+    act = greedy_policy(agents, layout, device)
+    eval_seed = 10101 + 1 + args.seed
+    k, b = args.rollout_horizon, args.rollout_batch
+
+    def save_checkpoint(iteration: int) -> None:
+        atomic_save({"agents": agents.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                     "synthetic_steps": synthetic_steps, "generator": generator.get_state(),
+                     "torch_rng": torch.get_rng_state(), "args": dataclasses.asdict(args)}, checkpoint_path)
+
+    bar = tqdm(range(start_iteration, args.iterations), initial=start_iteration, total=args.iterations,
+               desc=f"MOMA-PPO {args.env}/{args.obs}/{args.dataset}", dynamic_ncols=True)
+    for iteration in bar:
+        t_iter = time.time()
+        # ------------------------------------------------------------ synthetic rollouts (Algorithm 1)
+        batch, stats = collect_rollouts(agents, model, layout, states_all, history_table, history_index, args,
+                                        generator)
+        n_valid = len(batch["returns"])
+        synthetic_steps += n_valid
+        t_rollout = time.time() - t_iter
+
+        # ------------------------------------------------------------ MAPPO update
+        mb = min(args.minibatch_size, n_valid)
+        clip_fractions = []
+        for _ in range(args.update_epochs):
+            perm = torch.randperm(n_valid, device=device, generator=generator)
+            for start in range(0, n_valid - mb + 1, mb):
+                idx = perm[start:start + mb]
+                feats = agents.features(batch["obs"][:, idx], batch["hist"][:, idx] if args.use_history else None)
+                dist = agents.distribution(feats)
+                new_logp = agents.log_prob(dist, batch["actions"][:, idx])  # [n, mb]
+                adv = batch["advantages"][idx]
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                ratio = (new_logp - batch["logp"][:, idx]).exp()  # one ratio per agent (MAPPO)
+                pg_loss = -torch.min(ratio * adv, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * adv).mean()
+                v_loss = 0.5 * (agents.team_value(feats, batch["states"][idx]) - batch["value_targets"][idx]).pow(2).mean()
+                entropy = agents.entropy(dist).mean()
+                loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agents.parameters(), args.max_grad_norm)
+                optimizer.step()
+                clip_fractions.append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
+        sps = n_valid / max(time.time() - t_iter, 1e-9)
+        step = iteration + 1
+        writer.add_scalar("charts/SPS", sps, step)
+        writer.add_scalar("charts/synthetic_steps", synthetic_steps, step)
+        writer.add_scalar("charts/rollout_time_s", t_rollout, step)
+        for key, value in stats.items():
+            writer.add_scalar(f"rollouts/{key}", value, step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), step)
+        writer.add_scalar("losses/entropy", entropy.item(), step)
+        writer.add_scalar("losses/clipfrac", float(np.mean(clip_fractions)), step)
+        postfix = dict(sps=f"{sps:.0f}", len=f"{n_valid / b:.1f}", r=f"{float(batch['returns'].mean()):.3f}")
+
+        if step % args.eval_every == 0 or step == args.iterations:
+            returns_eval = envs.evaluate(args.env, args.obs, act, args.eval_episodes_during, seed=eval_seed)
+            score = float(data.normalized_score(returns_eval).mean())
+            writer.add_scalar("eval/episodic_return", float(returns_eval.mean()), step)
+            writer.add_scalar("eval/normalized_score", score, step)
+            postfix["score"] = f"{score:.3f}"
+        bar.set_postfix(postfix)
+        if step % args.checkpoint_every == 0 or step == args.iterations:
+            save_checkpoint(step)
+    bar.close()
+
+    # ---------------------------------------------------------------- final evaluation (paper: 100 greedy episodes)
+    returns_eval = envs.evaluate(args.env, args.obs, act, args.eval_episodes, seed=eval_seed)
+    scores = data.normalized_score(returns_eval)
+    summary = {
+        "algorithm": "moma_ppo", "env": args.env, "obs": args.obs, "dataset_id": data.dataset_id, "seed": args.seed,
+        "config": dataclasses.asdict(args), "eval_episodes": args.eval_episodes,
+        "normalized_score_mean": float(scores.mean()), "normalized_score_std": float(scores.std()),
+        "episode_returns": returns_eval.tolist(), "episode_normalized_scores": scores.tolist(),
+        "train_steps": int(synthetic_steps), "wall_time_s": time.time() - start_time, "git_commit": git_commit(),
+    }
+    writer.add_scalar("eval/final_normalized_score", summary["normalized_score_mean"], args.iterations)
+    writer.close()
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, run_dir / "summary.json")
+    print(f"{data.dataset_id} {args.obs} seed {args.seed}: normalised score {summary['normalized_score_mean']:.3f} "
+          f"± {summary['normalized_score_std']:.3f} over {args.eval_episodes} greedy episodes; "
+          f"{synthetic_steps} synthetic steps in {summary['wall_time_s']:.0f} s -> {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(Args))
+    except MomaError as e:
+        raise SystemExit(f"error: {e}")
