@@ -929,7 +929,11 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
     for env, name in MUJOCO_DATASETS:
         if not envs.dataset_exists(env, name):
             continue
-        st = envs.dataset_stats(env, name)
+        try:
+            st = envs.dataset_stats(env, name)
+        except envs.MomaError as e:  # e.g. being written by another build right now
+            print(f"dataset card: skipping {env}/{name}: {e}")
+            continue
         b = builds.get(st["dataset"], {})
         rows.append(f"| `{st['dataset']}` | {st['min_score_pct']:.1f} | {st['mean_score_pct']:.1f} | "
                     f"{st['median_score_pct']:.1f} | {st['max_score_pct']:.1f} | {st['episodes']:,} | "
