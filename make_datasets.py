@@ -938,7 +938,7 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
         rows.append(f"| `{st['dataset']}` | {st['min_score_pct']:.1f} | {st['mean_score_pct']:.1f} | "
                     f"{st['median_score_pct']:.1f} | {st['max_score_pct']:.1f} | {st['episodes']:,} | "
                     f"{st['transitions']:,} | {st['ref_min_score']:.2f} | {st['ref_max_score']:.2f} | "
-                    f"{b.get('build_time_s', float('nan')):.0f} / {b.get('cpu_time_s', float('nan')):.0f} |")
+                    f"{b.get('build_time_s', float('nan')):.0f} / {b.get('cpu_time_s', 'n/a')} |")
     policies = []
     for key, p in SHIPPED.items():
         if p.exists():
@@ -962,6 +962,9 @@ metadata (`ref_min_score`, `ref_max_score`).
 | dataset | min % | mean % | median % | max % | episodes | transitions | ref_min | ref_max | build wall / CPU time (s) |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+Build times depend on the machine's load: the table's were measured with several builds and other jobs
+sharing 2 cores (CPU time: the build process's own; n/a = not recorded by that build).
 
 Paper Table 2 for comparison (min / mean / median / max %; D4RL ant-v2 and the authors' Reacher-v2 set):
 reacher expert-mix 38.8 / 100.0 / 98.9 / 152.3 (expert -4.237, random -11.145); ant random -3 / 6.4 / 7.2 / 10.3,
