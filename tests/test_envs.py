@@ -276,8 +276,11 @@ def test_cli_rejects_unknown_env():
 def test_dataset_with_wrong_shapes_is_rejected_with_both_shapes():
     episodes = _random_episodes("reacher", 1)
     envs.write_minari_dataset("ant", "random", episodes, -40.0, -4.0, "wrong env", "reacher data under an ant id")
-    with pytest.raises(envs.MomaError, match=r"\(10,\).*\(2,\).*\(27,\).*\(8,\)"):
-        envs.load_dataset("ant", "random", "partial")
+    try:
+        with pytest.raises(envs.MomaError, match=r"\(10,\).*\(2,\).*\(27,\).*\(8,\)"):
+            envs.load_dataset("ant", "random", "partial")
+    finally:  # leave no reacher data under the ant id for later tests
+        minari.delete_dataset(envs.dataset_id("ant", "random"))
 
 
 def test_external_dataset_is_never_downloaded():

@@ -183,38 +183,6 @@ def test_table3_maiql_solves_favorable(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # MuJoCo smoke runs on tiny random datasets (written to the session's temporary Minari folder)
 # --------------------------------------------------------------------------------------------------
-def _random_episodes(env, n_episodes, steps, seed):
-    rng = np.random.default_rng(seed)
-    episodes = []
-    for j in range(n_episodes):
-        sim = envs.make_single_agent_env(env)
-        state, _ = sim.reset(seed=seed + j)
-        obs, acts, rews, terms, truncs = [state], [], [], [], []
-        for t in range(steps):
-            a = rng.uniform(-1, 1, envs.JOINT_ACTION_DIM[env]).astype(np.float32)
-            state, r, term, trunc, _ = sim.step(a)
-            obs.append(state), acts.append(a), rews.append(r), terms.append(term), truncs.append(trunc or t == steps - 1)
-            if term:
-                break
-        episodes.append(dict(observations=np.array(obs, np.float32), actions=np.array(acts), rewards=np.array(rews),
-                             terminations=np.array(terms), truncations=np.array(truncs)))
-    return episodes
-
-
-@pytest.fixture(scope="module")
-def tiny_mujoco_datasets():
-    # Never let load_dataset build the real (expensive) datasets: write tiny random ones first.
-    if not envs.dataset_exists("reacher", "expert-mix"):
-        envs.write_minari_dataset("reacher", "expert-mix", _random_episodes("reacher", 4, 50, 0), -11.144625,
-                                  -4.2370844, "uniform random", "tiny test dataset")
-    if not envs.dataset_exists("ant", "random"):
-        envs.write_minari_dataset("ant", "random", _random_episodes("ant", 2, 100, 0), -325.6, 3879.7,
-                                  "uniform random", "tiny test dataset")
-    assert str(envs.DATA_DIR) != str(envs.REPO_DIR / "data" / "minari")  # conftest's temporary folder
-
-
-# Every obs function of reacher and ant for the decentralised learners; centralised IQL always sees the
-# global state (its --obs is only a label), so one run per env covers it.
 SMOKE = [(m, "reacher", o, "expert-mix") for m in (maiql, ibc) for o in envs.OBS_FUNCTIONS["reacher"]]
 SMOKE += [(m, "ant", o, "random") for m in (maiql, ibc) for o in envs.OBS_FUNCTIONS["ant"]]
 SMOKE += [(iql, "reacher", "leader-only", "expert-mix"), (iql, "ant", "partial", "random")]
