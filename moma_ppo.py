@@ -46,7 +46,7 @@ from envs import MomaError
 # released. The coordination game follows the authors' toy settings (reference §1(a)): k = 1, no history,
 # no clipping, no penalty. `world_model` holds the training overrides used if the ensemble must be trained.
 PRESETS = {
-    "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=40, lambda_r=0.0, lambda_g=0.0,
+    "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
                          uncertainty_threshold=float("inf"), clip_to_dataset=False, minibatch_size=1024,
                          learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10,
                          world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250,
@@ -78,8 +78,8 @@ class Args:
     """run folder (default runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<time>); give it to --resume"""
     resume: bool = False
     """resume the run in --run-dir from its last checkpoint"""
-    threads: int = 2
-    """torch CPU threads"""
+    torch_threads: int = 2
+    """torch CPU threads (2 on this 2-core machine: the batched rollouts and large minibatches use both)"""
 
     # Synthetic rollouts (Algorithm 1); None = the env's preset.
     iterations: Optional[int] = None
@@ -492,6 +492,17 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
     return batch, stats
 
 
+def evaluate(args: Args, act, n_episodes: int, seed: int) -> np.ndarray:
+    """Greedy episodes in the real env. One thread: a batch of <= 100 observations is too small to split, and
+    two threads spinning on tiny ops cost 10x more on a busy machine (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return envs.evaluate(args.env, args.obs, act, n_episodes, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=envs.REPO_DIR, text=True,
@@ -511,7 +522,7 @@ def main(args: Args) -> dict:
     if args.cuda and not torch.cuda.is_available():
         raise MomaError("--cuda was given but torch sees no GPU; drop --cuda to run on the CPU")
     device = torch.device("cuda" if args.cuda else "cpu")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -629,7 +640,7 @@ def main(args: Args) -> dict:
         postfix = dict(sps=f"{sps:.0f}", len=f"{n_valid / b:.1f}", r=f"{float(batch['returns'].mean()):.3f}")
 
         if step % args.eval_every == 0 or step == args.iterations:
-            returns_eval = envs.evaluate(args.env, args.obs, act, args.eval_episodes_during, seed=eval_seed)
+            returns_eval = evaluate(args, act, args.eval_episodes_during, eval_seed)
             score = float(data.normalized_score(returns_eval).mean())
             writer.add_scalar("eval/episodic_return", float(returns_eval.mean()), step)
             writer.add_scalar("eval/normalized_score", score, step)
@@ -640,7 +651,7 @@ def main(args: Args) -> dict:
     bar.close()
 
     # ---------------------------------------------------------------- final evaluation (paper: 100 greedy episodes)
-    returns_eval = envs.evaluate(args.env, args.obs, act, args.eval_episodes, seed=eval_seed)
+    returns_eval = evaluate(args, act, args.eval_episodes, eval_seed)
     scores = data.normalized_score(returns_eval)
     summary = {
         "algorithm": "moma_ppo", "env": args.env, "obs": args.obs, "dataset_id": data.dataset_id, "seed": args.seed,

@@ -187,7 +187,7 @@ def test_runs_end_to_end_on_mujoco(monkeypatch, tmp_path, env, obs, dataset, ext
                         dict(hidden_dim=16, n_hidden_layers=1, max_steps=20, eval_every=10, rollout_eval_starts=5))
     summary = moma_ppo.main(moma_ppo.Args(
         env=env, obs=obs, dataset=dataset, iterations=2, rollout_batch=16, rollout_horizon=3, minibatch_size=16,
-        hidden_dim=16, embed_dim=8, eval_every=1, eval_episodes_during=1, eval_episodes=1, checkpoint_every=1,
+        hidden_dim=16, embed_dim=8, eval_every=2, eval_episodes_during=1, eval_episodes=1, checkpoint_every=1,
         run_dir=str(tmp_path / "run"), **extra))
     assert summary["train_steps"] > 0 and np.isfinite(summary["normalized_score_mean"])
     assert (tmp_path / "run" / "checkpoint.pt").exists()
