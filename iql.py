@@ -63,9 +63,10 @@ class Args:
     """use the GPU (CPU by default)"""
     torch_threads: int = 1
     """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
-    total_steps: int = 50_000
-    """gradient steps (authors: 1,000,001). Measured on the shared 2-core CPU (1 thread, nets 256-256,
-    batch 256): ~45 steps/s on ant, so 50k steps ~ 20 min; the coordination game needs ~1k"""
+    total_steps: Optional[int] = None
+    """gradient steps (authors: 1,000,001). None = 5k on the coordination game (solved after ~1k), 50k
+    otherwise. Measured on the shared 2-core CPU (1 thread, nets 256-256, batch 256): ~45 steps/s on ant,
+    so 50k steps ~ 20 min"""
     batch_size: int = 256
     hidden: int = 256
     """width of the two hidden layers of every MLP"""
@@ -230,6 +231,8 @@ def main(args: Args) -> dict:
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
     if args.resume and args.run_dir is None:
         raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
+    if args.total_steps is None:
+        args = dataclasses.replace(args, total_steps=5_000 if args.env == "coordination" else 50_000)
     for name in ("total_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
