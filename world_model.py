@@ -99,6 +99,8 @@ class Args:
     """seed of the held-out split, the initialisation and the minibatches"""
     cuda: bool = False
     """train on the GPU"""
+    torch_threads: int = 2
+    """torch CPU threads (CLI only; moma_ppo.py trains a missing model with its own setting)"""
     exp_name: str = "world_model"
     """name of the TensorBoard run"""
     ensemble_size: int = 7
@@ -580,8 +582,9 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
     if checkpoint_path is not None and args.resume and checkpoint_path.exists():
         try:
             ck = torch.load(checkpoint_path, map_location=device, weights_only=True)
-            same = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "force")}
-            if {k: v for k, v in ck["config"].items() if k not in ("resume", "force")} == same:
+            free = ("resume", "force", "torch_threads", "cuda")  # may change between a run and its resume
+            same = {k: v for k, v in dataclasses.asdict(args).items() if k not in free}
+            if {k: v for k, v in ck["config"].items() if k not in free} == same:
                 net.load_state_dict(ck["network"])
                 optimizer.load_state_dict(ck["optimizer"])
                 best_state, best_mse = ck["best_state"], ck["best_mse"]
@@ -724,6 +727,7 @@ def train_and_save(args: Args, device: torch.device, progress: bool = True) -> t
 
 
 def main(args: Args) -> None:
+    torch.set_num_threads(args.torch_threads)
     torch.backends.cudnn.deterministic = True
     if args.cuda and not torch.cuda.is_available():
         raise MomaError("--cuda was given but torch sees no GPU; drop --cuda to train on the CPU")

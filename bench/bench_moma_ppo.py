@@ -33,13 +33,17 @@ class BenchArgs:
     threads: int = 2
     rollout_batch: Optional[int] = None
     rollout_horizon: Optional[int] = None
+    use_history: Optional[bool] = None
+    minibatch_size: Optional[int] = None
+    """None = the script's default (histories only on partially observable tasks)"""
 
 
 def main(bench: BenchArgs) -> None:
     torch.set_num_threads(bench.threads)
     torch.manual_seed(0)
     args = moma_ppo.resolve(moma_ppo.Args(env=bench.env, obs=bench.obs, rollout_batch=bench.rollout_batch,
-                                          rollout_horizon=bench.rollout_horizon, uncertainty_threshold=1e9))
+                                          rollout_horizon=bench.rollout_horizon, uncertainty_threshold=1e9,
+                                          use_history=bench.use_history, minibatch_size=bench.minibatch_size))
     device = torch.device("cpu")
     S, A, N = envs.STATE_DIM[bench.env], envs.JOINT_ACTION_DIM[bench.env], 100_000
     model = world_model.WorldModel(bench.env, "bench", S, A).eval()
