@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import envs
+from conftest import random_episodes
 import moma_ppo
 
 
@@ -159,21 +160,8 @@ def test_solves_the_unfavorable_coordination_game(monkeypatch, tmp_path):
 
 
 def _random_dataset(env: str, name: str, n_episodes: int, steps: int):
-    e = envs.make_single_agent_env(env)
-    rng = np.random.default_rng(0)
-    episodes = []
-    for j in range(n_episodes):
-        s, _ = e.reset(seed=j)
-        obs, acts, rews, terms, truncs = [s], [], [], [], []
-        for t in range(steps):
-            a = rng.uniform(-1, 1, envs.JOINT_ACTION_DIM[env]).astype(np.float32)
-            s, r, te, tr, _ = e.step(a)
-            obs.append(s), acts.append(a), rews.append(r), terms.append(te), truncs.append(tr or t == steps - 1)
-            if te:
-                break
-        episodes.append(dict(observations=np.array(obs), actions=np.array(acts), rewards=np.array(rews),
-                             terminations=np.array(terms), truncations=np.array(truncs)))
-    envs.write_minari_dataset(env, name, episodes, -50.0, 50.0, "uniform random", "tiny test dataset")
+    envs.write_minari_dataset(env, name, random_episodes(env, n_episodes, steps, 0), -50.0, 50.0, "uniform random",
+                              "tiny test dataset")
 
 
 @pytest.mark.parametrize("env,obs,dataset,extra", [
