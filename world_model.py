@@ -276,6 +276,12 @@ class WorldModel(nn.Module):
         self.register_buffer("state_max", torch.full((state_dim,), float("inf")))
         self.register_buffer("reward_bounds", torch.tensor([-float("inf"), float("inf")]))
         self.register_buffer("elites", torch.arange(n_elites, dtype=torch.long))
+        # 0 when the dataset holds no terminal transition (Reacher, the coordination game: episodes only
+        # time out). The Bernoulli head has then only seen "not terminal" and its extrapolation off the data
+        # is arbitrary; because every Reacher reward is negative, an absorbing state is a reward the agents
+        # can farm (MOMA-PPO on reacher drove its rollouts into predicted terminals: mean length 9.9 -> 8.8
+        # in 37 iterations). Such an env never terminates, so neither does its model.
+        self.register_buffer("can_terminate", torch.ones(()))
 
     @property
     def reward_min(self) -> float:
@@ -331,6 +337,7 @@ class WorldModel(nn.Module):
             n, batch = pred["rewards"].shape
             choice = torch.randint(n, (batch,), device=self.device, generator=generator)
             out = ensemble_statistics(pred["next_states"], pred["rewards"], pred["p_not_terminal"], choice)
+            out["terminals"] = out["terminals"] * self.can_terminate
             out["aleatoric"] = aleatoric_uncertainty(pred["next_state_var"], pred["reward_var"])
             out["elite"] = self.elites[choice]
             if clip:  # after the uncertainties, which use the unclipped predictions (reference §7 item 10)
@@ -413,7 +420,10 @@ def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device=
     try:
         model = WorldModel(payload["env"], payload["dataset_id"], payload["state_dim"], payload["joint_action_dim"],
                            **payload["hyper"])
-        model.load_state_dict(payload["state_dict"], strict=True)
+        state_dict = dict(payload["state_dict"])
+        # Artifacts written before `can_terminate` existed: the terminal head decided alone, as before.
+        state_dict.setdefault("can_terminate", torch.ones(()))
+        model.load_state_dict(state_dict, strict=True)
     except MomaError:
         raise
     except Exception as e:
@@ -564,6 +574,7 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
     all_states = torch.cat([torch.as_tensor(data.states), torch.as_tensor(data.next_states)]).float()
     model.state_min, model.state_max = all_states.min(0).values.to(device), all_states.max(0).values.to(device)
     model.reward_bounds = torch.tensor([float(data.rewards.min()), float(data.rewards.max())], device=device)
+    model.can_terminate = torch.tensor(float(np.asarray(data.terminals).any()), device=device)
     inputs = (raw_inputs - model.input_mean) / model.input_std
     targets = (targets_units - model.target_mean) / model.target_std
     del raw_inputs

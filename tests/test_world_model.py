@@ -122,6 +122,16 @@ def test_step_draws_a_next_state_among_the_elites_only():
     torch.testing.assert_close(out["rewards"], pred["rewards"][[3, 1, 0]].mean(0))
 
 
+def test_a_model_of_a_dataset_without_terminals_never_terminates():
+    model = _tiny_model()
+    with torch.no_grad():  # every member's terminal head says "absorbing" (p_not_terminal ~ 0)
+        model.network.head.bias[:, :, -1] = -50.0
+    states, actions = torch.randn(20, 10), torch.zeros(20, 2)
+    assert model.step(states, actions)["terminals"].eq(1).all()  # can_terminate defaults to 1
+    model.can_terminate.fill_(0)
+    assert model.step(states, actions)["terminals"].eq(0).all()
+
+
 def test_bad_input_shapes_give_clear_errors():
     model = _tiny_model()
     with pytest.raises(envs.MomaError, match=r"states \[B, 10\]"):
@@ -164,6 +174,7 @@ def test_learns_a_tiny_known_system_and_elites_are_the_best_members():
     model, metrics = wm.train(data, args, progress=False)
     assert metrics["elites"] == sorted(range(4), key=lambda i: metrics["holdout_mse"][i])[:3]
     assert model.elites.tolist() == metrics["elites"]
+    assert model.can_terminate.item() == 1.0  # the data has terminal transitions (s_0 > 0.9)
     # Fresh states: the model knows s' = s + 0.2 a and r = -||s||² to a small error.
     rng = np.random.default_rng(1)
     s = rng.uniform(-0.6, 0.6, (500, 2)).astype(np.float32)
@@ -184,6 +195,7 @@ def test_predicts_the_coordination_payoff_exactly():
                    eval_every=200, patience=3, rollout_eval_starts=100)
     model, metrics = wm.train(data, args, progress=False)
     assert metrics["elite_reward_rmse"] < 0.05
+    assert model.can_terminate.item() == 0.0  # the game's episodes only time out
     # Every joint action from every round: payoff 1 when the agents agree, else 0.
     rounds = np.unique(data.states[:, 0])
     joint = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
