@@ -380,8 +380,14 @@ def evaluate(
     lockstep batches of up to `max_parallel`, so the policy is queried once per step, not per env.
     Episode j is reset with seed `seed + j`, so results are reproducible.
     """
+    from tqdm import tqdm
+
     obs = check_names(env, obs)
     returns = np.zeros(n_episodes)
+    n_batches = -(-n_episodes // max_parallel)
+    # A bar for evaluations that take a while (100 Ant episodes: up to 100k env steps, ~30 s).
+    bar = tqdm(total=n_batches * EPISODE_STEPS[env], desc=f"evaluating {n_episodes} {env} episodes", leave=False,
+               disable=True if n_episodes * EPISODE_STEPS[env] < 20_000 else None)
     for start in range(0, n_episodes, max_parallel):
         n = min(max_parallel, n_episodes - start)
         envs = [make_env(env, obs) for _ in range(n)]
@@ -399,8 +405,10 @@ def evaluate(
                     observations[i][j] = o[i]
                 alive[j] = not (term or trunc)
             history.push(previous, actions)  # finished episodes keep stepping nothing; their rows are ignored
+            bar.update(1)
         for e in envs:
             e.close()
+    bar.close()
     return returns
 
 
