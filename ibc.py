@@ -58,8 +58,7 @@ class Args:
     total_steps: Optional[int] = None
     """offline gradient steps (authors: 1,000,001). None = a budget that fits the shared 2-core CPU:
     5k on the coordination game, 50k without histories, 10k with the history encoder (PO tasks), which
-    dominates the cost. Measured
-    (1 thread, nets 256-256, batch 256, machine shared): MAIQL reacher all-observant 18 steps/s
+    dominates the cost. Measured (1 thread, nets 256-256, batch 256, machine shared): MAIQL reacher all-observant 18 steps/s
     (50k ~ 45 min), MAIQL ant partial 2.3 steps/s (10k ~ 70 min), IBC ant partial 5.5 steps/s"""
     batch_size: int = 256
     hidden: int = 256
@@ -194,13 +193,13 @@ def pad_stack(arrays: list, width: int) -> torch.Tensor:
                         for a in arrays])
 
 
-
 def default_total_steps(env: str, history_len: int) -> int:
     """Gradient steps when --total-steps is not given: 5k on the coordination game (solved or failed for
     good after ~1k; Table 3 needs 30 runs per method), 50k without histories, 10k with the history encoder."""
     if env == "coordination":
         return 5_000
     return 50_000 if history_len == 0 else 10_000
+
 
 def main(args: Args) -> dict:
     obs_name = envs.check_names(args.env, args.obs, args.dataset)

@@ -91,8 +91,7 @@ class Args:
     total_steps: Optional[int] = None
     """offline gradient steps (authors: 1,000,001). None = a budget that fits the shared 2-core CPU:
     5k on the coordination game, 50k without histories, 10k with the history encoder (PO tasks), which
-    dominates the cost. Measured
-    (1 thread, nets 256-256, batch 256, machine shared): MAIQL reacher all-observant 18 steps/s
+    dominates the cost. Measured (1 thread, nets 256-256, batch 256, machine shared): MAIQL reacher all-observant 18 steps/s
     (50k ~ 45 min), MAIQL ant partial 2.3 steps/s (10k ~ 70 min), IBC ant partial 5.5 steps/s"""
     finetune: bool = False
     """MAIQL-ft: after the offline steps, train total_steps more with online simulator data mixed in"""
@@ -384,13 +383,13 @@ class ReplayData:
         )
 
 
-
 def default_total_steps(env: str, history_len: int) -> int:
     """Gradient steps when --total-steps is not given: 5k on the coordination game (solved or failed for
     good after ~1k; Table 3 needs 30 runs per method), 50k without histories, 10k with the history encoder."""
     if env == "coordination":
         return 5_000
     return 50_000 if history_len == 0 else 10_000
+
 
 def main(args: Args) -> dict:
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
