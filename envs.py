@@ -466,6 +466,7 @@ class OfflineData:
     next_history_index: np.ndarray  # [N, H] int64
     ref_min_score: Optional[float]
     ref_max_score: Optional[float]
+    fingerprint: str = ""  # content hash of the transitions (see dataset_fingerprint)
 
     @property
     def n_agents(self) -> int:
@@ -510,6 +511,35 @@ def build_history_index(episode_ids: np.ndarray, length: int = HISTORY_LEN) -> t
     return index.astype(np.int64), next_index.astype(np.int64)
 
 
+def _fingerprint(arrays: dict) -> str:
+    """Content hash of a flattened dataset (its transitions, not its metadata): a world model records the
+    fingerprint of the data it was trained on, so a rebuilt dataset is never paired with a stale model."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for k in ("obs", "next_obs", "act", "rew", "term", "trunc", "ep"):
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(env: str, dataset: str) -> Optional[str]:
+    """The content hash of a local dataset (None if it does not exist), read from the flattened cache when
+    that is fresh, without loading the arrays."""
+    if not dataset_exists(env, dataset):
+        return None
+    did = dataset_id(env, dataset)
+    meta_file = dataset_path(env, dataset) / "data" / "metadata.json"
+    cache = CACHE_DIR / "datasets" / (did.replace("/", "__") + ".npz")
+    if cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["stamp"]) == f"{meta_file.stat().st_mtime_ns}" and "fingerprint" in z.files:
+                    return str(z["fingerprint"])
+        except Exception:
+            pass
+    return str(_read_minari(env, dataset)["fingerprint"])
+
+
 def _read_minari(env: str, dataset: str):
     """Flatten a local Minari dataset to arrays (cached as .npz next to the world models)."""
     import minari
@@ -521,7 +551,7 @@ def _read_minari(env: str, dataset: str):
     if cache.exists():
         try:
             with np.load(cache, allow_pickle=False) as z:
-                if str(z["stamp"]) == stamp:
+                if str(z["stamp"]) == stamp and "fingerprint" in z.files:
                     return {k: z[k] for k in z.files}
         except Exception:
             pass  # stale or corrupt cache: rebuild it
@@ -553,6 +583,7 @@ def _read_minari(env: str, dataset: str):
     arrays["ref_min_score"] = np.float64(meta.get("ref_min_score", np.nan) if meta.get("ref_min_score") is not None else np.nan)
     arrays["ref_max_score"] = np.float64(meta.get("ref_max_score", np.nan) if meta.get("ref_max_score") is not None else np.nan)
     arrays["stamp"] = np.array(stamp)
+    arrays["fingerprint"] = np.array(_fingerprint(arrays))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
@@ -625,6 +656,7 @@ def load_dataset(
         next_history_index=next_hist,
         ref_min_score=None if np.isnan(ref_min) else ref_min,
         ref_max_score=None if np.isnan(ref_max) else ref_max,
+        fingerprint=str(a["fingerprint"]),
     )
 
 

@@ -381,6 +381,8 @@ def save(model: WorldModel, path: pathlib.Path, seed: int, config: dict, metrics
         "state_max": model.state_max.cpu().tolist(),
         "reward_min": model.reward_min,
         "reward_max": model.reward_max,
+        # the content hash of the training data: a rebuilt dataset makes this model stale (see load)
+        "dataset_fingerprint": getattr(model, "dataset_fingerprint", None),
         "config": config,
         "metrics": metrics,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -405,8 +407,22 @@ def _read_payload(path: pathlib.Path) -> dict:
     return payload
 
 
+def _stale_reason(payload: dict, env: str, dataset: str) -> Optional[str]:
+    """Why a saved model no longer fits the local dataset (it was rebuilt since), or None. Models saved
+    before fingerprints existed, and datasets that are not local, cannot be checked and pass."""
+    trained_on = payload.get("dataset_fingerprint")
+    if not trained_on:
+        return None
+    now = envs.dataset_fingerprint(env, dataset)
+    if now is None or now == trained_on:
+        return None
+    return (f"it was trained on an earlier build of dataset {envs.dataset_id(env, dataset)} (content fingerprint "
+            f"{trained_on}, the local dataset's is now {now})")
+
+
 def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device="cpu") -> WorldModel:
-    """Load a saved ensemble (eval mode, on `device`). MomaError if it belongs to another env/dataset or is corrupt."""
+    """Load a saved ensemble (eval mode, on `device`). MomaError if it belongs to another env/dataset, was
+    trained on an earlier build of the dataset, or is corrupt."""
     path = pathlib.Path(path)
     payload = _read_payload(path)
     if env is not None and payload["env"] != env:
@@ -417,6 +433,10 @@ def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device=
         if payload["dataset_id"] != wanted:
             raise MomaError(f"world model {path} was trained on dataset {payload['dataset_id']}, not {wanted}; "
                             f"train one with `python world_model.py --env {env or payload['env']} --dataset {dataset}`")
+        stale = _stale_reason(payload, env or payload["env"], dataset)
+        if stale:
+            raise MomaError(f"world model {path} is stale: {stale}; retrain it with `python world_model.py --env "
+                            f"{env or payload['env']} --dataset {dataset} --force` (moma_ppo.py retrains it by itself)")
     try:
         model = WorldModel(payload["env"], payload["dataset_id"], payload["state_dim"], payload["joint_action_dim"],
                            **payload["hyper"])
@@ -430,6 +450,7 @@ def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device=
         raise MomaError(f"world model file {path} is corrupt ({type(e).__name__}: {e}); delete it and retrain "
                         f"with `python world_model.py --env {payload.get('env')} --force`") from None
     model.metrics = payload.get("metrics", {})
+    model.dataset_fingerprint = payload.get("dataset_fingerprint")
     model.config = payload.get("config", {})
     return model.to(device).eval()
 
@@ -440,7 +461,10 @@ def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device
     envs.check_names(env, None, dataset)
     path = artifact_path(env, dataset, seed)
     if path.exists():
-        return load(path, env, dataset, device)
+        stale = _stale_reason(_read_payload(path), env, dataset)
+        if stale is None:
+            return load(path, env, dataset, device)
+        print(f"world model {path}: {stale}; training a new one")
     fields = {f.name for f in dataclasses.fields(Args)}
     unknown = sorted(set(train_overrides) - fields)
     if unknown:
@@ -562,6 +586,7 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
         raise MomaError(f"dataset {data.dataset_id} has {len(data.states)} transitions; a world model needs more")
     model = WorldModel(env, data.dataset_id, state_dim, joint_action_dim, args.ensemble_size, args.n_elites,
                        args.hidden_dim, args.n_hidden_layers).to(device)
+    model.dataset_fingerprint = getattr(data, "fingerprint", None) or None
     holdout = holdout_split(np.asarray(data.episode_ids), args.holdout_fraction, args.seed)
     train_rows = torch.as_tensor(np.flatnonzero(~holdout), device=device)
     holdout_rows_np = np.flatnonzero(holdout)
@@ -595,7 +620,8 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
             ck = torch.load(checkpoint_path, map_location=device, weights_only=True)
             free = ("resume", "force", "torch_threads", "cuda")  # may change between a run and its resume
             same = {k: v for k, v in dataclasses.asdict(args).items() if k not in free}
-            if {k: v for k, v in ck["config"].items() if k not in free} == same:
+            same_data = ck.get("dataset_fingerprint") == model.dataset_fingerprint
+            if {k: v for k, v in ck["config"].items() if k not in free} == same and same_data:
                 net.load_state_dict(ck["network"])
                 optimizer.load_state_dict(ck["optimizer"])
                 best_state, best_mse = ck["best_state"], ck["best_mse"]
@@ -654,7 +680,8 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
             _atomic_torch_save({"config": dataclasses.asdict(args), "network": net.state_dict(),
                                 "optimizer": optimizer.state_dict(), "best_state": best_state, "best_mse": best_mse,
                                 "step": step, "evals_without_progress": evals_without_progress, "history": history,
-                                "generator": gen.get_state()}, checkpoint_path)
+                                "generator": gen.get_state(), "dataset_fingerprint": model.dataset_fingerprint},
+                               checkpoint_path)
     bar.close()
     train_time = time.time() - t0
 

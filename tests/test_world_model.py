@@ -262,3 +262,24 @@ def test_load_or_train_caches_the_artifact_and_rejects_unknown_options():
     for k, v in first.state_dict().items():
         assert torch.equal(v, second.state_dict()[k]), k
     assert dataclasses.asdict(wm.Args())["n_elites"] == 5 and dataclasses.asdict(wm.Args())["ensemble_size"] == 7
+
+
+def test_a_rebuilt_dataset_makes_its_world_model_stale():
+    """A world model records the content hash of its training data: after the dataset is rebuilt with other
+    content, `load` refuses the old model and `load_or_train` trains a new one instead of pairing them."""
+    small = dict(hidden_dim=16, n_hidden_layers=1, max_steps=60, eval_every=30, rollout_eval_starts=10)
+    envs.build_dataset("coordination", "neutral", seed=0)
+    try:
+        first = wm.load_or_train("coordination", "neutral", seed=8, **small)
+        path = wm.artifact_path("coordination", "neutral", 8)
+        assert first.dataset_fingerprint == envs.dataset_fingerprint("coordination", "neutral")
+        wm.load(path, "coordination", "neutral")  # same data: loads
+        envs.build_dataset("coordination", "neutral", seed=1)  # same size, other samples
+        assert envs.dataset_fingerprint("coordination", "neutral") != first.dataset_fingerprint
+        with pytest.raises(envs.MomaError, match="stale"):
+            wm.load(path, "coordination", "neutral")
+        second = wm.load_or_train("coordination", "neutral", seed=8, **small)  # retrained, not the stale one
+        assert second.dataset_fingerprint == envs.dataset_fingerprint("coordination", "neutral")
+        assert wm.load(path, "coordination", "neutral").dataset_fingerprint == second.dataset_fingerprint
+    finally:
+        envs.build_dataset("coordination", "neutral", seed=0)  # other tests expect the default build
