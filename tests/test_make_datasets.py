@@ -146,29 +146,45 @@ def test_collect_is_exact_and_reproducible():
 # The Ant learner: checkpoint / resume and the replay it keeps for full-replay
 # ---------------------------------------------------------------------------------------------------
 def test_ant_learner_checkpoint_resume_and_replay(tmp_path):
-    cfg = md.AntPPOConfig(total_steps=2 * 512, num_envs=2, num_steps=256, hidden=16, update_epochs=1,
-                          checkpoint_every_s=0.0, snapshot_every=768, snapshot_eval_episodes=1)
+    cfg = md.AntTD3Config(total_steps=1200, learning_starts=500, batch_size=32, hidden=16, checkpoint_every_s=0.2,
+                          snapshot_every=600, snapshot_eval_episodes=1, stop_above=None)
     logs = []
-    md.train_ant_ppo(cfg, out_dir=tmp_path, log=logs.append)
+    md.train_ant_td3(cfg, out_dir=tmp_path, log=logs.append)
     with pytest.raises(envs.MomaError):
-        md.train_ant_ppo(cfg, out_dir=tmp_path, log=logs.append)  # refuses to overwrite without --resume
-    cfg.total_steps = 3 * 512
-    md.train_ant_ppo(cfg, resume=True, out_dir=tmp_path, log=logs.append)
+        md.train_ant_td3(cfg, out_dir=tmp_path, log=logs.append)  # refuses to overwrite without --resume
+    # The replay chunks are the learner's whole buffer: replaying its actions in a fresh simulator with the
+    # learner's reset seeds reproduces every stored state, reward and flag exactly (Ant is deterministic).
+    buf = md.load_td3_replay(tmp_path, 1200)
+    sim = envs.make_single_agent_env("ant")
+    obs = sim.reset(seed=cfg.seed * 100_003)[0]
+    for t in range(1200):
+        np.testing.assert_array_equal(buf["obs"][t], obs.astype(np.float32))
+        nxt, r, term, trunc, _ = sim.step(buf["act"][t])
+        np.testing.assert_array_equal(buf["next_obs"][t], nxt.astype(np.float32))
+        assert buf["rew"][t] == np.float32(r) and buf["term"][t] == term and buf["trunc"][t] == trunc
+        obs = sim.reset()[0] if (term or trunc) else nxt
+    assert (np.abs(buf["act"][:500]) <= 1).all() and buf["act"][:500].std() > 0.5  # uniform warm-up
+    cfg.total_steps = 1500
+    md.train_ant_td3(cfg, resume=True, out_dir=tmp_path, log=logs.append)
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ck["global_step"] == 3 * 512 and ck["n_resumes"] == 1
-    assert [s[0] for s in md.list_snapshots(tmp_path)] == [1024, 1536]
-    episodes = md.replay_episodes(tmp_path, ck["global_step"], 10**9)
-    # every collected transition is in exactly one episode, except the still-open ones at the end
+    assert ck["step"] == 1500 and ck["n_resumes"] == 1
+    np.testing.assert_array_equal(md.load_td3_replay(tmp_path, 1500)["obs"][:1200], buf["obs"])  # kept on resume
+    assert [s[0] for s in md.list_snapshots(tmp_path)] == [600, 1200]
+    episodes = md.replay_episodes(tmp_path, 1500, 10**9)
     total = sum(len(e["rewards"]) for e in episodes)
-    assert 1024 <= total <= 3 * 512  # at least the episodes cut by the resume at step 1024
+    assert 1200 - 1000 <= total <= 1500  # all but the episodes still open at the end
     for e in episodes:
         T = len(e["rewards"])
         assert e["observations"].shape == (T + 1, 27) and e["actions"].shape == (T, 8)
         assert e["terminations"][-1] or e["truncations"][-1]
         assert not (e["terminations"][:-1].any() or e["truncations"][:-1].any())
-    # the resume boundary cut the open episodes (truncated, not terminal)
-    sub = md.replay_episodes(tmp_path, ck["global_step"], total // 2)
-    assert sum(len(e["rewards"]) for e in sub) <= total // 2
+    # the shipped-policy format: a relu, tanh-squashed actor whose sampled actions carry the exploration noise
+    snap = md.load_gaussian_policy(torch.load(md.list_snapshots(tmp_path)[-1][2], weights_only=False))
+    assert snap.activation == "relu" and snap.squash
+    states = buf["obs"][:64]
+    greedy = snap.act(states, greedy=True)
+    noisy = snap.act(states, greedy=False, generator=torch.Generator().manual_seed(0))
+    assert np.abs(greedy).max() <= 1 and 0.05 < np.std(noisy - greedy) < 0.15  # noise std 0.1 (clipped at ±1)
 
 
 # ---------------------------------------------------------------------------------------------------
