@@ -293,9 +293,6 @@ def train_ant_td3(cfg: AntTD3Config, resume: bool = False, out_dir: pathlib.Path
     t_start, t_ckpt, t_log, step_log = time.time(), time.time(), time.time(), step
     torch_buf = {k: torch.from_numpy(v) for k, v in buf.items()}  # shares memory with the numpy buffer
 
-    def normalize(x):
-        return actor.normalize(x)  # the fixed normaliser lives in the actor's buffers (target actor: same values)
-
     def save_checkpoint():
         nonlocal saved
         if step > saved:
@@ -337,7 +334,8 @@ def train_ant_td3(cfg: AntTD3Config, resume: bool = False, out_dir: pathlib.Path
                     net.obs_var.copy_(torch.as_tensor(buf["obs"][:step].var(0)))
         if step >= cfg.learning_starts:
             idx = torch.randint(0, step, (cfg.batch_size,), generator=gen)
-            o, o2 = normalize(torch_buf["obs"][idx]), normalize(torch_buf["next_obs"][idx])
+            # the fixed normaliser lives in the actor's buffers (the target actor holds the same values)
+            o, o2 = actor.normalize(torch_buf["obs"][idx]), actor.normalize(torch_buf["next_obs"][idx])
             a, rew, done = torch_buf["act"][idx], torch_buf["rew"][idx], torch_buf["term"][idx].float()
             with torch.no_grad():  # target policy smoothing, clipped double-Q (TD3)
                 noise = (torch.randn(a.shape, generator=gen) * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
