@@ -7,8 +7,10 @@
 #   ./run_all.sh 4b         # only Table 4b (four-agent Ant; many CPU hours, see README)
 #   ./run_all.sh table      # only print the tables from the finished runs in runs/
 #
-# Runs that already have a runs/<env>__<obs>__<dataset>__<algorithm>__<seed>__*/summary.json are skipped,
-# so the script can be stopped and restarted. Extra flags after the table name go to every script
+# Every cell of the tables runs in its own folder runs/paper/<env>__<obs>__<dataset>__<algorithm>__<seed>: a
+# finished run (summary.json there) is skipped, a stopped one (checkpoint.pt, no summary) is resumed, so the
+# script can be stopped and restarted at any time without losing work. The tables are printed from
+# runs/paper only, so a quick experiment of yours elsewhere in runs/ (other budgets) never enters them. Extra flags after the table name go to every script
 # (e.g. `./run_all.sh 4b --cuda`). Seeds: SEEDS_GAME (default 10 seeds, as the paper) and SEEDS_MUJOCO
 # (default 3 seeds, as the paper).
 set -euo pipefail
@@ -18,6 +20,7 @@ shift || true
 EXTRA=("$@")
 SEEDS_GAME=${SEEDS_GAME:-"1 2 3 4 5 6 7 8 9 10"}
 SEEDS_MUJOCO=${SEEDS_MUJOCO:-"1 2 3"}
+PAPER_RUNS=runs/paper
 export HF_HUB_OFFLINE=1
 
 # run SCRIPT ENV OBS DATASET SEED [flags...]: one training run unless it already finished.
@@ -26,12 +29,16 @@ run() {
   shift 5
   local exp=${script%.py}
   for flag in "$@"; do case $flag in --finetune) exp=maiql_ft ;; --mixer) exp=matd3bc ;; esac; done
-  if compgen -G "runs/${env}__${obs}__${dataset}__${exp}__${seed}__*/summary.json" > /dev/null; then
-    echo "done already: $exp $env $obs $dataset seed $seed"
+  local dir="$PAPER_RUNS/${env}__${obs}__${dataset}__${exp}__${seed}"
+  if [ -f "$dir/summary.json" ]; then
+    echo "done already: $dir"
     return
   fi
-  echo ">>> python $script --env $env --obs $obs --dataset $dataset --seed $seed --exp-name $exp $* ${EXTRA[*]:-}"
-  python "$script" --env "$env" --obs "$obs" --dataset "$dataset" --seed "$seed" --exp-name "$exp" "$@" "${EXTRA[@]}"
+  local resume=()
+  [ -f "$dir/checkpoint.pt" ] && resume=(--resume)
+  echo ">>> python $script --env $env --obs $obs --dataset $dataset --seed $seed --exp-name $exp --run-dir $dir ${resume[*]:-} $* ${EXTRA[*]:-}"
+  python "$script" --env "$env" --obs "$obs" --dataset "$dataset" --seed "$seed" --exp-name "$exp" --run-dir "$dir" \
+    "${resume[@]}" "$@" "${EXTRA[@]}"
 }
 
 table3() {  # Iterated Coordination Game: IQL, MAIQL, IBC, MOMA-PPO on the three datasets
@@ -77,15 +84,15 @@ table4b() {  # four-agent Ant, four datasets, full and partial observability
 }
 
 print_tables() {  # mean ± standard error over seeds of the final normalised scores, as the paper reports
-  python - <<'EOF'
-import collections, glob, json, math
+  PAPER_RUNS=$PAPER_RUNS python - <<'EOF'
+import collections, glob, json, math, os
 rows = collections.defaultdict(list)
-for path in sorted(glob.glob("runs/*/summary.json")):
+for path in sorted(glob.glob(os.environ["PAPER_RUNS"] + "/*/summary.json")):
     s = json.load(open(path))
     exp = s.get("config", {}).get("exp_name", s["algorithm"])
     rows[(s["env"], s["obs"], s["dataset_id"], exp)].append(s["normalized_score_mean"])
 if not rows:
-    print("no finished runs in runs/")
+    print(f"no finished runs in {os.environ['PAPER_RUNS']}/")
 for env in ("coordination", "reacher", "ant"):
     keys = sorted(k for k in rows if k[0] == env)
     if not keys:

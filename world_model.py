@@ -735,7 +735,8 @@ def format_report(metrics: dict, dataset_id: str) -> str:
 
 
 def train_and_save(args: Args, device: torch.device, progress: bool = True) -> tuple[WorldModel, dict]:
-    """Load the dataset, train (TensorBoard in runs/), print the report and save the artifact atomically."""
+    """Load the dataset, train (TensorBoard in ./runs/, as every script), print the report and save the artifact
+    atomically."""
     from torch.utils.tensorboard import SummaryWriter
 
     dataset = envs.DEFAULT_DATASET[args.env] if args.dataset is None else args.dataset
@@ -743,7 +744,7 @@ def train_and_save(args: Args, device: torch.device, progress: bool = True) -> t
     data = envs.load_dataset(args.env, dataset)
     path = artifact_path(args.env, dataset, args.seed)
     run_name = f"{args.env}__{dataset.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(str(envs.REPO_DIR / "runs" / run_name))
+    writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
     ckpt = path.with_name(path.name + ".ckpt")

@@ -11,6 +11,9 @@ os.environ["MINARI_DATASETS_PATH"] = str(_TMP / "minari")
 os.environ["MOMA_CACHE_DIR"] = str(_TMP / "cache")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded, ever
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Scripts write TensorBoard logs and run folders under ./runs (CleanRL's convention): run the tests from the
+# temporary folder so that they never litter a user's runs/ with test runs.
+os.chdir(_TMP)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
