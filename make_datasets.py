@@ -920,10 +920,11 @@ metadata (`ref_min_score`, `ref_max_score`).
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Build times depend on the machine's load: the table's were measured with several builds and other jobs
-sharing 2 cores (CPU time: the build process's own; n/a = not recorded by that build). A whole fresh-clone
-build (`python make_datasets.py`, 2 workers, reference scores included) took 14 min 35 s wall and 1,161 s
-CPU on the 2-core machine while a MOMA-PPO training used one of its cores.
+Build times are those of the last build of each dataset on this machine (CPU time: the build process's own;
+n/a = not recorded by that build); they grow when other jobs share the cores. A whole fresh-clone build on the
+quiet 2-core project machine (`python make_datasets.py`, 2 workers, the 100-episode reference scores included)
+took 8 min 52 s wall, 965 s user CPU and 2.3 GB peak RSS; with a MOMA-PPO training on one of the cores it
+took 14 min 35 s.
 
 Paper Table 2 for comparison (min / mean / median / max %; D4RL ant-v2 and the authors' Reacher-v2 set):
 reacher expert-mix 38.8 / 100.0 / 98.9 / 152.3 (expert -4.237, random -11.145); ant random -3 / 6.4 / 7.2 / 10.3,
