@@ -91,6 +91,23 @@ STATE_DIM = {"coordination": 1, "reacher": 10, "ant": 27}
 JOINT_ACTION_DIM = {"coordination": 2, "reacher": 2, "ant": 8}
 EPISODE_STEPS = {"coordination": 10, "reacher": 50, "ant": 1000}
 HISTORY_LEN = 10  # paper §3.2: 10-step action-observation histories
+# Ant-v5 ends an episode when the torso height (state 0) leaves this range or the state is not finite
+# (gymnasium's defaults healthy_z_range=(0.2, 1.0), terminate_when_unhealthy=True); Reacher and the
+# coordination game never terminate, they only time out.
+ANT_HEALTHY_Z = (0.2, 1.0)
+
+
+def is_terminal_state(env: str, states):
+    """The env's own termination rule on next states [..., S] (NumPy or torch): True where s' is absorbing.
+
+    World-model rollouts apply it to the predicted next state (MOPO's and OfflineRL-Kit's `termination_fn`):
+    in our Ant datasets every terminal is a jump above z = 1.0 (476 of 1M rows in `medium`), too rare for the
+    learned terminal head, which the rule backs up (see world_model.py)."""
+    z = states[..., 0]
+    if env != "ant":
+        return z > float("inf")  # never: all False, in the input's array type
+    not_finite = ((states != states) | (abs(states) == float("inf"))).any(-1)
+    return not_finite | (z < ANT_HEALTHY_Z[0]) | (z > ANT_HEALTHY_Z[1])
 
 # --------------------------------------------------------------------------------------------------
 # Observation functions: per-agent index lists into the global state (issue 2, reference §1).

@@ -108,6 +108,10 @@ class Args:
     """end rollouts early where ε_g ≥ l_ε (paper §3.2)"""
     ground_truth: bool = False
     """use the real simulator from the dataset states instead of the world model (slow)"""
+    termination_rule: bool = True
+    """end model rollouts where the predicted next state breaks the env's termination rule (Ant: torso height
+    outside [0.2, 1.0]) as well as where the learned terminal head votes so; False = the paper's head alone,
+    which on ant medium missed most jumps above z = 1 and let the policy learn to jump (world_model.py)"""
 
     # Agents and PPO.
     use_history: Optional[bool] = None
@@ -318,13 +322,14 @@ def compute_gae(rewards, values, not_terminal, not_timeout, gamma: float, gae_la
 # Models of the environment used for the rollouts.
 # --------------------------------------------------------------------------------------------------
 class GroundTruthSimulator:
-    """Ablation of §6.3: the real simulator, restarted from each dataset state (no uncertainty)."""
+    """Ablation of §6.3: the real simulator, restarted from each dataset state (no uncertainty; it terminates
+    by the env's own rule, so `termination_rule` changes nothing here)."""
 
     def __init__(self, env: str, device):
         self.env, self.device, self.sims = env, device, []
 
     @torch.no_grad()
-    def step(self, states, joint_actions, clip=True, generator=None, restart: bool = False) -> dict:
+    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True, restart: bool = False) -> dict:
         b = states.shape[0]
         while len(self.sims) < b:
             sim = envs.make_env(self.env)
@@ -451,7 +456,7 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
         value = agents.denormalise(agents.team_value(feats, state))
         joint = layout.joint(actions)
         out = model.step(state, joint if layout.discrete else joint.clamp(-1.0, 1.0),
-                         clip=args.clip_to_dataset, generator=generator)
+                         clip=args.clip_to_dataset, generator=generator, termination_rule=args.termination_rule)
         reward = penalised_reward(out, args)
         not_terminal = 1.0 - out["terminals"]
         # ζ = 0 at the last step, or where the unclamped ε_g reaches l_ε (adaptive rollout length)

@@ -5,6 +5,7 @@ import json
 import minari
 import numpy as np
 import pytest
+import torch
 
 import envs
 
@@ -150,6 +151,33 @@ def test_set_state_restores_the_simulator(env):
     _, s1, r1, *_ = e.step(actions)
     _, s2, r2, *_ = other.step(actions)
     np.testing.assert_allclose(s1, s2, atol=1e-4)
+
+
+def test_termination_rule_matches_the_ant_simulator():
+    """envs.is_terminal_state on the next state says exactly when Ant-v5 itself terminates: start from states
+    whose torso is lifted or lowered around the healthy range and compare over one random step each."""
+    e = envs.make_env("ant", seed=0)
+    _, state = e.reset(seed=0)
+    rng = np.random.default_rng(0)
+    agree, terminated = [], []
+    for z in np.linspace(0.1, 1.2, 45):
+        start = state.copy()
+        start[0] = z
+        start[13:] = rng.normal(0, 0.5, 14)  # some velocity, so the step moves the torso
+        e.set_state(start)
+        _, next_state, _, term, _ = e.step([rng.uniform(-1, 1, d) for d in e.action_dims])
+        agree.append(bool(envs.is_terminal_state("ant", next_state)) == term)
+        terminated.append(term)
+    assert all(agree)
+    assert 5 < sum(terminated) < 40  # both outcomes were exercised
+    # NumPy and torch inputs, batched; non-finite states are terminal too
+    batch = np.zeros((4, 27), np.float32)
+    batch[:, 0] = [0.5, 0.19, 1.01, 0.5]
+    batch[3, 5] = np.nan
+    expected = [False, True, True, True]
+    assert envs.is_terminal_state("ant", batch).tolist() == expected
+    assert envs.is_terminal_state("ant", torch.as_tensor(batch)).tolist() == expected
+    assert not envs.is_terminal_state("reacher", np.full((2, 10), 9.0)).any()
 
 
 def _random_episodes(env: str, n_episodes: int, seed: int = 0):

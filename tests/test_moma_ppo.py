@@ -88,8 +88,9 @@ class FakeModel:
     def __init__(self):
         self.calls = 0
 
-    def step(self, states, joint_actions, clip=True, generator=None):
+    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True):
         self.calls += 1
+        self.termination_rule = termination_rule
         b = states.shape[0]
         eps_g = torch.full((b,), float(self.calls))
         eps_g[::2] = 0.0  # even rollouts: no uncertainty
@@ -135,6 +136,12 @@ def test_rollouts_penalty_timeouts_and_terminals():
     batch, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, fixed,
                                          torch.Generator().manual_seed(0))
     assert len(batch["returns"]) == 6 * 4 + 2 * 2
+    # --no-termination-rule reaches the world model (the paper's learned terminal head alone)
+    for rule in (True, False):
+        model = FakeModel()
+        moma_ppo.collect_rollouts(agents, model, layout, states, table, index, _args(termination_rule=rule),
+                                  torch.Generator().manual_seed(0))
+        assert model.termination_rule is rule
 
 
 def test_unknown_names_and_bad_flags_give_clear_errors():

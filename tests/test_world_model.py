@@ -132,6 +132,28 @@ def test_a_model_of_a_dataset_without_terminals_never_terminates():
     assert model.step(states, actions)["terminals"].eq(0).all()
 
 
+def test_termination_rule_ends_rollouts_the_head_misses():
+    """Ant: a predicted torso height outside [0.2, 1.0] is terminal even where every head says "not terminal"."""
+    model = _tiny_model("ant")
+    with torch.no_grad():  # every member predicts s' = s (zero state delta) and "not terminal" (p ~ 1)
+        model.network.head.weight.zero_(), model.network.head.bias.zero_()
+        model.network.head.bias[:, :, -1] = 50.0
+    states = torch.zeros(5, 27)
+    states[:, 0] = torch.tensor([0.1, 0.2, 0.55, 1.0, 1.05])
+    actions = torch.zeros(5, 8)
+    out = model.step(states, actions, clip=False)
+    assert out["terminals"].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert model.step(states, actions, clip=False, termination_rule=False)["terminals"].eq(0).all()  # the paper's head alone
+    # The rule reads the unclipped prediction: a bounding box below z = 1.05 must not hide the jump.
+    model.state_max.fill_(1.0)
+    assert model.step(states, actions, clip=True)["terminals"][-1] == 1.0
+    # Reacher never terminates, whatever its state.
+    reacher = _tiny_model("reacher")
+    with torch.no_grad():
+        reacher.network.head.bias[:, :, -1] = 50.0
+    assert reacher.step(torch.full((3, 10), 5.0), torch.zeros(3, 2))["terminals"].eq(0).all()
+
+
 def test_bad_input_shapes_give_clear_errors():
     model = _tiny_model()
     with pytest.raises(envs.MomaError, match=r"states \[B, 10\]"):
