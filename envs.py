@@ -389,8 +389,10 @@ def evaluate(
     seed: int = 10101,
     history_len: int = HISTORY_LEN,
     max_parallel: int = 100,
+    return_lengths: bool = False,
 ) -> np.ndarray:
-    """Run `n_episodes` episodes with the (greedy) joint policy `act` and return their returns.
+    """Run `n_episodes` episodes with the (greedy) joint policy `act` and return their returns
+    (and, with `return_lengths`, their lengths in steps: an Ant episode that falls ends early).
 
     `act(observations, histories)` receives per-agent batches [n, o_i] and [n, H, o_i + a_i] and
     returns per-agent actions [n, a_i] (ints [n] for the coordination game). Episodes run in
@@ -401,6 +403,7 @@ def evaluate(
 
     obs = check_names(env, obs)
     returns = np.zeros(n_episodes)
+    lengths = np.zeros(n_episodes, dtype=np.int64)
     n_batches = -(-n_episodes // max_parallel)
     # A bar for evaluations that take a while (100 Ant episodes: up to 100k env steps, ~30 s).
     bar = tqdm(total=n_batches * EPISODE_STEPS[env], desc=f"evaluating {n_episodes} {env} episodes", leave=False,
@@ -418,6 +421,7 @@ def evaluate(
             for j in np.flatnonzero(alive):
                 o, _, r, term, trunc = envs[j].step([a[j] for a in actions])
                 returns[start + j] += r
+                lengths[start + j] += 1
                 for i in range(len(observations)):
                     observations[i][j] = o[i]
                 alive[j] = not (term or trunc)
@@ -426,7 +430,7 @@ def evaluate(
         for e in envs:
             e.close()
     bar.close()
-    return returns
+    return (returns, lengths) if return_lengths else returns
 
 
 def normalized_score(returns, ref_min: float, ref_max: float):
@@ -821,3 +825,123 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except MomaError as e:
         raise SystemExit(f"error: {e}")
+
+
+# ==================================================================================================
+# Run records (results/, issue 13). Every algorithm script writes, next to its summary.json, the
+# evaluation curve (curve.csv, appended as evaluations happen) and the exact command (command.txt), and
+# stamps its summary with the code and dataset fingerprints; with --results-dir it copies that small
+# record (kilobytes, no checkpoints) to <results-dir>/<env>__<obs>__<dataset>__<algorithm>__<seed>/,
+# which is committed. results.py builds docs/results.md and the plots from those records only.
+# This section is self-contained on purpose (it is appended after the CLI above and nothing above uses it).
+# ==================================================================================================
+import csv as _csv
+import hashlib as _hashlib
+import json as _json
+import shlex as _shlex
+import sys as _sys
+
+RECORD_FILES = ("summary.json", "curve.csv", "command.txt")
+CURVE_COLUMNS = ("step", "samples", "wall_time_s", "normalized_score", "episodes")
+# The files a run's result depends on (besides the dataset): a record is stale when any of them changed.
+# Every script imports envs.py; moma_ppo.py also trains / loads its world model with world_model.py.
+CODE_DEPENDENCIES = {"moma_ppo.py": ("moma_ppo.py", "world_model.py", "envs.py")}
+
+
+def file_hash(path) -> str:
+    """Short content hash of one file (sha256, 16 hex digits)."""
+    return _hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def code_fingerprint(script: str) -> dict:
+    """{file: content hash} of the code a run of `script` (e.g. 'iql.py') depends on."""
+    files = CODE_DEPENDENCIES.get(script, (script, "envs.py"))
+    return {name: file_hash(REPO_DIR / name) for name in files}
+
+
+def record_name(env: str, obs: str, dataset: str, algorithm: str, seed: int) -> str:
+    """The folder name of one table cell's record (and of its run under run_all.sh)."""
+    return f"{env}__{obs}__{dataset.replace('/', '_')}__{algorithm}__{seed}"
+
+
+def write_command(run_dir, resume: bool) -> None:
+    """command.txt: the exact command line, shell-quoted; a resumed run appends its own line under the first."""
+    line = _shlex.join(["python"] + _sys.argv) + "\n"
+    path = pathlib.Path(run_dir) / "command.txt"
+    if resume and path.exists():
+        with open(path, "a") as f:
+            f.write(line)
+    else:
+        path.write_text(line)
+
+
+class CurveLog:
+    """curve.csv of a run: one row per greedy evaluation (CURVE_COLUMNS), written out as it happens.
+
+    step = iteration (MOMA-PPO) or gradient step; samples = synthetic steps (MOMA-PPO) or gradient steps x batch
+    size; wall_time_s = training wall time so far (resumes included); episodes = greedy episodes averaged. On
+    resume the rows after the checkpoint's step are dropped: they came from the part of the run that was lost
+    and is trained again. A step appears once: a second row at the same step (the 100-episode final evaluation
+    after a 10-episode one, or a final evaluation redone after a crash) replaces the first.
+    """
+
+    def __init__(self, run_dir, resume_step: Optional[int] = None):
+        self.path = pathlib.Path(run_dir) / "curve.csv"
+        self.rows = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = [[r.get(c, "") for c in CURVE_COLUMNS] for r in _csv.DictReader(f)
+                             if int(float(r["step"])) <= resume_step]
+        self._write()
+
+    def add(self, step: int, samples: int, wall_time_s: float, normalized_score: float, episodes: int) -> None:
+        self.rows = [r for r in self.rows if int(float(r[0])) != int(step)]
+        self.rows.append([int(step), int(samples), f"{wall_time_s:.1f}", f"{float(normalized_score):.6g}", int(episodes)])
+        self._write()
+
+    def _write(self) -> None:  # kilobytes: rewriting the whole file keeps it whole if the run is killed mid-write
+        tmp = self.path.with_name("curve.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = _csv.writer(f)
+            writer.writerow(CURVE_COLUMNS)
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+def record_fields(code: dict, data: "OfflineData", budget: Optional[str], episode_lengths) -> dict:
+    """What a summary.json needs besides the scores to be checked later: budget, fingerprints (`code` from
+    code_fingerprint, taken when the run started), episode lengths."""
+    return {"budget": budget, "dataset_fingerprint": data.fingerprint, "code_fingerprint": code,
+            "episode_lengths": [int(x) for x in episode_lengths]}
+
+
+def check_results_dir(results_dir: Optional[str], name: str, budget: Optional[str]) -> None:
+    """Called before training: say now (not after hours) if the record this run will write replaces one made
+    at another budget (git keeps the old one; the tables never mix budgets)."""
+    if results_dir is None:
+        return
+    old = pathlib.Path(results_dir) / name / "summary.json"
+    if old.exists():
+        try:
+            old_budget = _json.loads(old.read_text()).get("budget")
+        except (OSError, ValueError):
+            old_budget = "unreadable"
+        if old_budget != budget:
+            print(f"note: {old.parent} holds a record at budget {old_budget!r}; this run (budget {budget!r}) "
+                  f"will replace it when it finishes")
+
+
+def save_record(run_dir, results_dir, name: str) -> pathlib.Path:
+    """Copy the run's small record (RECORD_FILES) to <results_dir>/<name>/, replacing that folder whole."""
+    run_dir, dest = pathlib.Path(run_dir), pathlib.Path(results_dir) / name
+    missing = [f for f in RECORD_FILES if not (run_dir / f).exists()]
+    if missing:
+        raise MomaError(f"{run_dir} has no {', '.join(missing)}: not a finished run, nothing to record")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in RECORD_FILES:
+        shutil.copy2(run_dir / f, tmp / f)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest

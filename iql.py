@@ -96,6 +96,11 @@ class Args:
     """continue the run in --run-dir from its checkpoint"""
     run_dir: Optional[str] = None
     """fixed run folder (default: runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<unix time>)"""
+    results_dir: Optional[str] = None
+    """when the run finishes, copy its small record (summary.json, curve.csv, command.txt; no checkpoints) to
+    <results-dir>/<env>__<obs>__<dataset>__<algorithm>__<seed>/ (run_all.sh passes results/<table>)"""
+    budget: Optional[str] = None
+    """name of the budget the run belongs to (run_all.sh's BUDGET); recorded in summary.json"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +303,12 @@ def main(args: Args) -> dict:
         np.random.set_state(ck["numpy_rng"])
         print(f"resumed {run_dir} at step {step}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
+    record = envs.record_name(args.env, obs_name, dataset, "iql", args.seed)
+    envs.check_results_dir(args.results_dir, record, args.budget)
+    code = envs.code_fingerprint("iql.py")  # hashed before training: the code that runs, even if edited meanwhile
+    envs.write_command(run_dir, args.resume)
+    curve = envs.CurveLog(run_dir, step if args.resume else None)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     t0 = time.time()
@@ -361,7 +372,9 @@ def main(args: Args) -> dict:
         if args.eval_every > 0 and step % args.eval_every == 0 and step < args.total_steps:
             eval_ret = envs.evaluate(args.env, full_obs, greedy_act, 10, seed=10101 + 1000 * step, history_len=history_len)
             writer.add_scalar("eval/episodic_return", eval_ret.mean(), step)
-            writer.add_scalar("eval/normalized_score", float(data.normalized_score(eval_ret).mean()), step)
+            eval_score = float(data.normalized_score(eval_ret).mean())
+            writer.add_scalar("eval/normalized_score", eval_score, step)
+            curve.add(step, step * args.batch_size, wall_before + time.time() - t0, eval_score, len(eval_ret))
             print(f"step {step} | greedy return {eval_ret.mean():.3f} | q_loss {q_loss.item():.4f} | "
                   f"v_loss {v_loss.item():.4f} | SPS {sps:.0f}", flush=True)
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
@@ -369,8 +382,8 @@ def main(args: Args) -> dict:
     save_checkpoint()
 
     # ---- final greedy evaluation and summary ----
-    returns = envs.evaluate(args.env, full_obs, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
-                            history_len=history_len)
+    returns, lengths = envs.evaluate(args.env, full_obs, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
+                                     history_len=history_len, return_lengths=True)
     scores = data.normalized_score(returns)
     wall = wall_before + time.time() - t0
     summary = dict(algorithm="iql", env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
@@ -378,12 +391,16 @@ def main(args: Args) -> dict:
                    normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
                    episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
                    train_steps=step, wall_time_s=wall, git_commit=git_commit())
+    summary.update(method="iql", **envs.record_fields(code, data, args.budget, lengths))
+    curve.add(step, step * args.batch_size, wall, summary["normalized_score_mean"], len(returns))
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)
     writer.close()
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, run_dir / "summary.json")
+    if args.results_dir is not None:
+        print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
     print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "
           f"{step} steps in {wall:.0f}s; run {run_dir}")
     return summary

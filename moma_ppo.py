@@ -78,6 +78,11 @@ class Args:
     """run folder (default runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<time>); give it to --resume"""
     resume: bool = False
     """resume the run in --run-dir from its last checkpoint"""
+    results_dir: Optional[str] = None
+    """when the run finishes, copy its small record (summary.json, curve.csv, command.txt; no checkpoints) to
+    <results-dir>/<env>__<obs>__<dataset>__<method>__<seed>/ (run_all.sh passes results/<table>)"""
+    budget: Optional[str] = None
+    """name of the budget the run belongs to (run_all.sh's BUDGET); recorded in summary.json"""
     torch_threads: int = 2
     """torch CPU threads (2 on this 2-core machine: the batched rollouts and large minibatches use both)"""
 
@@ -165,6 +170,23 @@ def resolve(args: Args) -> Args:
     if args.ground_truth and args.env == "coordination":
         raise MomaError("--ground-truth needs a MuJoCo env (reacher or ant)")
     return dataclasses.replace(args, obs=obs, dataset=dataset, **filled)
+
+
+def method_name(args: Args) -> str:
+    """The run's method as the tables name it: moma_ppo, or moma_ppo with its §6.3 ablation switches appended
+    (e.g. moma_ppo-aleatoric-no_adaptive_rollout), so an ablation's record never lands in a MOMA-PPO cell."""
+    parts = ["moma_ppo"]
+    if args.penalty == "aleatoric":
+        parts.append("aleatoric")
+    if not args.adaptive_rollout:
+        parts.append("no_adaptive_rollout")
+    if args.clip_to_dataset != PRESETS[args.env]["clip_to_dataset"]:
+        parts.append("clip" if args.clip_to_dataset else "no_clip")
+    if args.ground_truth:
+        parts.append("ground_truth")
+    if not args.termination_rule and args.env == "ant":  # the rule changes nothing where nothing terminates
+        parts.append("no_termination_rule")
+    return "-".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,13 +519,13 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
     return batch, stats
 
 
-def evaluate(args: Args, act, n_episodes: int, seed: int) -> np.ndarray:
+def evaluate(args: Args, act, n_episodes: int, seed: int, return_lengths: bool = False):
     """Greedy episodes in the real env. One thread: a batch of <= 100 observations is too small to split, and
     two threads spinning on tiny ops cost 10x more on a busy machine (measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return envs.evaluate(args.env, args.obs, act, n_episodes, seed=seed)
+        return envs.evaluate(args.env, args.obs, act, n_episodes, seed=seed, return_lengths=return_lengths)
     finally:
         torch.set_num_threads(threads)
 
@@ -542,6 +564,10 @@ def main(args: Args) -> dict:
     if args.resume and not checkpoint_path.exists():
         raise MomaError(f"nothing to resume: {checkpoint_path} does not exist")
     run_dir.mkdir(parents=True, exist_ok=True)
+    method = method_name(args)
+    record = envs.record_name(args.env, args.obs, args.dataset, method, args.seed)
+    envs.check_results_dir(args.results_dir, record, args.budget)
+    code = envs.code_fingerprint("moma_ppo.py")  # hashed before training: the code that runs, even if edited meanwhile
 
     # ---------------------------------------------------------------- data and world model
     data = envs.load_dataset(args.env, args.dataset, args.obs)
@@ -575,7 +601,7 @@ def main(args: Args) -> dict:
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
-    start_iteration, synthetic_steps = 0, 0
+    start_iteration, synthetic_steps, wall_before = 0, 0, 0.0  # wall_before: wall time of the earlier parts of a resumed run
     if args.resume:
         try:
             ck = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -584,10 +610,14 @@ def main(args: Args) -> dict:
             generator.set_state(ck["generator"].cpu() if device.type == "cpu" else ck["generator"])
             torch.set_rng_state(ck["torch_rng"])
             start_iteration, synthetic_steps = ck["iteration"], ck["synthetic_steps"]
+            wall_before = ck.get("wall_s", 0.0)  # checkpoints from before the run records have no wall time
         except Exception as e:
             raise MomaError(f"checkpoint {checkpoint_path} is corrupt or from another configuration "
                             f"({type(e).__name__}: {e}); start a new run without --resume") from None
         print(f"resuming {run_dir} at iteration {start_iteration}")
+    # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
+    envs.write_command(run_dir, args.resume)
+    curve = envs.CurveLog(run_dir, start_iteration if args.resume else None)
 
     act = greedy_policy(agents, layout, device)
     eval_seed = 10101 + 1 + args.seed
@@ -596,6 +626,7 @@ def main(args: Args) -> dict:
     def save_checkpoint(iteration: int) -> None:
         atomic_save({"agents": agents.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
                      "synthetic_steps": synthetic_steps, "generator": generator.get_state(),
+                     "wall_s": wall_before + time.time() - start_time,
                      "torch_rng": torch.get_rng_state(), "args": dataclasses.asdict(args)}, checkpoint_path)
 
     bar = tqdm(range(start_iteration, args.iterations), initial=start_iteration, total=args.iterations,
@@ -649,6 +680,7 @@ def main(args: Args) -> dict:
             score = float(data.normalized_score(returns_eval).mean())
             writer.add_scalar("eval/episodic_return", float(returns_eval.mean()), step)
             writer.add_scalar("eval/normalized_score", score, step)
+            curve.add(step, synthetic_steps, wall_before + time.time() - start_time, score, len(returns_eval))
             postfix["score"] = f"{score:.3f}"
         bar.set_postfix(postfix)
         if step % args.checkpoint_every == 0 or step == args.iterations:
@@ -656,20 +688,24 @@ def main(args: Args) -> dict:
     bar.close()
 
     # ---------------------------------------------------------------- final evaluation (paper: 100 greedy episodes)
-    returns_eval = evaluate(args, act, args.eval_episodes, eval_seed)
+    returns_eval, lengths = evaluate(args, act, args.eval_episodes, eval_seed, return_lengths=True)
     scores = data.normalized_score(returns_eval)
     summary = {
         "algorithm": "moma_ppo", "env": args.env, "obs": args.obs, "dataset_id": data.dataset_id, "seed": args.seed,
         "config": dataclasses.asdict(args), "eval_episodes": args.eval_episodes,
         "normalized_score_mean": float(scores.mean()), "normalized_score_std": float(scores.std()),
         "episode_returns": returns_eval.tolist(), "episode_normalized_scores": scores.tolist(),
-        "train_steps": int(synthetic_steps), "wall_time_s": time.time() - start_time, "git_commit": git_commit(),
+        "train_steps": int(synthetic_steps), "wall_time_s": wall_before + time.time() - start_time,
+        "git_commit": git_commit(), "method": method, **envs.record_fields(code, data, args.budget, lengths),
     }
+    curve.add(args.iterations, synthetic_steps, summary["wall_time_s"], summary["normalized_score_mean"], len(returns_eval))
     writer.add_scalar("eval/final_normalized_score", summary["normalized_score_mean"], args.iterations)
     writer.close()
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, run_dir / "summary.json")
+    if args.results_dir is not None:
+        print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
     print(f"{data.dataset_id} {args.obs} seed {args.seed}: normalised score {summary['normalized_score_mean']:.3f} "
           f"± {summary['normalized_score_std']:.3f} over {args.eval_episodes} greedy episodes; "
           f"{synthetic_steps} synthetic steps in {summary['wall_time_s']:.0f} s -> {run_dir}")
