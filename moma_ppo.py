@@ -326,16 +326,21 @@ def compute_gae(rewards, values, not_terminal, not_timeout, gamma: float, gae_la
         δ_t = r_t + γ f_t V(s_{t+1}) - V(s_t)            (bootstraps from V at timeouts, 0 at terminals)
         A_t = δ_t + γ λ f_t ζ_t A_{t+1}                   (nothing flows across a rollout's end)
         G_t = A_t + V(s_t)                                 (λ-return target of the value)
-    Steps after a rollout's end are garbage but never leak into valid ones: the end step has f ζ = 0.
+    Steps after a rollout's end are garbage but never leak into valid ones: the end step has f ζ = 0, and the
+    masks select (torch.where) instead of multiplying, so a non-finite garbage value (a diverged model state
+    after a terminal, reachable without clipping) cannot turn a valid advantage into NaN (0 * inf = NaN).
     (The authors regressed V on a Monte-Carlo return bootstrapped only at timeouts, reference §4(e); we use
     the standard λ-return, which has lower variance.)
     """
     k = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
+    zero = torch.zeros_like(rewards[0])
     for t in reversed(range(k)):
-        delta = rewards[t] + gamma * not_terminal[t] * values[t + 1] - values[t]
-        next_advantage = delta + gamma * gae_lambda * not_terminal[t] * not_timeout[t] * next_advantage
+        bootstrap = torch.where(not_terminal[t] > 0, values[t + 1], zero)
+        delta = rewards[t] + gamma * bootstrap - values[t]
+        carried = torch.where(not_terminal[t] * not_timeout[t] > 0, next_advantage, zero)
+        next_advantage = delta + gamma * gae_lambda * carried
         advantages[t] = next_advantage
     return advantages, advantages + values[:-1]
 
@@ -493,7 +498,11 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
         alive = alive * not_terminal * zeta
         if args.use_history:  # h_{j+1}: drop the oldest pair, append (o_j, a_j)
             hist = torch.cat([hist[:, :, 1:], layout.history_step(obs, actions).unsqueeze(2)], dim=2)
-        state = out["next_states"]
+        # A rollout valid at this step moves to its predicted next state (a timeout bootstraps from V there);
+        # one that had already ended stays where it was, as does a non-finite prediction (possible without
+        # clipping; it is a terminal by the termination rule), so garbage steps stay finite.
+        moves = (valid[-1] > 0) & torch.isfinite(out["next_states"]).all(1)
+        state = torch.where(moves[:, None], out["next_states"], state)
     last_value = agents.denormalise(agents.team_value(agents.features(layout.observe(state), hist), state))
     values = torch.stack(buf["values"] + [last_value])
     advantages, returns = compute_gae(torch.stack(buf["rewards"]), values, torch.stack(buf["f"]),

@@ -45,6 +45,45 @@ def test_gae_timeout_by_uncertainty_cuts_accumulation():
     assert adv[0, 0] == pytest.approx((1.0 + 0.5 - 0.5) + adv[1, 0])
 
 
+def test_gae_non_finite_garbage_never_leaks():
+    """After a terminal, the model's next state may diverge (no clipping): inf/NaN rewards and values on garbage
+    steps must not reach the valid ones (0 * inf = NaN with multiplicative masks)."""
+    r = torch.tensor([[1.0], [1.0], [float("nan")]])
+    v = torch.tensor([[0.5], [0.5], [float("inf")], [float("nan")]])  # V(s_2) of a diverged terminal state
+    f = torch.tensor([[1.0], [0.0], [1.0]])  # terminal at step 1
+    zeta = torch.tensor([[1.0], [1.0], [0.0]])
+    adv, ret = moma_ppo.compute_gae(r, v, f, zeta, 0.9, 0.95)
+    assert torch.isfinite(adv[:2]).all() and torch.isfinite(ret[:2]).all()
+    assert adv[1, 0] == pytest.approx(1.0 - 0.5)  # A_1 = r_1 - V(s_1) at the terminal
+    assert adv[0, 0] == pytest.approx((1.0 + 0.9 * 0.5 - 0.5) + 0.9 * 0.95 * 0.5)
+
+
+class DivergingModel:
+    """Predicts an infinite next state (and so a terminal, by the termination rule) for rollout 0 at its first step."""
+
+    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True):
+        b = states.shape[0]
+        nxt = states + 0.01
+        nxt[0] = float("inf")
+        terminal = torch.zeros(b)
+        terminal[0] = 1.0
+        return {"next_states": nxt, "rewards": torch.ones(b), "terminals": terminal, "eps_r": torch.zeros(b),
+                "eps_g": torch.zeros(b), "aleatoric": torch.zeros(b)}
+
+
+def test_rollouts_stay_finite_after_a_diverged_terminal():
+    torch.manual_seed(0)
+    layout, agents = _agents()
+    states = torch.randn(50, 27)
+    table = torch.randn(4, 51, layout.history_dim)
+    index = torch.randint(0, 51, (50, 10))
+    batch, stats = moma_ppo.collect_rollouts(agents, DivergingModel(), layout, states, table, index,
+                                             _args(clip_to_dataset=False), torch.Generator().manual_seed(0))
+    assert len(batch["returns"]) == 1 + 7 * 4  # rollout 0 ends at its first step, the others run k = 4
+    for key in ("advantages", "returns", "value_targets", "logp", "obs", "states"):
+        assert torch.isfinite(batch[key]).all(), key
+
+
 def _agents(env="ant", obs="partial", use_history=True):
     layout = moma_ppo.Layout(env, obs, torch.device("cpu"))
     n, S = layout.n, envs.STATE_DIM[env]
