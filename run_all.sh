@@ -1,51 +1,126 @@
 #!/usr/bin/env bash
 # Reproduce the paper's tables with one command:
 #
-#   ./run_all.sh            # Tables 3, 4a and 4b, then print them
-#   ./run_all.sh 3          # only Table 3 (Iterated Coordination Game, minutes)
+#   ./run_all.sh            # Tables 3, 4a and 4b, then docs/results.md
+#   ./run_all.sh 3          # only Table 3 (Iterated Coordination Game)
 #   ./run_all.sh 4a         # only Table 4a (two-agent Reacher)
-#   ./run_all.sh 4b         # only Table 4b (four-agent Ant; many CPU hours, see README)
-#   ./run_all.sh table      # only print the tables from the finished runs in runs/
+#   ./run_all.sh 4b         # only Table 4b (four-agent Ant; many CPU hours)
+#   ./run_all.sh ablation   # the §6.3 ablation: MOMA-PPO's penalty and adaptive rollouts, ant full-replay FO and PO
+#   ./run_all.sh plan 4b    # only print what `./run_all.sh 4b` would do (cells, done, estimated CPU hours)
+#   ./run_all.sh table      # only write docs/results.md from the records in results/
+#   ./run_all.sh plots      # only draw the learning curves docs/plots/*.png from results/ (and rewrite docs/results.md)
 #
-# Every cell of the tables runs in its own folder runs/paper/<env>__<obs>__<dataset>__<algorithm>__<seed>: a
-# finished run (summary.json there) is skipped, a stopped one (checkpoint.pt, no summary) is resumed, so the
-# script can be stopped and restarted at any time without losing work. The tables are printed from
-# runs/paper only, so a quick experiment of yours elsewhere in runs/ (other budgets) never enters them. Extra flags after the table name go to every script
-# (e.g. `./run_all.sh 4b --cuda`). Seeds: SEEDS_GAME (default 10 seeds, as the paper) and SEEDS_MUJOCO
-# (default 3 seeds, as the paper).
+# Budgets: BUDGET=quick (default: a few CPU hours per table on a 2-core machine, except Table 4b, see the plan),
+# BUDGET=default (the scripts' own defaults, as the README's earlier hand runs) or BUDGET=paper (the paper's
+# protocol: 1M gradient steps as the authors' code, MOMA-PPO at its presets). The flags of each budget are in
+# budget_flags below; the plan printed before anything runs gives the cells, what is done and the estimated
+# CPU hours (speeds measured here, results.py SECONDS_PER_STEP).
+#
+# Every cell runs in its own folder runs/run_all/<budget>/<env>__<obs>__<dataset>__<method>__<seed> and, when it
+# finishes, copies its small record (summary.json, curve.csv, command.txt) to results/<table>/<same name>/, which
+# is committed. A cell whose record is in results/ at this budget is skipped, a stopped one (checkpoint.pt, no
+# summary) is resumed, so the script can be stopped and restarted at any time. A record made at another budget is
+# replaced (git keeps the old one); tables are written per budget and never mix them. Extra flags after the
+# target go to every script (e.g. `./run_all.sh 4b --cuda`, `./run_all.sh 3 --torch-threads 1`). Seeds:
+# SEEDS_GAME (default 10 seeds, as the paper) and SEEDS_MUJOCO (default 3 seeds, as the paper).
 set -euo pipefail
 cd "$(dirname "$0")"
 WHAT=${1:-all}
 shift || true
+PLAN_ONLY=0
+if [ "$WHAT" = plan ]; then
+  PLAN_ONLY=1
+  WHAT=${1:-all}
+  shift || true
+fi
 EXTRA=("$@")
+BUDGET=${BUDGET:-quick}
 SEEDS_GAME=${SEEDS_GAME:-"1 2 3 4 5 6 7 8 9 10"}
 SEEDS_MUJOCO=${SEEDS_MUJOCO:-"1 2 3"}
-PAPER_RUNS=runs/paper
+RESULTS=results
+RUNS=runs/run_all/$BUDGET
+PLAN_FILE=""
 export HF_HUB_OFFLINE=1
 
-# run SCRIPT ENV OBS DATASET SEED [flags...]: one training run unless it already finished.
+case $BUDGET in
+  quick | default | paper) ;;
+  *) echo "error: unknown BUDGET=$BUDGET (quick, default or paper)" >&2; exit 2 ;;
+esac
+
+# budget_flags SCRIPT ENV OBS: the training-length flags of one cell at $BUDGET (and denser evaluations where the
+# run is short, so its learning curve has points).
+budget_flags() {
+  local script=$1 env=$2 obs=$3 po=0
+  case $obs in independent | leader-only | partial) po=1 ;; esac
+  case $BUDGET in
+    default) ;;  # the scripts' defaults
+    paper)  # the authors' 1,000,001 gradient steps; MOMA-PPO's presets (the paper does not state its iterations)
+      [ "$script" = moma_ppo.py ] || echo "--total-steps 1000000 --eval-every 50000" ;;
+    quick)  # a smoke-scale reproduction: checks the pipeline and the rough ordering, far from convergence
+      local steps=5000 cql_steps=1000 iterations=50
+      [ "$env" = ant ] && steps=2000 cql_steps=500 iterations=25
+      [ $po = 1 ] && steps=1000 cql_steps=250  # the history encoder dominates the cost
+      if [ "$script" = moma_ppo.py ]; then
+        if [ "$env" = coordination ]; then echo "--eval-every 2"; else echo "--iterations $iterations --eval-every 5"; fi
+      elif [ "$env" = coordination ]; then  # solved (or failed for good) after ~1k steps
+        echo "--total-steps 1000 --eval-every 100"
+      elif [ "$script" = icql.py ] || [ "$script" = omar.py ]; then  # ~30x the cost of a TD3 step (CQL samples)
+        echo "--total-steps $cql_steps --eval-every $((cql_steps / 4))"
+      else
+        echo "--total-steps $steps --eval-every $((steps / 4))"
+      fi ;;
+  esac
+}
+
+# method_of SCRIPT [flags...]: the method name the script gives its record (moma_ppo.py's method_name).
+method_of() {
+  local script=$1 method=${1%.py}
+  shift
+  for flag in "$@"; do case $flag in --finetune) method=maiql_ft ;; --mixer) method=matd3bc ;; esac; done
+  if [ "$method" = moma_ppo ]; then
+    for flag in "$@"; do [ "$flag" = aleatoric ] && method="$method-aleatoric"; done
+    for flag in "$@"; do [ "$flag" = --no-adaptive-rollout ] && method="$method-no_adaptive_rollout"; done
+  fi
+  echo "$method"
+}
+
+# run TABLE SCRIPT ENV OBS DATASET SEED [flags...]: one table cell unless its record is already in results/.
 run() {
-  local script=$1 env=$2 obs=$3 dataset=$4 seed=$5
-  shift 5
-  local exp=${script%.py}
-  for flag in "$@"; do case $flag in --finetune) exp=maiql_ft ;; --mixer) exp=matd3bc ;; esac; done
-  local dir="$PAPER_RUNS/${env}__${obs}__${dataset}__${exp}__${seed}"
-  if [ -f "$dir/summary.json" ]; then
-    echo "done already: $dir"
+  local table=$1 script=$2 env=$3 obs=$4 dataset=$5 seed=$6
+  shift 6
+  local method name
+  method=$(method_of "$script" "$@")
+  name="${env}__${obs}__${dataset}__${method}__${seed}"
+  local flags
+  read -r -a flags <<< "$(budget_flags "$script" "$env" "$obs")"
+  flags+=("$@")
+  if [ -n "$PLAN_FILE" ]; then
+    echo "$table $script $env $obs $dataset $seed $method ${flags[*]}" >> "$PLAN_FILE"
+    return
+  fi
+  local record="$RESULTS/$table/$name/summary.json" dir="$RUNS/$name"
+  if [ -f "$record" ] && grep -q "\"budget\": \"$BUDGET\"" "$record"; then
+    echo "done already: $RESULTS/$table/$name"
+    return
+  fi
+  if [ -f "$dir/summary.json" ]; then  # finished, but its record is not in results/ (e.g. results/ was reset)
+    echo "recording the finished run $dir"
+    python -c "import envs, sys; envs.save_record(*sys.argv[1:])" "$dir" "$RESULTS/$table" "$name"
     return
   fi
   local resume=()
   [ -f "$dir/checkpoint.pt" ] && resume=(--resume)
-  echo ">>> python $script --env $env --obs $obs --dataset $dataset --seed $seed --exp-name $exp --run-dir $dir ${resume[*]:-} $* ${EXTRA[*]:-}"
-  python "$script" --env "$env" --obs "$obs" --dataset "$dataset" --seed "$seed" --exp-name "$exp" --run-dir "$dir" \
-    "${resume[@]}" "$@" "${EXTRA[@]}"
+  local cmd=(python "$script" --env "$env" --obs "$obs" --dataset "$dataset" --seed "$seed" --exp-name "$method"
+             --run-dir "$dir" --results-dir "$RESULTS/$table" --budget "$BUDGET" "${resume[@]}" "${flags[@]}" "${EXTRA[@]}")
+  echo ">>> ${cmd[*]}"
+  "${cmd[@]}"
 }
 
 table3() {  # Iterated Coordination Game: IQL, MAIQL, IBC, MOMA-PPO on the three datasets
   for script in moma_ppo.py iql.py ibc.py maiql.py; do
     for dataset in favorable neutral unfavorable; do
       for seed in $SEEDS_GAME; do
-        run "$script" coordination full "$dataset" "$seed"
+        run 3 "$script" coordination full "$dataset" "$seed"
       done
     done
   done
@@ -54,14 +129,14 @@ table3() {  # Iterated Coordination Game: IQL, MAIQL, IBC, MOMA-PPO on the three
 table4a() {  # two-agent Reacher, expert-mix dataset, three observation functions
   for obs in all-observant independent leader-only; do
     for seed in $SEEDS_MUJOCO; do
-      [ "$obs" = all-observant ] && run iql.py reacher "$obs" expert-mix "$seed"  # centralised: FO only
-      run maiql.py reacher "$obs" expert-mix "$seed"
-      run itd3bc.py reacher "$obs" expert-mix "$seed" --mixer
-      run ibc.py reacher "$obs" expert-mix "$seed"
-      run itd3bc.py reacher "$obs" expert-mix "$seed"
-      run icql.py reacher "$obs" expert-mix "$seed"
-      run omar.py reacher "$obs" expert-mix "$seed"
-      run moma_ppo.py reacher "$obs" expert-mix "$seed"
+      [ "$obs" = all-observant ] && run 4a iql.py reacher "$obs" expert-mix "$seed"  # centralised: FO only
+      run 4a maiql.py reacher "$obs" expert-mix "$seed"
+      run 4a itd3bc.py reacher "$obs" expert-mix "$seed" --mixer
+      run 4a ibc.py reacher "$obs" expert-mix "$seed"
+      run 4a itd3bc.py reacher "$obs" expert-mix "$seed"
+      run 4a icql.py reacher "$obs" expert-mix "$seed"
+      run 4a omar.py reacher "$obs" expert-mix "$seed"
+      run 4a moma_ppo.py reacher "$obs" expert-mix "$seed"
     done
   done
 }
@@ -70,58 +145,53 @@ table4b() {  # four-agent Ant, four datasets, full and partial observability
   for obs in full partial; do
     for dataset in random medium full-replay expert; do
       for seed in $SEEDS_MUJOCO; do
-        [ "$obs" = full ] && run iql.py ant "$obs" "$dataset" "$seed"
-        run maiql.py ant "$obs" "$dataset" "$seed"
-        run maiql.py ant "$obs" "$dataset" "$seed" --finetune
-        run ibc.py ant "$obs" "$dataset" "$seed"
-        run itd3bc.py ant "$obs" "$dataset" "$seed"
-        run icql.py ant "$obs" "$dataset" "$seed"
-        run omar.py ant "$obs" "$dataset" "$seed"
-        run moma_ppo.py ant "$obs" "$dataset" "$seed"
+        [ "$obs" = full ] && run 4b iql.py ant "$obs" "$dataset" "$seed"
+        run 4b maiql.py ant "$obs" "$dataset" "$seed"
+        run 4b maiql.py ant "$obs" "$dataset" "$seed" --finetune
+        run 4b ibc.py ant "$obs" "$dataset" "$seed"
+        run 4b itd3bc.py ant "$obs" "$dataset" "$seed"
+        run 4b icql.py ant "$obs" "$dataset" "$seed"
+        run 4b omar.py ant "$obs" "$dataset" "$seed"
+        run 4b moma_ppo.py ant "$obs" "$dataset" "$seed"
       done
     done
   done
 }
 
-print_tables() {  # mean ± standard error over seeds of the final normalised scores, as the paper reports
-  PAPER_RUNS=$PAPER_RUNS python - <<'EOF'
-import collections, glob, json, math, os
-rows = collections.defaultdict(list)
-for path in sorted(glob.glob(os.environ["PAPER_RUNS"] + "/*/summary.json")):
-    s = json.load(open(path))
-    exp = s.get("config", {}).get("exp_name", s["algorithm"])
-    rows[(s["env"], s["obs"], s["dataset_id"], exp)].append(s["normalized_score_mean"])
-if not rows:
-    print(f"no finished runs in {os.environ['PAPER_RUNS']}/")
-for env in ("coordination", "reacher", "ant"):
-    keys = sorted(k for k in rows if k[0] == env)
-    if not keys:
-        continue
-    algos = sorted({k[3] for k in keys})
-    tasks = sorted({k[1:3] for k in keys}, key=lambda t: (t[0], t[1]))
-    print(f"\n{env}: normalised score, mean ± s.e.m. over seeds (n seeds)")
-    print("| obs | dataset | " + " | ".join(algos) + " |")
-    print("|---|---|" + "---|" * len(algos))
-    for obs, dataset in tasks:
-        cells = []
-        for a in algos:
-            v = rows.get((env, obs, dataset, a))
-            if not v:
-                cells.append("")
-                continue
-            mean = sum(v) / len(v)
-            sem = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else 0.0
-            cells.append(f"{mean:.2f} ± {sem:.2f} ({len(v)})")
-        print(f"| {obs} | {dataset} | " + " | ".join(cells) + " |")
-EOF
+ablation() {  # §6.3: epistemic (the paper's) vs MOPO's aleatoric penalty, with and without adaptive rollouts
+  for obs in full partial; do
+    for seed in $SEEDS_MUJOCO; do
+      run ablation moma_ppo.py ant "$obs" full-replay "$seed"
+      run ablation moma_ppo.py ant "$obs" full-replay "$seed" --no-adaptive-rollout
+      run ablation moma_ppo.py ant "$obs" full-replay "$seed" --penalty aleatoric
+      run ablation moma_ppo.py ant "$obs" full-replay "$seed" --penalty aleatoric --no-adaptive-rollout
+    done
+  done
+}
+
+cells() {
+  case $WHAT in
+    3) table3 ;;
+    4a) table4a ;;
+    4b) table4b ;;
+    ablation) ablation ;;
+    all) table3; table4a; table4b ;;
+    *) echo "usage: [BUDGET=quick|default|paper] ./run_all.sh [plan] [3|4a|4b|ablation|all|table|plots] [extra flags]" >&2
+       exit 2 ;;
+  esac
 }
 
 case $WHAT in
-  3) table3 ;;
-  4a) table4a ;;
-  4b) table4b ;;
-  all) table3; table4a; table4b ;;
-  table) ;;
-  *) echo "usage: ./run_all.sh [3|4a|4b|all|table] [extra flags for every script]" >&2; exit 2 ;;
+  table) python results.py table; exit ;;
+  plots) python results.py plots; exit ;;
 esac
-print_tables
+
+# The plan first: every cell of the target, what is done, the estimated CPU time left.
+PLAN_FILE=$(mktemp)
+trap 'rm -f "$PLAN_FILE"' EXIT
+cells
+python results.py plan "$PLAN_FILE" --budget "$BUDGET" --runs-dir "$RUNS"
+PLAN_FILE=""
+[ $PLAN_ONLY = 1 ] && exit 0
+cells
+python results.py table

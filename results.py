@@ -1,0 +1,683 @@
+"""The results of this reproduction, generated from the committed records in results/ only.
+
+    python results.py table       # docs/results.md: Tables 1-4 and the §6.3 ablation, beside the paper's numbers
+    python results.py plots       # docs/plots/*.png learning curves, then docs/results.md again (it shows them)
+    python results.py datasets    # results/datasets/*.json: Table 1-2 statistics of the datasets built here
+    python results.py plan CELLS  # what run_all.sh is about to do: cells, done, estimated CPU hours
+
+A table cell's record is results/<table>/<env>__<obs>__<dataset>__<method>__<seed>/ with summary.json (config,
+dataset id and fingerprint, code fingerprint, budget, scores, per-episode returns and lengths, wall time,
+commit), curve.csv (one row per greedy evaluation) and command.txt (the exact command). Every algorithm script
+writes it when given --results-dir (run_all.sh passes results/<table>). Nothing here is typed in by hand except
+the paper's numbers (PAPER_* below, from the AAMAS 2024 paper's Tables 1-4) and results/legacy.md, which holds
+the earlier hand-typed measurements that have no record and is shown under its own heading.
+
+A record is *stale* when a file its run depended on (the algorithm script, envs.py, world_model.py for
+MOMA-PPO) has changed since, or when its dataset's content fingerprint differs from the dataset on disk; stale
+cells are shown with a dagger, never silently mixed with fresh ones. Cells made at different budgets are in
+different tables.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import shlex
+import sys
+from typing import Optional
+
+import numpy as np
+
+import envs
+
+REPO = pathlib.Path(__file__).resolve().parent
+RESULTS_DIR = REPO / "results"
+DOCS_DIR = REPO / "docs"
+PLOTS_DIR = DOCS_DIR / "plots"
+TABLES = ("3", "4a", "4b", "ablation")
+
+# --------------------------------------------------------------------------------------------------
+# The paper's numbers (Barde et al., AAMAS 2024): reference values to compare with, not our results.
+# --------------------------------------------------------------------------------------------------
+PAPER_TABLE1 = {"favorable": 0.623, "neutral": 0.502, "unfavorable": 0.375}  # average dataset score
+# Table 2: normalised dataset scores (%) min / mean / median / max; reference returns expert / random.
+PAPER_TABLE2 = {
+    ("reacher", "expert-mix"): dict(min=38.8, mean=100.0, median=98.9, max=152.3, expert=-4.237, random=-11.145),
+    ("ant", "random"): dict(min=-3.0, mean=6.4, median=7.2, max=10.3, expert=3879.7, random=-325.6),
+    ("ant", "medium"): dict(min=-4.8, mean=80.2, median=95.1, max=107.2, expert=3879.7, random=-325.6),
+    ("ant", "full-replay"): dict(min=-22.4, mean=72.0, median=77.8, max=134.3, expert=3879.7, random=-325.6),
+    ("ant", "expert"): dict(min=-32.8, mean=117.4, median=129.4, max=142.5, expert=3879.7, random=-325.6),
+}
+# Tables 3 and 4: (mean, s.e.m.) over 10 seeds (coordination) or 3 seeds (MuJoCo), 100 greedy episodes.
+PAPER_TABLE3 = {
+    "favorable": dict(iql=(1.0, 0.0), maiql=(1.0, 0.0), ibc=(1.0, 0.0), moma_ppo=(1.0, 0.0)),
+    "neutral": dict(iql=(1.0, 0.0), maiql=(0.9, 0.1), ibc=(0.55, 0.11), moma_ppo=(1.0, 0.0)),
+    "unfavorable": dict(iql=(1.0, 0.0), maiql=(0.0, 0.0), ibc=(0.0, 0.0), moma_ppo=(1.0, 0.0)),
+}
+_4A_METHODS = ("iql", "maiql", "matd3bc", "ibc", "itd3bc", "icql", "omar", "moma_ppo")
+_4B_METHODS = ("iql", "maiql", "maiql_ft", "ibc", "itd3bc", "icql", "omar", "moma_ppo")
+
+
+def _row(methods, text: str) -> dict:
+    """'1.07 ± 0.01 | | 0.92 ± 0.04 ...' (the paper's cells in column order, empty = no cell) -> {method: (m, s)}."""
+    cells = [c.strip() for c in text.split("|")]
+    assert len(cells) == len(methods), text
+    return {m: tuple(float(x) for x in c.split("±")) for m, c in zip(methods, cells) if c}
+
+
+PAPER_TABLE4A = {
+    "all-observant": _row(_4A_METHODS, "1.07 ± 0.01 | 0.96 ± 0.05 | 1.04 ± 0.01 | 1.02 ± 0.01 | 0.78 ± 0.00 | 0.48 ± 0.06 | 0.73 ± 0.01 | 1.07 ± 0.01"),
+    "independent": _row(_4A_METHODS, " | 0.92 ± 0.04 | 0.59 ± 0.03 | 0.76 ± 0.04 | 0.30 ± 0.11 | 0.46 ± 0.04 | 0.45 ± 0.02 | 0.95 ± 0.06"),
+    "leader-only": _row(_4A_METHODS, " | 0.80 ± 0.05 | 0.73 ± 0.02 | 0.84 ± 0.02 | 0.48 ± 0.04 | 0.31 ± 0.05 | 0.39 ± 0.02 | 1.00 ± 0.01"),
+}
+PAPER_TABLE4B = {
+    ("full", "random"): _row(_4B_METHODS, "0.12 ± 0.00 | 0.28 ± 0.01 | 0.28 ± 0.03 | 0.31 ± 0.00 | 0.22 ± 0.02 | 0.08 ± 0.00 | 0.08 ± 0.00 | 0.52 ± 0.07"),
+    ("full", "medium"): _row(_4B_METHODS, "0.97 ± 0.02 | 0.85 ± 0.02 | 0.81 ± 0.02 | 0.84 ± 0.01 | 1.04 ± 0.00 | 0.88 ± 0.12 | 1.10 ± 0.03 | 1.29 ± 0.06"),
+    ("full", "full-replay"): _row(_4B_METHODS, "1.22 ± 0.02 | 0.77 ± 0.21 | 0.95 ± 0.13 | 1.20 ± 0.01 | 1.33 ± 0.01 | 1.21 ± 0.02 | 1.30 ± 0.00 | 1.42 ± 0.07"),
+    ("full", "expert"): _row(_4B_METHODS, "1.26 ± 0.01 | 1.24 ± 0.00 | 1.06 ± 0.07 | 1.24 ± 0.00 | 1.25 ± 0.02 | 0.73 ± 0.15 | 1.16 ± 0.01 | 1.49 ± 0.01"),
+    ("partial", "random"): _row(_4B_METHODS, " | 0.31 ± 0.00 | 0.34 ± 0.04 | 0.31 ± 0.00 | 0.31 ± 0.00 | 0.17 ± 0.02 | 0.21 ± 0.02 | 0.42 ± 0.05"),
+    ("partial", "medium"): _row(_4B_METHODS, " | 0.14 ± 0.02 | 0.11 ± 0.01 | 0.17 ± 0.01 | 0.22 ± 0.05 | 0.09 ± 0.02 | 0.06 ± 0.01 | 0.54 ± 0.19"),
+    ("partial", "full-replay"): _row(_4B_METHODS, " | 0.18 ± 0.02 | -0.07 ± 0.10 | 0.21 ± 0.02 | 0.20 ± 0.01 | 0.09 ± 0.01 | 0.11 ± 0.02 | 0.46 ± 0.10"),
+    ("partial", "expert"): _row(_4B_METHODS, " | -0.16 ± 0.01 | -0.23 ± 0.02 | 0.05 ± 0.04 | 0.16 ± 0.00 | 0.11 ± 0.03 | 0.10 ± 0.01 | 0.18 ± 0.00"),
+}
+# §6.3 gives no numbers: its Figure 6 (appendix, not in the text) shows learning curves on ant full-replay.
+PAPER_ABLATION = ("epistemic beats aleatoric everywhere except FO with adaptive rollouts (not significant); "
+                  "learning curves only (Figure 6, Appendix B.2), no numbers")
+
+METHOD_LABELS = {
+    "iql": "IQL", "maiql": "MAIQL", "maiql_ft": "MAIQL-ft", "matd3bc": "MATD3+BC", "ibc": "IBC",
+    "itd3bc": "ITD3+BC", "icql": "ICQL", "omar": "IOMAR", "moma_ppo": "MOMA-PPO",
+    "moma_ppo-no_adaptive_rollout": "epistemic, fixed rollouts",
+    "moma_ppo-aleatoric": "aleatoric (λ_a 1), adaptive rollouts",
+    "moma_ppo-aleatoric-no_adaptive_rollout": "aleatoric (λ_a 1), fixed rollouts",
+}
+ABLATION_METHODS = ("moma_ppo", "moma_ppo-no_adaptive_rollout", "moma_ppo-aleatoric",
+                    "moma_ppo-aleatoric-no_adaptive_rollout")
+# Rows (obs, dataset) and columns of each table, as in the paper.
+LAYOUT = {
+    "3": dict(env="coordination", rows=[("full", d) for d in envs.DATASETS["coordination"]],
+              methods=("iql", "maiql", "ibc", "moma_ppo")),
+    "4a": dict(env="reacher", rows=[(o, "expert-mix") for o in ("all-observant", "independent", "leader-only")],
+               methods=_4A_METHODS),
+    "4b": dict(env="ant", rows=[(o, d) for o in ("full", "partial") for d in ("random", "medium", "full-replay", "expert")],
+               methods=_4B_METHODS),
+    "ablation": dict(env="ant", rows=[("full", "full-replay"), ("partial", "full-replay")], methods=ABLATION_METHODS),
+}
+TITLES = {"3": "Table 3: Iterated Coordination Game", "4a": "Table 4a: two-agent Reacher, expert-mix",
+          "4b": "Table 4b: four-agent Ant", "ablation": "§6.3 ablation: epistemic vs aleatoric penalty, ant full-replay"}
+
+
+def paper_cell(table: str, obs: str, dataset: str, method: str) -> Optional[tuple]:
+    if table == "3":
+        return PAPER_TABLE3.get(dataset, {}).get(method)
+    if table == "4a":
+        return PAPER_TABLE4A.get(obs, {}).get(method)
+    if table == "4b":
+        return PAPER_TABLE4B.get((obs, dataset), {}).get(method)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost estimates for run_all.sh's plan: seconds per gradient step (model-free) or per iteration (MOMA-PPO) with
+# 1 torch thread (MOMA-PPO: its default 2), plus a fixed cost per run (loading, the 100-episode evaluation).
+# Where measured: the project's 2-core CPU, usually shared with one other training (README "Results measured
+# here" runs, the scripts' --total-steps docstrings, and the coordination cells timed for issue 13).
+# "PO" = partially observable task, where the 10-step history encoder dominates the cost.
+# --------------------------------------------------------------------------------------------------
+SECONDS_PER_STEP = {
+    # coordination game (5,000-step cells and MOMA-PPO's 20 iterations timed for issue 13, 1 thread, other core
+    # busy: IQL 62 s, MAIQL 178 s, IBC 34 s, MOMA-PPO 17 s of which ~15 s loading its world model)
+    ("coordination", "FO", "moma_ppo"): 0.6, ("coordination", "FO", "iql"): 0.0115,
+    ("coordination", "FO", "maiql"): 0.035, ("coordination", "FO", "ibc"): 0.0058,
+    # reacher all-observant, 50k-step runs (5k for ICQL / IOMAR) and MOMA-PPO 400 iterations in 729 s
+    ("reacher", "FO", "iql"): 0.0118, ("reacher", "FO", "maiql"): 0.0346, ("reacher", "FO", "matd3bc"): 0.0201,
+    ("reacher", "FO", "ibc"): 0.0058, ("reacher", "FO", "itd3bc"): 0.0164, ("reacher", "FO", "icql"): 0.234,
+    ("reacher", "FO", "omar"): 0.251, ("reacher", "FO", "moma_ppo"): 1.8,
+    # reacher PO: MOMA-PPO leader-only 400 iterations in 44 min; model-free not timed: assumed half of ant PO
+    # (2 agents instead of 4; the history encoder dominates the cost)
+    ("reacher", "PO", "moma_ppo"): 6.6, ("reacher", "PO", "ibc"): 0.066, ("reacher", "PO", "itd3bc"): 0.078,
+    ("reacher", "PO", "matd3bc"): 0.13, ("reacher", "PO", "maiql"): 0.22, ("reacher", "PO", "icql"): 0.8,
+    ("reacher", "PO", "omar"): 0.93,
+    # ant full, medium: 20k IQL in 250 s, MAIQL 10k in 500 s, MAIQL-ft 10k in 847 s, IBC 50k in 595 s, ITD3+BC 20k
+    # in 666 s, ICQL / IOMAR 2k in 930 / 1050 s; MATD3+BC 13.1 updates/s (itd3bc.py); MOMA-PPO from its
+    # 5,341 synthetic steps/s (bench, 2 threads) at ~20k synthetic steps per iteration plus its evaluations
+    ("ant", "FO", "iql"): 0.0125, ("ant", "FO", "maiql"): 0.05, ("ant", "FO", "maiql_ft"): 0.085,
+    ("ant", "FO", "ibc"): 0.0119, ("ant", "FO", "itd3bc"): 0.0333, ("ant", "FO", "matd3bc"): 0.076,
+    ("ant", "FO", "icql"): 0.465, ("ant", "FO", "omar"): 0.525, ("ant", "FO", "moma_ppo"): 5.0,
+    # ant partial, medium: IBC 10k in 1,322 s, ITD3+BC 10k in 1,552 s, MAIQL 2.3 steps/s, ICQL 0.62 and IOMAR
+    # 0.54 updates/s (docstrings), MOMA-PPO 250 iterations in 59 min (2 threads)
+    ("ant", "PO", "ibc"): 0.132, ("ant", "PO", "itd3bc"): 0.155, ("ant", "PO", "matd3bc"): 0.26,
+    ("ant", "PO", "maiql"): 0.435, ("ant", "PO", "maiql_ft"): 0.5, ("ant", "PO", "icql"): 1.6,
+    ("ant", "PO", "omar"): 1.85, ("ant", "PO", "moma_ppo"): 14.2,
+}
+SECONDS_PER_RUN = {"coordination": 5, "reacher": 40, "ant": 150}  # load, world model from cache, final evaluation
+PARTIAL_OBS = {"independent", "leader-only", "partial"}
+
+
+def seconds_per_step(env: str, obs: str, method: str) -> float:
+    kind = "PO" if obs in PARTIAL_OBS else "FO"
+    base = method.split("-")[0]  # an ablation costs what MOMA-PPO costs
+    key = (env, kind, base)
+    if key not in SECONDS_PER_STEP and env == "reacher":  # not timed: the history encoder dominates as on ant
+        key = ("ant", kind, base)
+    return SECONDS_PER_STEP.get(key, SECONDS_PER_STEP.get((env, "FO", base), 1.0))
+
+
+def default_steps(script: str, env: str, obs: str, flags: list) -> int:
+    """The gradient steps (iterations for MOMA-PPO) a cell will run: its --total-steps / --iterations flag, or
+    the script's default (MAIQL-ft trains its offline steps twice: offline, then with simulator data)."""
+    value = None
+    for name in ("--total-steps", "--iterations"):
+        if name in flags:
+            value = int(flags[flags.index(name) + 1])
+    if script == "moma_ppo.py":
+        return value or {"coordination": 20, "reacher": 400, "ant": 500}[env]
+    po = obs in PARTIAL_OBS
+    if value is None:
+        if env == "coordination":
+            value = 5_000
+        elif script in ("icql.py", "omar.py"):
+            value = 5_000 if po else 10_000
+        elif script == "iql.py":
+            value = 50_000
+        else:
+            value = 10_000 if po else 50_000
+    return value * (2 if "--finetune" in flags else 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Record:
+    table: str
+    folder: pathlib.Path
+    summary: dict
+    curve: list  # rows of curve.csv as dicts of floats
+    command: str
+
+    @property
+    def env(self) -> str:
+        return self.summary["env"]
+
+    @property
+    def obs(self) -> str:
+        return self.summary["obs"]
+
+    @property
+    def dataset(self) -> str:
+        return dataset_name(self.env, self.summary["dataset_id"])
+
+    @property
+    def method(self) -> str:
+        s = self.summary
+        return s.get("method") or s.get("algorithm", "?").replace("-", "_")
+
+    @property
+    def budget(self) -> str:
+        return self.summary.get("budget") or "unnamed (run by hand)"
+
+    @property
+    def score(self) -> float:
+        return float(self.summary["normalized_score_mean"])
+
+
+def dataset_name(env: str, dataset_id: str) -> str:
+    """'moma/ant/medium-v0' -> 'medium'; an external id (e.g. Farama's) stays whole."""
+    m = re.fullmatch(rf"moma/{re.escape(env)}/(.+)-v0", dataset_id)
+    return m.group(1) if m else dataset_id
+
+
+def load_records(results_dir: pathlib.Path = RESULTS_DIR) -> list:
+    records = []
+    for table in TABLES:
+        for summary_path in sorted((results_dir / table).glob("*/summary.json")):
+            folder = summary_path.parent
+            try:
+                summary = json.loads(summary_path.read_text())
+            except ValueError as e:
+                raise envs.MomaError(f"{summary_path} is not valid JSON ({e}); restore it with git") from None
+            curve = []
+            if (folder / "curve.csv").exists():
+                with open(folder / "curve.csv", newline="") as f:
+                    curve = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+            command = (folder / "command.txt").read_text().strip() if (folder / "command.txt").exists() else ""
+            records.append(Record(table, folder, summary, curve, command))
+    return records
+
+
+class Staleness:
+    """Why a record may no longer describe what the current code and data would give (None = fresh)."""
+
+    def __init__(self, repo: pathlib.Path = REPO):
+        self.repo = repo
+        self._file_hashes: dict = {}
+        self._dataset_fingerprints: dict = {}
+
+    def file_hash(self, name: str) -> Optional[str]:
+        if name not in self._file_hashes:
+            path = self.repo / name
+            self._file_hashes[name] = envs.file_hash(path) if path.exists() else None
+        return self._file_hashes[name]
+
+    def dataset_fingerprint(self, env: str, dataset: str) -> Optional[str]:
+        key = (env, dataset)
+        if key not in self._dataset_fingerprints:
+            try:
+                self._dataset_fingerprints[key] = envs.dataset_fingerprint(env, dataset)
+            except Exception:  # an unreadable dataset cannot vouch for a record
+                self._dataset_fingerprints[key] = None
+        return self._dataset_fingerprints[key]
+
+    def code_reason(self, summary: dict) -> Optional[str]:
+        code = summary.get("code_fingerprint")
+        if not code:
+            return "no code fingerprint recorded"
+        changed = [name for name, h in code.items() if self.file_hash(name) != h]
+        return f"code changed since the run: {', '.join(changed)}" if changed else None
+
+    def dataset_note(self, env: str, dataset: str, fingerprint: Optional[str]) -> tuple:
+        """(stale reason or None, note or None)."""
+        current = self.dataset_fingerprint(env, dataset)
+        if current is None:
+            return None, "dataset not built here, fingerprint not checked"
+        if not fingerprint:
+            return "no dataset fingerprint recorded", None
+        if fingerprint != current:
+            return f"dataset rebuilt since the run (fingerprint {fingerprint} -> {current})", None
+        return None, None
+
+    def check(self, record: Record) -> tuple:
+        """(list of stale reasons, list of notes)."""
+        reasons, notes = [], []
+        code = self.code_reason(record.summary)
+        if code:
+            reasons.append(code)
+        reason, note = self.dataset_note(record.env, record.dataset, record.summary.get("dataset_fingerprint"))
+        reasons += [reason] if reason else []
+        notes += [note] if note else []
+        return reasons, notes
+
+
+def mean_sem(values) -> tuple:
+    v = np.asarray(values, dtype=np.float64)
+    sem = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), sem
+
+
+def fmt_cell(values, stale: bool) -> str:
+    m, s = mean_sem(values)
+    sem = "–" if math.isnan(s) else f"{s:.2f}"
+    return f"{m:.2f} ± {sem} ({len(values)}){' †' if stale else ''}"
+
+
+def fmt_paper(cell: Optional[tuple]) -> str:
+    return "" if cell is None else f"{cell[0]:.2f} ± {cell[1]:.2f}"
+
+
+def fmt_steps(record: Record) -> str:
+    s = record.summary
+    steps = s.get("train_steps", 0)
+    if record.method.startswith("moma_ppo"):
+        return f"{s.get('config', {}).get('iterations', '?')} it, {steps / 1e6:.2f}M synthetic steps"
+    return f"{steps / 1000:g}k grad steps"
+
+
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min" if seconds < 36_000 else f"{seconds / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets: Tables 1 and 2 from small committed JSON files (results/datasets/<env>__<dataset>.json)
+# --------------------------------------------------------------------------------------------------
+def standing_still_score(env: str, data: "envs.OfflineData", n_episodes: int = 10) -> Optional[float]:
+    """Normalised score of zero torques on every joint (a reference line of the learning curves)."""
+    if env == "coordination":
+        return None  # no 'doing nothing' action in a matrix game
+    zero = [np.zeros((1, d), dtype=np.float32) for d in envs.action_dims(env)]
+    returns = envs.evaluate(env, None, lambda obs, hist: [np.repeat(z, len(obs[0]), 0) for z in zero], n_episodes)
+    return float(data.normalized_score(returns).mean())
+
+
+def write_dataset_stats(results_dir: pathlib.Path = RESULTS_DIR) -> list:
+    """Write the statistics of every project dataset present on this machine (others are left as they are)."""
+    written = []
+    for env in envs.ENVS:
+        for dataset in envs.DATASETS[env]:
+            if not envs.dataset_exists(env, dataset):
+                print(f"skip {env}/{dataset}: not built here (python envs.py --env {env} --dataset {dataset})")
+                continue
+            stats = envs.dataset_stats(env, dataset)
+            data = envs.load_dataset(env, dataset, build_if_missing=False)
+            stats.update(env=env, name=dataset, fingerprint=data.fingerprint,
+                         standing_still_score=standing_still_score(env, data))
+            path = results_dir / "datasets" / f"{env}__{dataset}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(stats, indent=1) + "\n")
+            written.append(path)
+            print(f"wrote {path}: mean score {stats.get('mean_score_pct', float('nan')):.1f}%")
+    return written
+
+
+def load_dataset_stats(results_dir: pathlib.Path = RESULTS_DIR) -> dict:
+    stats = {}
+    for path in sorted((results_dir / "datasets").glob("*.json")):
+        s = json.loads(path.read_text())
+        stats[(s["env"], s["name"])] = s
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# docs/results.md
+# --------------------------------------------------------------------------------------------------
+def plot_path(table: str, budget: str, env: str, obs: str, dataset: str, plots_dir: pathlib.Path = PLOTS_DIR) -> pathlib.Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", budget)
+    return plots_dir / f"{table}__{slug}__{env}__{obs}__{dataset.replace('/', '_')}.png"
+
+
+def ablation_plot_path(budget: str, plots_dir: pathlib.Path = PLOTS_DIR) -> pathlib.Path:
+    return plots_dir / f"ablation__{re.sub(r'[^A-Za-z0-9_.-]+', '_', budget)}.png"
+
+
+def dataset_tables(stats: dict, staleness: Staleness) -> list:
+    lines = ["## Datasets (paper Tables 1 and 2)", "",
+             "From `results/datasets/*.json` (`python results.py datasets` on a machine that has built the datasets). "
+             "Scores are normalised with each dataset's own reference returns; the MuJoCo datasets are made here "
+             "(docs/datasets.md), not D4RL's, so compare shapes rather than magnitudes.", ""]
+    lines += ["| env | dataset | episodes | transitions | min % | mean % | median % | max % | ref max (expert) | "
+              "ref min (random) | paper: min / mean / median / max %, expert / random |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    footnotes, unchecked = [], False
+    for env in envs.ENVS:
+        for dataset in envs.DATASETS[env]:
+            s = stats.get((env, dataset))
+            if env == "coordination":
+                p = PAPER_TABLE1.get(dataset)
+                paper = f"Table 1 mean score {p:.3f}" if p is not None else ""
+            else:
+                p = PAPER_TABLE2.get((env, dataset))
+                paper = (f"{p['min']} / {p['mean']} / {p['median']} / {p['max']}, {p['expert']} / {p['random']}"
+                         if p else "")
+            if s is None:
+                lines.append(f"| {env} | {dataset} | missing | | | | | | | | {paper} |")
+                continue
+            reason, note = staleness.dataset_note(env, dataset, s.get("fingerprint"))
+            mark = ""
+            if reason:
+                footnotes.append(f"{env}/{dataset}: {reason}")
+                mark = " †"
+            elif note:
+                mark, unchecked = " ‡", True
+            pct = [s.get(f"{k}_score_pct") for k in ("min", "mean", "median", "max")]
+            pct = [f"{x:.1f}" if x is not None else "" for x in pct]
+            lines.append(f"| {env} | {dataset}{mark} | {s['episodes']:,} | {s['transitions']:,} | " + " | ".join(pct) +
+                         f" | {s.get('ref_max_score', '')} | {s.get('ref_min_score', '')} | {paper} |")
+    lines.append("")
+    if unchecked:
+        lines += ["‡ dataset not built here, fingerprint not checked.", ""]
+    lines += [f"† stale: {f}" for f in footnotes]
+    return lines + [""]
+
+
+def results_table(table: str, budget: str, records: list, staleness: Staleness, plots_dir: pathlib.Path) -> list:
+    layout = LAYOUT[table]
+    env = layout["env"]
+    cells = collections.defaultdict(list)
+    for r in records:
+        cells[(r.obs, r.dataset, r.method)].append(r)
+    methods = list(layout["methods"])
+    extra = sorted({m for (_, _, m) in cells} - set(methods))
+    rows = list(layout["rows"]) + sorted({(o, d) for (o, d, _) in cells} - set(layout["rows"]))
+    lines = [f"### {TITLES[table]} — budget `{budget}`", ""]
+    header = ["obs", "dataset"] + [METHOD_LABELS.get(m, m) for m in methods + extra]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    stale_notes, notes = [], set()
+    for obs, dataset in rows:
+        out = [obs, dataset]
+        for m in methods + extra:
+            recs = sorted(cells.get((obs, dataset, m), []), key=lambda r: r.summary.get("seed", 0))
+            paper = paper_cell(table, obs, dataset, m)
+            if not recs:
+                centralised_po = m == "iql" and obs in PARTIAL_OBS  # the paper has no such cell: IQL sees the state
+                out.append("n/a" if centralised_po else "missing" + (f" (paper {fmt_paper(paper)})" if paper else ""))
+                continue
+            stale = False
+            for r in recs:
+                reasons, rec_notes = staleness.check(r)
+                notes.update(rec_notes)
+                if reasons:
+                    stale = True
+                    stale_notes.append(f"{r.folder.name}: {'; '.join(reasons)}")
+            text = fmt_cell([r.score for r in recs], stale)
+            if paper:
+                text += f" (paper {fmt_paper(paper)})"
+            out.append(text)
+        lines.append("| " + " | ".join(out) + " |")
+    lines.append("")
+    lines.append("Each cell: mean ± s.e.m. over seeds (number of seeds) of the normalised score of 100 greedy episodes "
+                 "(the final evaluation of each run), the paper's number in brackets. † = stale record (see below).")
+    if notes:
+        lines.append(" ".join(sorted(f"Note: {n} for some cells." for n in notes)))
+    lines.append("")
+    # Budget and wall time per cell.
+    lines += ["<details><summary>budget and wall time per cell</summary>", "",
+              "| obs | dataset | method | seeds | training per seed | wall time per seed (mean) | commands |",
+              "|---|---|---|---|---|---|---|"]
+    for (obs, dataset, m), recs in sorted(cells.items()):
+        recs = sorted(recs, key=lambda r: r.summary.get("seed", 0))
+        steps = sorted({fmt_steps(r) for r in recs})
+        wall = float(np.mean([r.summary.get("wall_time_s", float("nan")) for r in recs]))
+        seeds = ",".join(str(r.summary.get("seed")) for r in recs)
+        lines.append(f"| {obs} | {dataset} | {METHOD_LABELS.get(m, m)} | {seeds} | {'; '.join(steps)} | "
+                     f"{fmt_seconds(wall)} | `results/{table}/{recs[0].folder.name}/command.txt` and the other seeds |")
+    lines += ["", "</details>", ""]
+    if stale_notes:
+        lines += ["† Stale records (made with other code or another build of the dataset; rerun them to refresh):", ""]
+        lines += [f"* {n}" for n in stale_notes] + [""]
+    if table != "ablation":
+        images = [plot_path(table, budget, env, o, d, plots_dir) for (o, d) in rows]
+        images = [p for p in images if p.exists()]
+        if images:
+            lines += [" ".join(f"![{p.stem}](plots/{p.name})" for p in images), ""]
+    else:
+        lines += [f"Paper: {PAPER_ABLATION}.", ""]
+        p = ablation_plot_path(budget, plots_dir)
+        if p.exists():
+            lines += [f"![{p.stem}](plots/{p.name})", ""]
+    return lines
+
+
+def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path = PLOTS_DIR,
+                      repo: pathlib.Path = REPO) -> str:
+    records = load_records(results_dir)
+    staleness = Staleness(repo)
+    lines = ["# Results", "",
+             "Generated by `./run_all.sh table` (`python results.py table`) from the records in `results/` only: "
+             "do not edit by hand. Every cell links back to its records (`results/<table>/<env>__<obs>__<dataset>__"
+             "<method>__<seed>/`: summary.json, curve.csv, command.txt). Budgets are never mixed: each budget has its "
+             "own tables. Missing cells are shown as missing.", ""]
+    lines += dataset_tables(load_dataset_stats(results_dir), staleness)
+    by_table = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in records:
+        by_table[r.table][r.budget].append(r)
+    for table in TABLES:
+        lines += [f"## {TITLES[table]}", ""]
+        if not by_table[table]:
+            lines += [f"No records yet (`./run_all.sh {table}`): every cell is missing.", ""]
+            continue
+        for budget in sorted(by_table[table]):
+            lines += results_table(table, budget, by_table[table][budget], staleness, plots_dir)
+    legacy = results_dir / "legacy.md"
+    if legacy.exists():
+        lines += ["## Earlier measurements not reproducible from this repository (no record in results/)", "",
+                  legacy.read_text().strip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_markdown(path: pathlib.Path = DOCS_DIR / "results.md", **kwargs) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(generate_markdown(**kwargs))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+def curve_stats(records: list) -> tuple:
+    """Mean ± s.e.m. over seeds at each evaluation step: (samples, mean, sem, n) arrays, steps seen by all seeds
+    first; a step only some seeds reached is averaged over those."""
+    by_step = collections.defaultdict(list)
+    for r in records:
+        for row in r.curve:
+            by_step[int(row["step"])].append((row["samples"], row["normalized_score"]))
+    steps = sorted(by_step)
+    x = np.array([np.mean([s for s, _ in by_step[k]]) for k in steps])
+    stats = [mean_sem([v for _, v in by_step[k]]) for k in steps]
+    mean = np.array([m for m, _ in stats])
+    sem = np.nan_to_num(np.array([s for _, s in stats]))
+    return x, mean, sem, np.array([len(by_step[k]) for k in steps])
+
+
+def _draw_curves(ax, groups: dict, refs: dict, title: str) -> None:
+    for label, recs in groups.items():
+        x, mean, sem, _ = curve_stats(recs)
+        if len(x) == 0:
+            continue
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{label} ({len(recs)})")
+        ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.2)
+    for (label, value), style in zip(refs.items(), ("--", ":")):
+        if value is not None:
+            ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=label)
+    ax.set_xscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("samples (gradient steps x batch; MOMA-PPO: synthetic steps)", fontsize=7)
+    ax.set_ylabel("normalised score", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+
+
+def make_plots(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path = PLOTS_DIR) -> list:
+    """One PNG per (table, budget, task) and one per ablation budget; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in load_records(results_dir) if r.curve]
+    stats = load_dataset_stats(results_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    groups = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in records:
+        key = (r.table, r.budget, r.env, r.obs if r.table != "ablation" else "", r.dataset)
+        groups[key][r.method].append(r)
+    ablation_panels = collections.defaultdict(dict)
+    for (table, budget, env, obs, dataset), by_method in sorted(groups.items()):
+        s = stats.get((env, dataset), {})
+        refs = {"dataset mean": s["mean_score_pct"] / 100 if s.get("mean_score_pct") is not None else None,
+                "standing still": s.get("standing_still_score")}
+        if table == "ablation":
+            ablation_panels[budget][(env, dataset)] = (by_method, refs)
+            continue
+        order = [m for m in LAYOUT[table]["methods"] if m in by_method] + sorted(set(by_method) - set(LAYOUT[table]["methods"]))
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        _draw_curves(ax, {METHOD_LABELS.get(m, m): by_method[m] for m in order}, refs,
+                     f"{env} {obs} {dataset} (budget {budget}; mean ± s.e.m., n seeds)")
+        fig.tight_layout()
+        path = plot_path(table, budget, env, obs, dataset, plots_dir)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    for budget, panels in ablation_panels.items():
+        # The ablation figure: FO and PO side by side, one line per penalty / rollout variant.
+        by_obs = collections.defaultdict(dict)
+        refs = {}
+        for (env, dataset), (by_method, r) in panels.items():
+            refs = r
+            for m, recs in by_method.items():
+                for rec in recs:
+                    by_obs[rec.obs].setdefault(m, []).append(rec)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), squeeze=False)
+        for ax, obs in zip(axes[0], ("full", "partial")):
+            by_method = by_obs.get(obs, {})
+            order = [m for m in ABLATION_METHODS if m in by_method] + sorted(set(by_method) - set(ABLATION_METHODS))
+            _draw_curves(ax, {METHOD_LABELS.get(m, m): by_method[m] for m in order}, refs,
+                         f"ant {obs} full-replay (budget {budget})")
+        fig.tight_layout()
+        path = ablation_plot_path(budget, plots_dir)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# run_all.sh's plan
+# --------------------------------------------------------------------------------------------------
+def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, runs_dir: Optional[str] = None) -> str:
+    """`cells_file`: one cell a line, `table script env obs dataset seed method [flags...]` (run_all.sh writes it)."""
+    todo = collections.Counter()
+    seconds = collections.Counter()
+    left_by_method = collections.Counter()
+    for line in pathlib.Path(cells_file).read_text().splitlines():
+        if not line.strip():
+            continue
+        table, script, env, obs, dataset, seed, method, *flags = shlex.split(line)
+        name = envs.record_name(env, obs, dataset, method, int(seed))
+        record = results_dir / table / name / "summary.json"
+        state = "run"
+        if record.exists():
+            other = json.loads(record.read_text()).get("budget")
+            state = "done" if other == budget else "replace"
+        elif runs_dir and (pathlib.Path(runs_dir) / name / "summary.json").exists():
+            state = "copy"
+        elif runs_dir and (pathlib.Path(runs_dir) / name / "checkpoint.pt").exists():
+            state = "resume"
+        todo[state] += 1
+        todo["cells"] += 1
+        cost = SECONDS_PER_RUN[env] + default_steps(script, env, obs, flags) * seconds_per_step(env, obs, method)
+        seconds["all"] += cost
+        if state != "done" and state != "copy":
+            seconds["left"] += cost  # a resumed cell is counted whole: an upper bound
+            left_by_method[f"{env} {'PO' if obs in PARTIAL_OBS else 'FO'} {method}"] += cost
+    out = (f"plan (budget {budget}): {todo['cells']} cells, {todo['done']} done already at this budget, "
+           f"{todo['run']} to run, {todo['resume']} to resume, {todo['copy']} finished runs to record")
+    if todo["replace"]:
+        out += f", {todo['replace']} to rerun whose record in results/ has another budget (it will be replaced)"
+    out += (f"\nestimated CPU time: {seconds['left'] / 3600:.1f} h left of {seconds['all'] / 3600:.1f} h for all cells "
+            f"(one cell at a time; speeds measured on the project's shared 2-core CPU, results.py SECONDS_PER_STEP)")
+    if left_by_method:
+        out += "\n  left: " + ", ".join(f"{k} {v / 3600:.1f} h" for k, v in sorted(left_by_method.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def main(argv: list) -> None:
+    usage = "usage: python results.py table | plots | datasets | plan CELLS_FILE --budget NAME [--runs-dir DIR]"
+    if not argv:
+        raise SystemExit(usage)
+    what = argv[0]
+    if what == "table":
+        print(f"wrote {write_markdown().relative_to(REPO)}")
+    elif what == "plots":
+        paths = make_plots()
+        print(f"wrote {len(paths)} plots in {PLOTS_DIR.relative_to(REPO)}/")
+        print(f"wrote {write_markdown().relative_to(REPO)}")
+    elif what == "datasets":
+        write_dataset_stats()
+    elif what == "plan" and len(argv) >= 4 and argv[2] == "--budget":
+        runs_dir = argv[argv.index("--runs-dir") + 1] if "--runs-dir" in argv else None
+        print(plan(argv[1], argv[3], runs_dir=runs_dir))
+    else:
+        raise SystemExit(usage)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except envs.MomaError as e:
+        raise SystemExit(f"error: {e}")
