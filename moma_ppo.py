@@ -49,7 +49,7 @@ PRESETS = {
     "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
                          uncertainty_threshold=float("inf"), clip_to_dataset=False, minibatch_size=1024,
                          learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10,
-                         world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250, lr_decays=0,
+                         world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250,
                                           patience=3)),
     "reacher": dict(rollout_horizon=10, rollout_batch=1000, iterations=400, lambda_r=0.05, lambda_g=0.1,
                     uncertainty_threshold=2.0, clip_to_dataset=True, minibatch_size=2048, learning_rate=3e-4,
