@@ -40,6 +40,7 @@ RESULTS_DIR = REPO / "results"
 DOCS_DIR = REPO / "docs"
 PLOTS_DIR = DOCS_DIR / "plots"
 TABLES = ("3", "4a", "4b", "ablation")
+BUDGETS = ("quick", "default", "paper")  # run_all.sh's budgets, smallest first; records of other names follow
 
 # --------------------------------------------------------------------------------------------------
 # The paper's numbers (Barde et al., AAMAS 2024): reference values to compare with, not our results.
@@ -415,7 +416,8 @@ def dataset_tables(stats: dict, staleness: Staleness) -> list:
                 mark, unchecked = " ‡", True
             pct = [s.get(f"{k}_score_pct") for k in ("min", "mean", "median", "max")]
             pct = [f"{x:.1f}" if x is not None else "" for x in pct]
-            lines.append(f"| {env} | {dataset}{mark} | {s['episodes']:,} | {s['transitions']:,} | " + " | ".join(pct) +
+            sizes = [f"{s[k]:,}" if isinstance(s.get(k), int) else "" for k in ("episodes", "transitions")]
+            lines.append(f"| {env} | {dataset}{mark} | " + " | ".join(sizes + pct) +
                          f" | {s.get('ref_max_score', '')} | {s.get('ref_min_score', '')} | {paper} |")
     lines.append("")
     if unchecked:
@@ -510,7 +512,7 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
         if not by_table[table]:
             lines += [f"No records yet (`./run_all.sh {table}`): every cell is missing.", ""]
             continue
-        for budget in sorted(by_table[table]):
+        for budget in sorted(by_table[table], key=lambda b: (BUDGETS.index(b) if b in BUDGETS else len(BUDGETS), b)):
             lines += results_table(table, budget, by_table[table][budget], staleness, plots_dir)
     legacy = results_dir / "legacy.md"
     if legacy.exists():
@@ -619,8 +621,11 @@ def make_plots(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path 
 # --------------------------------------------------------------------------------------------------
 # run_all.sh's plan
 # --------------------------------------------------------------------------------------------------
-def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, runs_dir: Optional[str] = None) -> str:
-    """`cells_file`: one cell a line, `table script env obs dataset seed method [flags...]` (run_all.sh writes it)."""
+def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, runs_dir: Optional[str] = None,
+         stale_list: Optional[str] = None) -> str:
+    """`cells_file`: one cell a line, `table script env obs dataset seed method [flags...]` (run_all.sh writes it).
+    `stale_list`: a file to write the done-but-stale cells to, one `table/name` a line (REFRESH_STALE=1 reruns them)."""
+    staleness, stale = Staleness(results_dir.parent), []
     todo = collections.Counter()
     seconds = collections.Counter()
     left_by_method = collections.Counter()
@@ -632,8 +637,12 @@ def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, 
         record = results_dir / table / name / "summary.json"
         state = "run"
         if record.exists():
-            other = json.loads(record.read_text()).get("budget")
-            state = "done" if other == budget else "replace"
+            summary = json.loads(record.read_text())
+            state = "done" if summary.get("budget") == budget else "replace"
+            if state == "done":
+                reasons, _ = staleness.check(Record(table, record.parent, summary, [], ""))
+                if reasons:
+                    stale.append(f"{table}/{name}")
         elif runs_dir and (pathlib.Path(runs_dir) / name / "summary.json").exists():
             state = "copy"
         elif runs_dir and (pathlib.Path(runs_dir) / name / "checkpoint.pt").exists():
@@ -647,6 +656,11 @@ def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, 
             left_by_method[f"{env} {'PO' if obs in PARTIAL_OBS else 'FO'} {method}"] += cost
     out = (f"plan (budget {budget}): {todo['cells']} cells, {todo['done']} done already at this budget, "
            f"{todo['run']} to run, {todo['resume']} to resume, {todo['copy']} finished runs to record")
+    if stale:
+        out += (f"; {len(stale)} of the done cells are stale (code or dataset changed since): kept, "
+                f"REFRESH_STALE=1 reruns them")
+    if stale_list:
+        pathlib.Path(stale_list).write_text("".join(f"{c}\n" for c in stale))
     if todo["replace"]:
         out += f", {todo['replace']} to rerun whose record in results/ has another budget (it will be replaced)"
     out += (f"\nestimated CPU time: {seconds['left'] / 3600:.1f} h left of {seconds['all'] / 3600:.1f} h for all cells "
@@ -657,7 +671,8 @@ def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, 
 
 
 def main(argv: list) -> None:
-    usage = "usage: python results.py table | plots | datasets | plan CELLS_FILE --budget NAME [--runs-dir DIR]"
+    usage = ("usage: python results.py table | plots | datasets | "
+             "plan CELLS_FILE --budget NAME [--runs-dir DIR] [--stale-list FILE]")
     if not argv:
         raise SystemExit(usage)
     what = argv[0]
@@ -670,8 +685,8 @@ def main(argv: list) -> None:
     elif what == "datasets":
         write_dataset_stats()
     elif what == "plan" and len(argv) >= 4 and argv[2] == "--budget":
-        runs_dir = argv[argv.index("--runs-dir") + 1] if "--runs-dir" in argv else None
-        print(plan(argv[1], argv[3], runs_dir=runs_dir))
+        option = {name: argv[argv.index(name) + 1] if name in argv else None for name in ("--runs-dir", "--stale-list")}
+        print(plan(argv[1], argv[3], runs_dir=option["--runs-dir"], stale_list=option["--stale-list"]))
     else:
         raise SystemExit(usage)
 

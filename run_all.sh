@@ -20,7 +20,8 @@
 # finishes, copies its small record (summary.json, curve.csv, command.txt) to results/<table>/<same name>/, which
 # is committed. A cell whose record is in results/ at this budget is skipped, a stopped one (checkpoint.pt, no
 # summary) is resumed, so the script can be stopped and restarted at any time. A record made at another budget is
-# replaced (git keeps the old one); tables are written per budget and never mix them. Extra flags after the
+# replaced (git keeps the old one); tables are written per budget and never mix them. A done cell whose record is
+# stale (its code or dataset changed since) is kept and flagged in the tables; REFRESH_STALE=1 runs it again. Extra flags after the
 # target go to every script (e.g. `./run_all.sh 4b --cuda`, `./run_all.sh 3 --torch-threads 1`). Seeds:
 # SEEDS_GAME (default 10 seeds, as the paper) and SEEDS_MUJOCO (default 3 seeds, as the paper).
 set -euo pipefail
@@ -100,8 +101,13 @@ run() {
   fi
   local record="$RESULTS/$table/$name/summary.json" dir="$RUNS/$name"
   if [ -f "$record" ] && grep -q "\"budget\": \"$BUDGET\"" "$record"; then
-    echo "done already: $RESULTS/$table/$name"
-    return
+    if [ "${REFRESH_STALE:-0}" = 1 ] && grep -qx "$table/$name" "$STALE_FILE"; then
+      echo "stale, run again: $RESULTS/$table/$name"
+      [ -d "$dir" ] && mv "$dir" "$dir.stale-$(date +%s)"  # keep the old run (its checkpoints) aside, start afresh
+    else
+      echo "done already: $RESULTS/$table/$name"
+      return
+    fi
   fi
   if [ -f "$dir/summary.json" ]; then  # finished, but its record is not in results/ (e.g. results/ was reset)
     echo "recording the finished run $dir"
@@ -188,9 +194,10 @@ esac
 
 # The plan first: every cell of the target, what is done, the estimated CPU time left.
 PLAN_FILE=$(mktemp)
-trap 'rm -f "$PLAN_FILE"' EXIT
+STALE_FILE=$(mktemp)
+trap 'rm -f "$PLAN_FILE" "$STALE_FILE"' EXIT
 cells
-python results.py plan "$PLAN_FILE" --budget "$BUDGET" --runs-dir "$RUNS"
+python results.py plan "$PLAN_FILE" --budget "$BUDGET" --runs-dir "$RUNS" --stale-list "$STALE_FILE"
 PLAN_FILE=""
 [ $PLAN_ONLY = 1 ] && exit 0
 cells

@@ -1,0 +1,154 @@
+"""results/ and results.py: a finished cell's record round-trips into docs/results.md, stale records are flagged,
+the plots are drawn from a results/ tree, resumed runs keep a consistent curve, and the README's result section
+holds no number that results/ does not."""
+
+import json
+import pathlib
+import re
+import shutil
+
+import pytest
+
+import envs
+import results
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _fake_record(root: pathlib.Path, table: str, method: str, seed: int, score: float, obs: str = "full",
+                 env: str = "coordination", dataset: str = "favorable", budget: str = "quick", code=None) -> pathlib.Path:
+    folder = root / table / envs.record_name(env, obs, dataset, method, seed)
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "algorithm": method.split("-")[0], "method": method, "env": env, "obs": obs, "seed": seed,
+        "dataset_id": f"moma/{env}/{dataset}-v0", "budget": budget, "normalized_score_mean": score,
+        "train_steps": 1000, "wall_time_s": 12.0, "config": {"iterations": 20},
+        "code_fingerprint": code if code is not None else {"iql.py": envs.file_hash(REPO / "iql.py")},
+        "dataset_fingerprint": "f00d"}))
+    rows = "".join(f"{s},{s * 256},{s / 100:.1f},{score * s / 1000:.3f},10\n" for s in (250, 500, 750, 1000))
+    (folder / "curve.csv").write_text("step,samples,wall_time_s,normalized_score,episodes\n" + rows)
+    (folder / "command.txt").write_text(f"python iql.py --seed {seed}\n")
+    return folder
+
+
+def test_a_real_run_round_trips_from_its_record_into_the_table(tmp_path):
+    import iql
+
+    results_dir = tmp_path / "results"
+    summary = iql.main(iql.Args(env="coordination", dataset="favorable", total_steps=200, eval_every=100,
+                                eval_episodes=20, run_dir=str(tmp_path / "run"), results_dir=str(results_dir / "3"),
+                                budget="quick"))
+    record = results_dir / "3" / "coordination__full__favorable__iql__1"
+    assert sorted(p.name for p in record.iterdir()) == sorted(envs.RECORD_FILES)  # no checkpoint, no TensorBoard
+    kept = json.loads((record / "summary.json").read_text())
+    assert kept["budget"] == "quick" and kept["method"] == "iql" and len(kept["episode_lengths"]) == 20
+    assert kept["dataset_fingerprint"] == envs.dataset_fingerprint("coordination", "favorable")
+    assert kept["code_fingerprint"] == envs.code_fingerprint("iql.py")
+    curve = (record / "curve.csv").read_text().splitlines()
+    assert curve[0] == ",".join(envs.CURVE_COLUMNS) and [r.split(",")[0] for r in curve[1:]] == ["100", "200"]
+    assert curve[-1].endswith(",20")  # the last row is the final evaluation (20 episodes here)
+    assert "--results-dir" in (record / "command.txt").read_text() or (record / "command.txt").read_text().startswith("python")
+
+    table = results.generate_markdown(results_dir=results_dir, plots_dir=tmp_path / "plots", repo=REPO)
+    row = next(line for line in table.splitlines() if line.startswith("| full | favorable |"))
+    assert f"{summary['normalized_score_mean']:.2f} ± – (1) (paper 1.00 ± 0.00)" in row and "†" not in row
+    assert "missing" in row  # MAIQL, IBC and MOMA-PPO have no record here
+    assert "budget `quick`" in table and "200" not in row
+
+
+def test_stale_records_are_flagged_and_budgets_never_mix(tmp_path, monkeypatch):
+    root = tmp_path / "results"
+    _fake_record(root, "3", "iql", 1, 1.0)
+    _fake_record(root, "3", "iql", 2, 0.5)
+    _fake_record(root, "3", "ibc", 1, 0.25, code={"ibc.py": "0000000000000000", "envs.py": envs.file_hash(REPO / "envs.py")})
+    _fake_record(root, "3", "maiql", 1, 0.0, budget="paper")
+
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: None)  # not built here
+    table = results.generate_markdown(results_dir=root, plots_dir=tmp_path / "plots", repo=REPO)
+    quick = table[table.index("budget `quick`"):table.index("budget `paper`")]
+    row = next(line for line in quick.splitlines() if line.startswith("| full | favorable |"))
+    assert "0.75 ± 0.25 (2) (paper" in row and "0.75 ± 0.25 (2) †" not in row  # IQL: fresh
+    assert "0.25 ± – (1) †" in row  # IBC: its script changed since the run
+    assert "coordination__full__favorable__ibc__1: code changed since the run: ibc.py" in quick
+    assert "dataset not built here, fingerprint not checked" in quick
+    maiql_cell = [c.strip() for c in row.split("|")][4]  # | | obs | dataset | IQL | MAIQL | ...
+    assert maiql_cell.startswith("missing")  # the paper-budget MAIQL record is in its own table, not in the quick one
+    paper = table[table.index("budget `paper`"):]
+    assert "0.00 ± – (1)" in paper
+
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: "beef")  # the dataset was rebuilt
+    table = results.generate_markdown(results_dir=root, plots_dir=tmp_path / "plots", repo=REPO)
+    assert "dataset rebuilt since the run (fingerprint f00d -> beef)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| full | favorable |"))
+    assert "0.75 ± 0.25 (2) †" in row
+
+
+def test_plots_are_drawn_from_a_results_tree(tmp_path, monkeypatch):
+    root = tmp_path / "results"
+    for seed in (1, 2):
+        _fake_record(root, "3", "iql", seed, 1.0)
+        _fake_record(root, "3", "moma_ppo", seed, 0.5 * seed)
+        for method in results.ABLATION_METHODS:
+            for obs in ("full", "partial"):
+                _fake_record(root, "ablation", method, seed, 0.2 * seed, obs=obs, env="ant", dataset="full-replay")
+    (root / "datasets").mkdir()
+    (root / "datasets" / "ant__full-replay.json").write_text(json.dumps(
+        {"env": "ant", "name": "full-replay", "mean_score_pct": 30.0, "standing_still_score": 0.05}))
+    plots = tmp_path / "docs" / "plots"
+    written = results.make_plots(results_dir=root, plots_dir=plots)
+    names = sorted(p.name for p in written)
+    assert names == ["3__quick__coordination__full__favorable.png", "ablation__quick.png"], names
+    for p in written:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 300_000  # small images for the docs
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: None)
+    table = results.generate_markdown(results_dir=root, plots_dir=plots, repo=REPO)
+    assert "![3__quick__coordination__full__favorable](plots/3__quick__coordination__full__favorable.png)" in table
+    assert "(plots/ablation__quick.png)" in table
+
+
+def test_curve_of_a_resumed_run_drops_the_rows_of_the_lost_part(tmp_path):
+    curve = envs.CurveLog(tmp_path)
+    for step in (10, 20, 30):
+        curve.add(step, step * 256, step / 10, step / 100, 10)
+    resumed = envs.CurveLog(tmp_path, resume_step=20)  # the checkpoint was at step 20: step 30 is trained again
+    resumed.add(30, 30 * 256, 3.5, 0.5, 10)
+    resumed.add(30, 30 * 256, 3.6, 0.6, 100)  # the final evaluation at the same step replaces the in-training one
+    rows = (tmp_path / "curve.csv").read_text().splitlines()
+    assert rows == ["step,samples,wall_time_s,normalized_score,episodes", "10,2560,1.0,0.1,10", "20,5120,2.0,0.2,10",
+                    "30,7680,3.6,0.6,100"]
+
+
+def test_readme_result_section_holds_no_number_that_results_does_not():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n## Results"):]
+    section = section[:section.index("\n## ", 1)]
+    # Scores (decimals) in the section must be scores of committed records; the hand-typed ones moved to
+    # results/legacy.md, which docs/results.md shows under its own heading.
+    numbers = set(re.findall(r"(?<![\w.§])-?\d+\.\d+", section))  # §6.3 is a section, not a number
+    held = set()
+    for r in results.load_records(REPO / "results"):
+        held |= {f"{r.score:.2f}", f"{r.score:.3f}"}
+    assert numbers <= held, f"numbers in README's result section without a record in results/: {sorted(numbers - held)}"
+    assert "docs/results.md" in section
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], "moma_ppo"), (["--penalty", "aleatoric"], "moma_ppo-aleatoric"),
+    (["--no-adaptive-rollout"], "moma_ppo-no_adaptive_rollout"),
+    (["--penalty", "aleatoric", "--no-adaptive-rollout"], "moma_ppo-aleatoric-no_adaptive_rollout")])
+def test_run_all_names_ablation_cells_as_moma_ppo_names_its_records(flags, expected, tmp_path):
+    """run_all.sh decides a cell is done by its record's folder name, so both must agree."""
+    import subprocess
+
+    import tyro
+
+    import moma_ppo
+
+    args = moma_ppo.resolve(tyro.cli(moma_ppo.Args, args=["--env", "ant", "--obs", "full", "--dataset", "full-replay"] + flags))
+    assert moma_ppo.method_name(args) == expected
+    script = (REPO / "run_all.sh").read_text()
+    method_of = script[script.index("method_of() {"):script.index("\n}\n", script.index("method_of() {")) + 3]
+    out = subprocess.run(["bash", "-c", method_of + 'method_of "$@"', "_", "moma_ppo.py"] + flags,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
