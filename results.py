@@ -435,10 +435,10 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     methods = list(layout["methods"])
     extra = sorted({m for (_, _, m) in cells} - set(methods))
     rows = list(layout["rows"]) + sorted({(o, d) for (o, d, _) in cells} - set(layout["rows"]))
-    lines = [f"### {TITLES[table]} — budget `{budget}`", ""]
+    lines = [f"### budget `{budget}`", ""]
     header = ["obs", "dataset"] + [METHOD_LABELS.get(m, m) for m in methods + extra]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    stale_notes, notes = [], set()
+    stale_notes, notes = collections.defaultdict(list), set()  # (cell, reasons) -> seeds
     for obs, dataset in rows:
         out = [obs, dataset]
         for m in methods + extra:
@@ -454,7 +454,8 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
                 notes.update(rec_notes)
                 if reasons:
                     stale = True
-                    stale_notes.append(f"{r.folder.name}: {'; '.join(reasons)}")
+                    stale_notes[(f"{obs} {dataset} {METHOD_LABELS.get(m, m)}", "; ".join(reasons))].append(
+                        str(r.summary.get("seed")))
             text = fmt_cell([r.score for r in recs], stale)
             if paper:
                 text += f" (paper {fmt_paper(paper)})"
@@ -480,7 +481,7 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     lines += ["", "</details>", ""]
     if stale_notes:
         lines += ["† Stale records (made with other code or another build of the dataset; rerun them to refresh):", ""]
-        lines += [f"* {n}" for n in stale_notes] + [""]
+        lines += [f"* {cell}, seeds {', '.join(seeds)}: {reasons}" for (cell, reasons), seeds in stale_notes.items()] + [""]
     if table != "ablation":
         images = [plot_path(table, budget, env, o, d, plots_dir) for (o, d) in rows]
         images = [p for p in images if p.exists()]

@@ -69,7 +69,7 @@ def test_stale_records_are_flagged_and_budgets_never_mix(tmp_path, monkeypatch):
     row = next(line for line in quick.splitlines() if line.startswith("| full | favorable |"))
     assert "0.75 ± 0.25 (2) (paper" in row and "0.75 ± 0.25 (2) †" not in row  # IQL: fresh
     assert "0.25 ± – (1) †" in row  # IBC: its script changed since the run
-    assert "coordination__full__favorable__ibc__1: code changed since the run: ibc.py" in quick
+    assert "full favorable IBC, seeds 1: code changed since the run: ibc.py" in quick
     assert "dataset not built here, fingerprint not checked" in quick
     maiql_cell = [c.strip() for c in row.split("|")][4]  # | | obs | dataset | IQL | MAIQL | ...
     assert maiql_cell.startswith("missing")  # the paper-budget MAIQL record is in its own table, not in the quick one
