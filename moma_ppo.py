@@ -49,7 +49,7 @@ PRESETS = {
     "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
                          uncertainty_threshold=float("inf"), clip_to_dataset=False, minibatch_size=1024,
                          learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10,
-                         world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250,
+                         world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250, lr_decays=0,
                                           patience=3)),
     "reacher": dict(rollout_horizon=10, rollout_batch=1000, iterations=400, lambda_r=0.05, lambda_g=0.1,
                     uncertainty_threshold=2.0, clip_to_dataset=True, minibatch_size=2048, learning_rate=3e-4,
@@ -111,6 +111,9 @@ class Args:
     """clip next states and rewards to the dataset's bounding box (paper §3.1)"""
     adaptive_rollout: bool = True
     """end rollouts early where ε_g ≥ l_ε (paper §3.2)"""
+    eps_g_units: Literal["raw", "standardised"] = "raw"
+    """units of ε_g: the dataset's raw state units (paper, authors' code) or each state dimension divided by its
+    dataset std (an ablation: in raw Ant units the joint velocities dominate ε_g)"""
     ground_truth: bool = False
     """use the real simulator from the dataset states instead of the world model (slow)"""
     termination_rule: bool = True
@@ -356,7 +359,8 @@ class GroundTruthSimulator:
         self.env, self.device, self.sims = env, device, []
 
     @torch.no_grad()
-    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True, restart: bool = False) -> dict:
+    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True, restart: bool = False,
+             eps_g_units: str = "raw") -> dict:
         b = states.shape[0]
         while len(self.sims) < b:
             sim = envs.make_env(self.env)
@@ -483,7 +487,8 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
         value = agents.denormalise(agents.team_value(feats, state))
         joint = layout.joint(actions)
         out = model.step(state, joint if layout.discrete else joint.clamp(-1.0, 1.0),
-                         clip=args.clip_to_dataset, generator=generator, termination_rule=args.termination_rule)
+                         clip=args.clip_to_dataset, generator=generator, termination_rule=args.termination_rule,
+                         eps_g_units=args.eps_g_units)
         reward = penalised_reward(out, args)
         not_terminal = 1.0 - out["terminals"]
         # ζ = 0 at the last step, or where the unclamped ε_g reaches l_ε (adaptive rollout length)
@@ -522,9 +527,16 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
         batch["hist"] = torch.stack(buf["hist"], 1).reshape(layout.n, k * b, envs.HISTORY_LEN, -1)[:, flat]
     agents.update_return_stats(batch["returns"])
     batch["value_targets"] = (batch["returns"] - agents.return_mean) / agents.return_std
+    eps_g = torch.stack(buf["eps_g"])
+    terminal_steps = (torch.stack(buf["f"]) == 0) & valid
     stats = {"mean_length": n_valid / b, "penalised_reward": float(torch.stack(buf["rewards"])[valid].mean()),
-             "eps_g": float(torch.stack(buf["eps_g"])[valid].mean()),
-             "timeouts_by_uncertainty": float(((torch.stack(buf["zeta"]) == 0) & valid)[:-1].sum()) / b}
+             "eps_g": float(eps_g[valid].mean()),
+             # share of rollouts cut by the uncertainty before the horizon, and ended by a predicted terminal
+             "timeouts_by_uncertainty": float(((torch.stack(buf["zeta"]) == 0) & valid)[:-1].sum()) / b,
+             "terminals": float(terminal_steps.sum()) / b,
+             # where terminals fall relative to the cut: ε_g / l_ε at terminal steps (< 1: the cut did not see them)
+             "eps_g_at_terminals_over_threshold": float(eps_g[terminal_steps].mean() / args.uncertainty_threshold)
+             if terminal_steps.any() else float("nan")}
     return batch, stats
 
 

@@ -126,8 +126,14 @@ class Args:
     """weight of the penalty that tightens the learnable log-variance bounds (MBPO)"""
     batch_size: int = 256
     """transitions per member and step; every member draws its own minibatch (as the authors)"""
-    max_steps: int = 40_000
+    max_steps: int = 60_000
     """cap on gradient steps (each step updates all members)"""
+    lr_decays: int = 2
+    """on a held-out plateau (patience evaluations without progress) multiply the learning rate by lr_decay_factor
+    and go on, this many times, before stopping: a constant 1e-3 left the Ant model still improving slowly at 40k
+    steps (its minibatch noise floor); decaying on plateaus reaches held-out convergence sooner"""
+    lr_decay_factor: float = 0.3
+    """learning-rate multiplier at each plateau"""
     eval_every: int = 1000
     """gradient steps between held-out evaluations (early stopping, snapshots)"""
     patience: int = 5
@@ -219,11 +225,12 @@ class EnsembleNetwork(nn.Module):
 # The paper's ensemble statistics (§3.1), as pure functions so they can be checked against NumPy.
 # --------------------------------------------------------------------------------------------------
 def ensemble_statistics(next_states: torch.Tensor, rewards: torch.Tensor, p_not_terminal: torch.Tensor,
-                        choice: torch.Tensor) -> dict:
+                        choice: torch.Tensor, eps_g_scale: Optional[torch.Tensor] = None) -> dict:
     """Combine the elites' predictions of one batch.
 
     next_states [N, B, S], rewards [N, B], p_not_terminal [N, B] (dataset units, unclipped);
-    choice [B] int: the elite whose next state each transition takes.
+    choice [B] int: the elite whose next state each transition takes; eps_g_scale [S + 1]: divide [ŝ', r̂] by it
+    before ε_g (None = the dataset's raw units, as the paper and the authors' code).
     """
     n, batch = rewards.shape
     next_state = next_states[choice, torch.arange(batch, device=choice.device)]  # uniformly drawn elite
@@ -232,6 +239,8 @@ def ensemble_statistics(next_states: torch.Tensor, rewards: torch.Tensor, p_not_
     # ε_g = ||cov(x_i, x_j)||_F with x = [ŝ', r̂]: cov = Xcᵀ Xc / (N-1) (D x D per transition). Its Frobenius
     # norm equals that of the N x N Gram matrix Xc Xcᵀ / (N-1) (same non-zero singular values), far cheaper.
     x = torch.cat([next_states, rewards.unsqueeze(-1)], dim=-1)  # [N, B, S+1]
+    if eps_g_scale is not None:
+        x = x / eps_g_scale
     xc = x - x.mean(0, keepdim=True)
     gram = torch.einsum("nbd,mbd->bnm", xc, xc)
     eps_g = torch.linalg.matrix_norm(gram, ord="fro") / (n - 1)
@@ -332,11 +341,17 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def step(self, states, joint_actions, clip: bool = True, generator: Optional[torch.Generator] = None,
-             termination_rule: bool = True) -> dict:
+             termination_rule: bool = True, eps_g_units: str = "raw") -> dict:
         """One model step for a batch (see the module docstring). states [B, S] float; joint_actions [B, A]
         float in [-1, 1] (clamped here) or int [B, 2] for the coordination game. Returns tensors on the
         model's device: next_states [B, S], rewards, terminals, eps_r, eps_g, aleatoric, elite [B].
-        termination_rule=False leaves the terminal flag to the learned head alone (the paper's model)."""
+        termination_rule=False leaves the terminal flag to the learned head alone (the paper's model).
+        eps_g_units="standardised" measures ε_g on [ŝ', r̂] divided by the dataset's std of each state dimension and
+        of the reward (an ablation: in raw units Ant's joint velocities carry ~92% of the disagreement and the torso
+        height that ends episodes almost none)."""
+        if eps_g_units not in ("raw", "standardised"):
+            raise MomaError(f"eps_g_units must be raw or standardised, got {eps_g_units!r}")
+        scale = torch.cat([self.input_std[: self.state_dim], self.target_std[-1:]]) if eps_g_units == "standardised" else None
         states = torch.as_tensor(states, dtype=torch.float32, device=self.device)
         joint_actions = torch.as_tensor(joint_actions, device=self.device)
         outs = []
@@ -345,7 +360,7 @@ class WorldModel(nn.Module):
             pred = self.member_predictions(states[rows], joint_actions[rows], self.elites)
             n, batch = pred["rewards"].shape
             choice = torch.randint(n, (batch,), device=self.device, generator=generator)
-            out = ensemble_statistics(pred["next_states"], pred["rewards"], pred["p_not_terminal"], choice)
+            out = ensemble_statistics(pred["next_states"], pred["rewards"], pred["p_not_terminal"], choice, scale)
             out["terminals"] = out["terminals"] * self.can_terminate
             if termination_rule:  # the env's rule on the unclipped drawn next state backs up the rare-class head
                 out["terminals"] = torch.maximum(out["terminals"], envs.is_terminal_state(self.env, out["next_states"]).float())
@@ -520,6 +535,7 @@ def evaluate_members(model: WorldModel, inputs, targets, not_terminal, chunk: in
     sq = torch.zeros(e, model.target_dim, device=inputs.device, dtype=torch.float64)
     nll = torch.zeros(e, device=inputs.device, dtype=torch.float64)
     correct = torch.zeros(e, device=inputs.device, dtype=torch.float64)
+    caught = torch.zeros(e, device=inputs.device, dtype=torch.float64)  # real terminals the head flags
     for start in range(0, len(inputs), chunk):
         rows = slice(start, start + chunk)
         mean, logvar, logit = model.network(inputs[rows])
@@ -527,11 +543,15 @@ def evaluate_members(model: WorldModel, inputs, targets, not_terminal, chunk: in
         sq += err2.sum(1).double()
         nll += (0.5 * (err2 * torch.exp(-logvar) + logvar + math.log(2 * math.pi))).mean(2).sum(1).double()
         correct += ((logit > 0).float() == not_terminal[rows]).sum(1).double()
+        caught += ((logit <= 0) & (not_terminal[rows] == 0)).sum(1).double()
     n = len(inputs)
+    n_terminals = float((not_terminal == 0).sum())
     per_dim_mse = sq / n
+    # Terminals are rare (Ant medium: ~0.05% of rows), so accuracy hides a head that never fires: report recall.
     return {"mse": per_dim_mse.mean(1).float(), "nll": (nll / n).float(),
             "per_dim_mse_units": (per_dim_mse * model.target_std.double() ** 2).float(),
-            "terminal_accuracy": (correct / n).float()}
+            "terminal_accuracy": (correct / n).float(), "n_terminals": int(n_terminals),
+            "terminal_recall": (caught / n_terminals).float() if n_terminals else torch.full((e,), float("nan"))}
 
 
 @torch.no_grad()
@@ -589,14 +609,17 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
     from tqdm import tqdm
 
     t0 = time.time()
-    torch.manual_seed(args.seed)
     env = data.env
     state_dim = data.states.shape[1]
     joint_action_dim = data.joint_actions.shape[1]
     if len(data.states) < 2:
         raise MomaError(f"dataset {data.dataset_id} has {len(data.states)} transitions; a world model needs more")
-    model = WorldModel(env, data.dataset_id, state_dim, joint_action_dim, args.ensemble_size, args.n_elites,
-                       args.hidden_dim, args.n_hidden_layers).to(device)
+    # The initialisation is seeded by args.seed without touching the caller's global generator (MOMA-PPO seeds it
+    # first: re-seeding it here made a run that trains its model differ from every rerun that loads it).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = WorldModel(env, data.dataset_id, state_dim, joint_action_dim, args.ensemble_size, args.n_elites,
+                           args.hidden_dim, args.n_hidden_layers).to(device)
     model.dataset_fingerprint = getattr(data, "fingerprint", None) or None
     holdout = holdout_split(np.asarray(data.episode_ids), args.holdout_fraction, args.seed)
     train_rows = torch.as_tensor(np.flatnonzero(~holdout), device=device)
@@ -624,7 +647,7 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
     e, n_train = args.ensemble_size, len(train_rows)
     best_mse = torch.full((e,), float("inf"), device=device)
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    evals_without_progress, step, history = 0, 0, []
+    evals_without_progress, step, history, lr_decays_done = 0, 0, [], 0
 
     if checkpoint_path is not None and args.resume and checkpoint_path.exists():
         try:
@@ -637,6 +660,7 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
                 optimizer.load_state_dict(ck["optimizer"])
                 best_state, best_mse = ck["best_state"], ck["best_mse"]
                 step, evals_without_progress, history = ck["step"], ck["evals_without_progress"], ck["history"]
+                lr_decays_done = ck.get("lr_decays_done", 0)  # the optimizer state carries the decayed lr
                 gen.set_state(ck["generator"].cpu())
                 print(f"resuming world-model training from step {step} ({checkpoint_path})")
         except Exception as exc:  # an unreadable checkpoint only costs the time it saved
@@ -685,12 +709,20 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
                 writer.add_scalar("holdout/mean_member_mse", float(mse.mean()), step)
                 writer.add_scalar("charts/SPS", sps, step)
             if evals_without_progress >= args.patience:
-                stopped_early = True
-                break
+                if lr_decays_done < args.lr_decays:
+                    lr_decays_done += 1
+                    evals_without_progress = 0
+                    for group in optimizer.param_groups:
+                        group["lr"] *= args.lr_decay_factor
+                    history[-1]["lr_decayed_to"] = optimizer.param_groups[0]["lr"]
+                else:
+                    stopped_early = True
+                    break
         if checkpoint_path is not None and step % args.checkpoint_every == 0 and step < args.max_steps:
             _atomic_torch_save({"config": dataclasses.asdict(args), "network": net.state_dict(),
                                 "optimizer": optimizer.state_dict(), "best_state": best_state, "best_mse": best_mse,
                                 "step": step, "evals_without_progress": evals_without_progress, "history": history,
+                                "lr_decays_done": lr_decays_done,
                                 "generator": gen.get_state(), "dataset_fingerprint": model.dataset_fingerprint},
                                checkpoint_path)
     bar.close()
@@ -702,6 +734,17 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
     final = evaluate_members(model, inputs[holdout_rows], targets[holdout_rows], not_terminal[holdout_rows])
     model.elites = select_elites(final["mse"], args.n_elites).to(device)
     rollout = open_loop_rollout_error(model, data, holdout_rows_np, args.rollout_eval_starts, args.seed)
+    # Recall of the model as MOMA-PPO uses it (the elites' vote, and the vote or the env's termination rule on the
+    # predicted next state) on the held-out split's real terminal transitions.
+    terminal_rows = holdout_rows_np[np.asarray(data.terminals)[holdout_rows_np] > 0]
+    recall = {}
+    if len(terminal_rows):
+        s_t = torch.as_tensor(data.states[terminal_rows], device=device)
+        a_t = torch.as_tensor(data.joint_actions[terminal_rows], device=device)
+        for name, rule in (("vote", False), ("vote_or_rule", True)):
+            out = model.step(s_t, a_t, clip=True, generator=torch.Generator(device=device).manual_seed(args.seed),
+                             termination_rule=rule)
+            recall[name] = float(out["terminals"].float().mean())
     s = state_dim
     groups = state_groups(env, s)
     elites = model.elites.tolist()
@@ -717,6 +760,9 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
         "holdout_mse": final["mse"].tolist(),  # standardised [Δs, r], per member
         "holdout_nll": final["nll"].tolist(),
         "holdout_terminal_accuracy": final["terminal_accuracy"].tolist(),
+        "holdout_terminals": final["n_terminals"],
+        "holdout_terminal_recall": final["terminal_recall"].tolist(),  # per member, the head alone
+        "holdout_terminal_recall_model": recall,  # the elites as MOMA-PPO steps them
         "elites": elites,
         "elite_reward_rmse": float(member_units[elites, s].mean().sqrt()),
         "elite_state_rmse": {name: float(member_units[elites][:, ix].mean().sqrt()) for name, ix in groups.items()},
@@ -730,10 +776,14 @@ def format_report(metrics: dict, dataset_id: str) -> str:
     lines = [f"World model of {dataset_id}: {metrics['train_steps']} steps in {metrics['train_time_s']:.0f} s "
              f"({metrics['train_steps_per_s']:.1f} steps/s), {'early stop' if metrics['stopped_early'] else 'step cap'}; "
              f"{metrics['n_train']} train / {metrics['n_holdout']} held-out transitions",
-             "member  holdout_mse(std.)  holdout_nll  terminal_acc  elite"]
-    for i, (m, nll, acc) in enumerate(zip(metrics["holdout_mse"], metrics["holdout_nll"],
-                                          metrics["holdout_terminal_accuracy"])):
-        lines.append(f"{i:6d}  {m:17.5f}  {nll:11.4f}  {acc:12.4f}  {'*' if i in metrics['elites'] else ''}")
+             "member  holdout_mse(std.)  holdout_nll  terminal_acc  terminal_recall  elite"]
+    recalls = metrics.get("holdout_terminal_recall", [float("nan")] * len(metrics["holdout_mse"]))
+    for i, (m, nll, acc, rec) in enumerate(zip(metrics["holdout_mse"], metrics["holdout_nll"],
+                                               metrics["holdout_terminal_accuracy"], recalls)):
+        lines.append(f"{i:6d}  {m:17.5f}  {nll:11.4f}  {acc:12.4f}  {rec:15.3f}  {'*' if i in metrics['elites'] else ''}")
+    if metrics.get("holdout_terminal_recall_model"):
+        lines.append(f"{metrics['holdout_terminals']} held-out terminal transitions; recall of the model's step: " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in metrics["holdout_terminal_recall_model"].items()))
     lines.append(f"elites {metrics['elites']}; one-step RMSE of the elites' means (dataset units): reward "
                  f"{metrics['elite_reward_rmse']:.4f}, " +
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics["elite_state_rmse"].items()))

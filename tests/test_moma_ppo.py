@@ -61,7 +61,7 @@ def test_gae_non_finite_garbage_never_leaks():
 class DivergingModel:
     """Predicts an infinite next state (and so a terminal, by the termination rule) for rollout 0 at its first step."""
 
-    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True):
+    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True, eps_g_units="raw"):
         b = states.shape[0]
         nxt = states + 0.01
         nxt[0] = float("inf")
@@ -127,7 +127,7 @@ class FakeModel:
     def __init__(self):
         self.calls = 0
 
-    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True):
+    def step(self, states, joint_actions, clip=True, generator=None, termination_rule=True, eps_g_units="raw"):
         self.calls += 1
         self.termination_rule = termination_rule
         b = states.shape[0]

@@ -45,6 +45,26 @@ def test_epistemic_uncertainties_match_numpy():
         np.testing.assert_allclose(out["next_states"][b].numpy(), next_states[choice[b], b])
 
 
+def test_eps_g_in_standardised_units_divides_each_dimension_by_its_scale():
+    next_states, rewards, p = _hand_made_predictions()
+    scale = np.array([10.0, 0.1, 2.0, 0.5])  # 3 state dims, then the reward
+    out = wm.ensemble_statistics(torch.tensor(next_states), torch.tensor(rewards), torch.tensor(p),
+                                 torch.zeros(7, dtype=torch.long), torch.tensor(scale))
+    for b in range(7):
+        x = np.concatenate([next_states[:, b], rewards[:, b, None]], axis=1) / scale
+        assert out["eps_g"][b].item() == pytest.approx(np.linalg.norm(np.cov(x, rowvar=False, ddof=1), "fro"), rel=1e-9)
+    model = _tiny_model()  # the model's own scale: the dataset's state std and reward std
+    with torch.no_grad():
+        model.input_std.fill_(2.0)
+    s_, a_ = torch.randn(9, model.state_dim), torch.rand(9, model.joint_action_dim) * 2 - 1
+    raw = model.step(s_, a_, generator=torch.Generator().manual_seed(0))
+    std = model.step(s_, a_, generator=torch.Generator().manual_seed(0), eps_g_units="standardised")
+    torch.testing.assert_close(raw["next_states"], std["next_states"])  # only ε_g changes
+    assert not torch.allclose(raw["eps_g"], std["eps_g"])
+    with pytest.raises(envs.MomaError, match="eps_g_units"):
+        model.step(s_, a_, eps_g_units="whitened")
+
+
 def test_eps_g_is_zero_when_the_elites_agree_and_grows_with_disagreement():
     same = torch.ones(5, 2, 4)
     out = wm.ensemble_statistics(same, torch.zeros(5, 2), torch.ones(5, 2), torch.zeros(2, dtype=torch.long))
@@ -209,6 +229,27 @@ def test_learns_a_tiny_known_system_and_elites_are_the_best_members():
     far = model.step(torch.tensor(s * 8), torch.tensor(a), clip=False)
     assert far["eps_g"].mean() > 3 * out["eps_g"].mean()
     assert set(metrics["rollout"]) == {"h1", "h5", "h10"}
+
+
+def test_plateaus_decay_the_learning_rate_then_stop_and_the_global_rng_is_untouched():
+    data = _known_system(n_episodes=20, steps=20)
+    args = wm.Args(env="reacher", ensemble_size=3, n_elites=2, hidden_dim=16, n_hidden_layers=1, max_steps=20_000,
+                   eval_every=20, patience=1, min_improvement=0.5, rollout_eval_starts=10, lr_decays=2,
+                   lr_decay_factor=0.1)
+    torch.manual_seed(123)  # as MOMA-PPO does before it trains a missing model
+    before = torch.get_rng_state()
+    model, metrics = wm.train(data, args, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)  # seeded locally: the caller's generator is not re-seeded
+    decays = [h["lr_decayed_to"] for h in metrics["history"] if "lr_decayed_to" in h]
+    assert decays == pytest.approx([args.learning_rate * 0.1, args.learning_rate * 0.01])
+    assert metrics["stopped_early"] and metrics["train_steps"] < args.max_steps
+    # a held-out plateau is reached after the two decays: the last `patience` evaluation(s) made no progress
+    assert "lr_decayed_to" not in metrics["history"][-1]
+    # the same seed gives the same model whatever the caller's global generator holds
+    torch.manual_seed(999)
+    again, _ = wm.train(data, args, progress=False)
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_predicts_the_coordination_payoff_exactly():
