@@ -124,6 +124,13 @@ class Args:
     # Agents and PPO.
     use_history: Optional[bool] = None
     """condition on the 10-step history encoder (default: only for partially observable tasks)"""
+    start_history: Literal["dataset", "policy", "zeros"] = "dataset"
+    """histories that training rollouts start from: the dataset's (paper: the behaviour policy's actions), the
+    dataset's observations with the current policy's mean actions (what a greedy agent's history holds in a real
+    episode), or zero padding (as at an episode start)"""
+    history_actions: Literal["sampled", "mean"] = "sampled"
+    """actions appended to the histories during training rollouts: the sampled ones (paper), or the policy's mean,
+    as in the greedy evaluation's histories"""
     hidden_dim: Optional[int] = None
     """width of the 2 hidden layers of every policy, value and the mixer"""
     embed_dim: int = 64
@@ -465,6 +472,26 @@ def greedy_policy(agents: Agents, layout: Layout, device):
 
 
 @torch.no_grad()
+def start_histories(agents: Agents, layout: Layout, history_table: torch.Tensor, history_index: torch.Tensor,
+                    rows: torch.Tensor, source: str) -> torch.Tensor:
+    """The [n, b, H, d] histories of dataset rows `rows` that rollouts start from (see Args.start_history)."""
+    index = history_index[rows]  # [b, H]; the value N (the table's last row) is padding
+    if source == "dataset":
+        return history_table[:, index]
+    n, b, h = layout.n, *index.shape
+    if source == "zeros":
+        return history_table.new_zeros(n, b, h, history_table.shape[-1])
+    # "policy": each history row keeps its dataset observation; its action becomes the current policy's mean action
+    # there, computed from that row's own dataset history (one batched forward over the b x H rows)
+    flat = index.reshape(-1)
+    real = flat < history_table.shape[1] - 1
+    obs = history_table[:, flat, : layout.obs_dim]
+    mean_action = agents.greedy(agents.features(obs, history_table[:, history_index[flat.clamp(max=len(history_index) - 1)]]))
+    entries = layout.history_step(obs, mean_action) * real[None, :, None]
+    return entries.view(n, b, h, -1)
+
+
+@torch.no_grad()
 def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Tensor, history_table, history_index,
                      args: Args, generator: torch.Generator):
     """Algorithm 1's inner loops, vectorised over the b rollouts and the n agents. Returns the valid
@@ -473,7 +500,8 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
     k, b = args.rollout_horizon, args.rollout_batch
     rows = torch.randint(len(states_all), (b,), device=device, generator=generator)
     state = states_all[rows]
-    hist = history_table[:, history_index[rows]] if args.use_history else None  # [n, b, H, d]
+    hist = start_histories(agents, layout, history_table, history_index, rows, args.start_history) \
+        if args.use_history else None  # [n, b, H, d]
     buf = {key: [] for key in ("obs", "hist", "actions", "logp", "values", "rewards", "f", "zeta", "states",
                                "eps_g")}
     alive = torch.ones(b, device=device)  # 1 while the rollout has not ended
@@ -502,7 +530,8 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
         valid.append(alive.clone())
         alive = alive * not_terminal * zeta
         if args.use_history:  # h_{j+1}: drop the oldest pair, append (o_j, a_j)
-            hist = torch.cat([hist[:, :, 1:], layout.history_step(obs, actions).unsqueeze(2)], dim=2)
+            in_history = dist.mean if args.history_actions == "mean" and not layout.discrete else actions
+            hist = torch.cat([hist[:, :, 1:], layout.history_step(obs, in_history).unsqueeze(2)], dim=2)
         # A rollout valid at this step moves to its predicted next state (a timeout bootstraps from V there);
         # one that had already ended stays where it was, as does a non-finite prediction (possible without
         # clipping; it is a terminal by the termination rule), so garbage steps stay finite.

@@ -225,3 +225,52 @@ def test_runs_end_to_end_on_mujoco(monkeypatch, tmp_path, env, obs, dataset, ext
         run_dir=str(tmp_path / "run"), **extra))
     assert summary["train_steps"] > 0 and np.isfinite(summary["normalized_score_mean"])
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_start_histories_from_the_dataset_the_policy_or_zeros():
+    torch.manual_seed(0)
+    layout, agents = _agents()
+    n_rows = 30
+    table = torch.randn(4, n_rows + 1, layout.history_dim)
+    table[:, -1] = 0.0  # the padding row
+    index = torch.randint(0, n_rows + 1, (n_rows, 10))
+    index[:, :3] = n_rows  # every history starts with padding
+    rows = torch.tensor([0, 5, 7])
+    dataset = moma_ppo.start_histories(agents, layout, table, index, rows, "dataset")
+    torch.testing.assert_close(dataset, table[:, index[rows]])
+    assert moma_ppo.start_histories(agents, layout, table, index, rows, "zeros").abs().sum() == 0
+    policy = moma_ppo.start_histories(agents, layout, table, index, rows, "policy")
+    o = layout.obs_dim
+    real = index[rows] < n_rows
+    torch.testing.assert_close(policy[..., :o][:, real], dataset[..., :o][:, real])  # the dataset's observations
+    assert policy[:, ~real].abs().sum() == 0  # padding stays padding
+    # ... with the policy's mean action at each history row, given that row's own dataset history
+    r = index[rows][0, 5].item()
+    expected = agents.greedy(agents.features(table[:, [r], :o], table[:, index[[r]]]))[:, 0]
+    torch.testing.assert_close(policy[:, 0, 5, o:], expected.clamp(-1, 1))
+
+
+def test_history_actions_mean_puts_the_policy_mean_in_rollout_histories():
+    torch.manual_seed(0)
+    layout, agents = _agents()
+    states = torch.randn(50, 27)
+    table = torch.randn(4, 51, layout.history_dim)
+    index = torch.randint(0, 51, (50, 10))
+    o = layout.obs_dim
+    for mode in ("sampled", "mean"):
+        batch, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index,
+                                             _args(history_actions=mode, adaptive_rollout=False),
+                                             torch.Generator().manual_seed(0))
+        # the newest history entry of every transition after a rollout's first step (24 of 32) holds the previous
+        # step's action: the one taken (sampled) or the policy's mean there
+        hist_actions = batch["hist"][:, :, -1, o:]
+        feats = agents.features(batch["obs"], batch["hist"])
+        taken = batch["actions"].clamp(-1, 1)
+        means = agents.greedy(feats)
+        # every transition after the first step has its predecessor's action in its history: find matches
+        matches_taken = (hist_actions[:, :, None] - taken[:, None]).abs().amax(-1).amax(0).lt(1e-6).any(1).float().mean()
+        matches_mean = (hist_actions[:, :, None] - means[:, None]).abs().amax(-1).amax(0).lt(1e-5).any(1).float().mean()
+        if mode == "sampled":
+            assert matches_taken >= 0.7 and matches_mean < 0.1
+        else:
+            assert matches_mean >= 0.7 and matches_taken < 0.1
