@@ -154,7 +154,17 @@ class Args:
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
     init_log_std: float = -0.5
-    """initial log standard deviation of the Gaussian policies"""
+    """initial log standard deviation of the Gaussian policies (actor_std=parameter)"""
+    actor_std: Literal["parameter", "state"] = "parameter"
+    """log σ of each agent's Gaussian: one learned parameter per action dimension (CleanRL), or the authors' head on
+    the state, clamped to [-6, 0] (σ starts at 1)"""
+    entropy_target: Optional[float] = None
+    """the authors' adaptive entropy term: α += entropy_step (target - H) per minibatch (α >= 0), loss -α H with H
+    the joint entropy of the team's policy; the authors' target is -2. None = off"""
+    entropy_step: float = 0.001
+    """step size of α in the adaptive entropy term"""
+    action_penalty: float = 0.0
+    """the authors' action-bound penalty Σ (1 - |μ|)² 1[|μ| > 1] on the mean actions (their weight: 1.0)"""
 
     # Evaluation and checkpoints.
     eval_every: Optional[int] = None
@@ -258,14 +268,19 @@ class Agents(nn.Module):
 
     def __init__(self, n_agents: int, obs_dim: int, action_dim: int, discrete: bool, state_dim: int,
                  hidden: int, use_history: bool, history_dim: int, embed_dim: int, init_log_std: float,
-                 obs_mean: torch.Tensor, obs_std: torch.Tensor, state_mean: torch.Tensor, state_std: torch.Tensor):
+                 obs_mean: torch.Tensor, obs_std: torch.Tensor, state_mean: torch.Tensor, state_std: torch.Tensor,
+                 actor_std: str = "parameter"):
         super().__init__()
         self.n_agents, self.obs_dim, self.action_dim, self.discrete = n_agents, obs_dim, action_dim, discrete
         self.use_history = use_history
+        self.state_std_head = actor_std == "state" and not discrete
         in_dim = obs_dim + (embed_dim if use_history else 0)
         self.encoder = HistoryEncoder(n_agents, history_dim, embed_dim, envs.HISTORY_LEN) if use_history else None
-        self.actor = agent_mlp(n_agents, in_dim, hidden, action_dim, out_std=0.01)
-        self.log_std = None if discrete else nn.Parameter(torch.full((n_agents, 1, action_dim), init_log_std))
+        # With a state-dependent σ the actor outputs [mean, log σ]; its small last layer starts log σ near 0.
+        self.actor = agent_mlp(n_agents, in_dim, hidden, action_dim * (2 if self.state_std_head else 1), out_std=0.01)
+        self.log_std = None if discrete or self.state_std_head else \
+            nn.Parameter(torch.full((n_agents, 1, action_dim), init_log_std))
+        self.register_buffer("entropy_alpha", torch.zeros(()))  # α of the adaptive entropy term (checkpointed)
         self.critic = agent_mlp(n_agents, in_dim, hidden, 1, out_std=1.0)
         # QMIX-style mixer: non-negative weights w_i(s) and a bias b(s) from the global state.
         self.mixer = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -307,6 +322,9 @@ class Agents(nn.Module):
         out = self.actor(feats)
         if self.discrete:
             return torch.distributions.Categorical(logits=out)
+        if self.state_std_head:  # the authors' GaussianPolicy: log σ clamped to [-6, 0]
+            mean, log_std = out.chunk(2, dim=-1)
+            return torch.distributions.Normal(mean, log_std.clamp(-6.0, 0.0).exp())
         return torch.distributions.Normal(out, self.log_std.exp().expand_as(out))
 
     def log_prob(self, dist, actions: torch.Tensor) -> torch.Tensor:  # -> [n, B]
@@ -323,7 +341,9 @@ class Agents(nn.Module):
 
     def greedy(self, feats: torch.Tensor) -> torch.Tensor:
         out = self.actor(feats)
-        return out.argmax(-1) if self.discrete else out.clamp(-1.0, 1.0)
+        if self.discrete:
+            return out.argmax(-1)
+        return out[..., : self.action_dim].clamp(-1.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -640,7 +660,7 @@ def main(args: Args) -> dict:
     state_std = torch.where(state_std < 1e-6, torch.ones_like(state_std), state_std)
     agents = Agents(layout.n, layout.obs_dim, layout.action_dim, layout.discrete, envs.STATE_DIM[args.env],
                     args.hidden_dim, args.use_history, layout.history_dim, args.embed_dim, args.init_log_std,
-                    obs_mean, obs_std, states_all.mean(0), state_std).to(device)
+                    obs_mean, obs_std, states_all.mean(0), state_std, actor_std=args.actor_std).to(device)
     del obs_all
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate, eps=1e-5)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -707,6 +727,13 @@ def main(args: Args) -> dict:
                 v_loss = 0.5 * (agents.team_value(feats, batch["states"][idx]) - batch["value_targets"][idx]).pow(2).mean()
                 entropy = agents.entropy(dist).mean()
                 loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+                if args.entropy_target is not None:  # the authors' adaptive α on the team's joint entropy
+                    joint_entropy = agents.entropy(dist).sum(0).mean()
+                    agents.entropy_alpha.add_(args.entropy_step * (args.entropy_target - joint_entropy.detach())).clamp_(min=0)
+                    loss = loss - agents.entropy_alpha * joint_entropy
+                if args.action_penalty > 0 and not layout.discrete:  # the authors' action-bound penalty on |μ| > 1
+                    over = (dist.mean.abs() - 1).clamp(min=0)
+                    loss = loss + args.action_penalty * over.pow(2).sum((0, 2)).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(agents.parameters(), args.max_grad_norm)

@@ -84,12 +84,30 @@ def test_rollouts_stay_finite_after_a_diverged_terminal():
         assert torch.isfinite(batch[key]).all(), key
 
 
-def _agents(env="ant", obs="partial", use_history=True):
+def _agents(env="ant", obs="partial", use_history=True, actor_std="parameter"):
     layout = moma_ppo.Layout(env, obs, torch.device("cpu"))
     n, S = layout.n, envs.STATE_DIM[env]
     return layout, moma_ppo.Agents(
         n, layout.obs_dim, layout.action_dim, layout.discrete, S, 32, use_history, layout.history_dim, 16, -0.5,
-        torch.zeros(n, 1, layout.obs_dim), torch.ones(n, 1, layout.obs_dim), torch.zeros(S), torch.ones(S))
+        torch.zeros(n, 1, layout.obs_dim), torch.ones(n, 1, layout.obs_dim), torch.zeros(S), torch.ones(S),
+        actor_std=actor_std)
+
+
+def test_the_authors_state_dependent_std_starts_at_one_and_is_clamped():
+    torch.manual_seed(0)
+    layout, agents = _agents(actor_std="state")
+    assert agents.log_std is None
+    feats = agents.features(torch.randn(4, 64, layout.obs_dim), torch.randn(4, 64, 10, layout.history_dim))
+    dist = agents.distribution(feats)
+    assert dist.mean.shape == (4, 64, 2) and torch.allclose(dist.stddev, torch.ones(()), atol=0.05)  # log σ ≈ 0
+    with torch.no_grad():
+        agents.actor[-1].bias[..., 2:] = 5.0  # log σ head far above its upper clamp
+    assert torch.allclose(agents.distribution(feats).stddev, torch.ones(()))
+    with torch.no_grad():
+        agents.actor[-1].bias[..., 2:] = -50.0
+    assert torch.allclose(agents.distribution(feats).stddev, torch.full((), float(np.exp(-6.0))))
+    # greedy takes the mean half of the output only
+    torch.testing.assert_close(agents.greedy(feats), agents.distribution(feats).mean.clamp(-1, 1))
 
 
 def test_mixer_is_monotonic_in_every_agent_value():
@@ -214,6 +232,10 @@ def _random_dataset(env: str, name: str, n_episodes: int, steps: int):
     ("ant", "partial", "random", {}),
     ("reacher", "leader-only", "expert-mix", {}),
     ("reacher", "independent", "expert-mix", {"ground_truth": True}),
+    # the Ant diagnosis switches together: the authors' actor, adaptive entropy and action penalty, own-action
+    # histories, ε_g in standardised units
+    ("ant", "partial", "random", {"actor_std": "state", "entropy_target": 50.0, "action_penalty": 1.0,
+                                  "start_history": "policy", "history_actions": "mean", "eps_g_units": "standardised"}),
 ])
 def test_runs_end_to_end_on_mujoco(monkeypatch, tmp_path, env, obs, dataset, extra):
     _random_dataset(env, dataset, n_episodes=4, steps=60 if env == "ant" else 50)
@@ -225,6 +247,9 @@ def test_runs_end_to_end_on_mujoco(monkeypatch, tmp_path, env, obs, dataset, ext
         run_dir=str(tmp_path / "run"), **extra))
     assert summary["train_steps"] > 0 and np.isfinite(summary["normalized_score_mean"])
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+    if "entropy_target" in extra:  # a target far above the joint entropy: α grew from 0 during the updates
+        alpha = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["agents"]["entropy_alpha"]
+        assert alpha > 0
 
 
 def test_start_histories_from_the_dataset_the_policy_or_zeros():
