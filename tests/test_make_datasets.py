@@ -212,3 +212,52 @@ def test_mappo_smoke_resume_and_policy_file(tmp_path):
     np.testing.assert_array_equal(a, policy.act(states, greedy=True))  # greedy is deterministic
     with pytest.raises(envs.MomaError):
         mappo.main(mappo.Args(env="coordination", run_dir=str(tmp_path / "x")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shipping the Ant policies: expert choice, the medium search, and full-replay re-enacted from snapshots
+# ---------------------------------------------------------------------------------------------------
+def test_export_then_full_replay_from_snapshots_round_trips(tmp_path, monkeypatch, few_ref_episodes):
+    cfg = md.AntTD3Config(total_steps=1500, learning_starts=500, batch_size=32, hidden=16, checkpoint_every_s=1e9,
+                          snapshot_every=250, snapshot_eval_episodes=1, stop_above=None)
+    md.train_ant_td3(cfg, out_dir=tmp_path / "learner", log=lambda *a: None)
+    shipped = {k: tmp_path / f"{k}.pt" for k in ("reacher_expert", "ant_expert", "ant_medium")}
+    monkeypatch.setattr(md, "SHIPPED", shipped)
+    monkeypatch.setattr(md, "ANT_REPLAY_SNAPSHOTS", tmp_path / "ant_replay_snapshots.pt")
+    logs = []
+    info = md.export_ant_policies(tmp_path / "learner", n_replay_snapshots=4, eval_episodes=1, expert_min_step=1000,
+                                  medium_search=dict(noises=(0.1, 0.3), n_episodes=1, n_confirm=1,
+                                                     greedy_range=(-1e9, 1e9)), log=logs.append)
+    # expert: the best of the snapshots at >= 1000 steps and the final policy; medium: a snapshot before it
+    assert info["expert_step"] in (1000, 1250, 1500)
+    assert 500 < info["medium_step"] < info["expert_step"] and info["medium_noise"] in (0.1, 0.3)
+    medium = md._load_policy(shipped["ant_medium"])
+    assert np.isclose(medium.log_std.exp().mean().item(), info["medium_noise"])  # the dataset acts with σ
+    search = medium.meta["search"]
+    assert len(search["candidates"]) == 2 * len([s for s in md.list_snapshots(tmp_path / "learner")
+                                                 if 500 < s[0] < info["expert_step"]])
+    assert search["choice"] == min(search["confirmed"], key=lambda r: r["distance"])
+    # replay snapshots: 4 equal intervals of the learner's steps from its warm-up to the expert, each played by
+    # the snapshot nearest its middle
+    blob = torch.load(md.ANT_REPLAY_SNAPSHOTS, weights_only=False)
+    covers = [b["meta"]["covers"] for b in blob["snapshots"]]
+    assert covers[0][0] == 500 and covers[-1][1] == info["expert_step"]
+    assert all(a[1] == b[0] for a, b in zip(covers, covers[1:]))
+    for b in blob["snapshots"]:
+        assert abs(b["meta"]["step"] - sum(b["meta"]["covers"]) / 2) <= 125 + 1e-9
+    assert blob["buffer_stats"]["transitions"] == info["expert_step"]
+    # a fresh-clone build of a small slice: warm-up share uniform random, the rest by the snapshots
+    built = md.build("ant", "full-replay", n_transitions=400, seed=0)
+    assert built["source"] == "snapshots"
+    _check_minari("ant", "full-replay", 400)
+
+
+def test_zero_action_score_is_computed_from_the_simulator(few_ref_episodes):
+    """Standing still on Ant-v5: zero torque keeps the torso healthy for 1000 steps (healthy reward 1 per step,
+    minus a small contact cost), computed here from the simulator, never copied."""
+    lo, hi = md.reference_scores("ant")
+    zero = md.zero_action_return("ant")
+    direct = md.policy_returns("ant", md.ZeroPolicy(8), 3, seed=20202)
+    assert zero == pytest.approx(direct.mean())
+    assert 900 < zero <= 1000
+    assert 0 < (zero - lo) / (hi - lo) < 0.5  # the expert walks far beyond standing still
