@@ -149,6 +149,62 @@ COORDINATION_BEHAVIOUR = {"favorable": (0.75, 0.75), "neutral": (0.5, 0.5), "unf
 COORDINATION_EPISODES = 2000  # 20k rounds; seed 0 gives mean scores 0.621 / 0.498 / 0.373 (paper: 0.623 / 0.502 / 0.375)
 
 
+class PlainProgress:
+    """A progress report for logs (nohup, Slurm): where stderr is not a terminal tqdm draws nothing, and a long
+    phase (dataset build, world model, training) would print nothing for minutes. This prints one plain line
+    every `every_s` seconds (MOMA_PROGRESS_EVERY, default 60): phase, step / total, rate, ETA and the postfix."""
+
+    def __init__(self, iterable=None, total=None, desc="", initial=0, every_s=None, **_):
+        self.iterable, self.total, self.desc, self.n = iterable, total, desc, initial
+        self.every_s = float(os.environ.get("MOMA_PROGRESS_EVERY", 60)) if every_s is None else every_s
+        self.postfix, self.start_n = "", initial
+        import time
+
+        self._time = time.time
+        self.t_start = self.t_last = self._time()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def set_postfix(self, ordered_dict=None, **kwargs):
+        items = {**(ordered_dict or {}), **kwargs}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def update(self, n=1):
+        self.n += n
+        if self._time() - self.t_last >= self.every_s:
+            self._print()
+
+    def _print(self):
+        self.t_last = now = self._time()
+        rate = (self.n - self.start_n) / max(now - self.t_start, 1e-9)
+        total = f"/{self.total}" if self.total else ""
+        eta = f", ETA {(self.total - self.n) / rate / 60:.1f} min" if self.total and rate > 0 else ""
+        print(f"[{self.desc}] {self.n}{total} ({rate:.1f}/s{eta}, {now - self.t_start:.0f} s)"
+              + (f" {self.postfix}" if self.postfix else ""), flush=True)
+
+    def close(self):
+        if self.n > self.start_n:
+            self._print()
+
+
+def progress_bar(iterable=None, *, total=None, desc="", disable=None, initial=0, **tqdm_kwargs):
+    """tqdm on a terminal; PlainProgress lines in a log. disable=True shows nothing (short phases)."""
+    import sys
+
+    if disable is True:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, disable=True, initial=initial)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, initial=initial, **tqdm_kwargs)
+    return PlainProgress(iterable, total=total, desc=desc, initial=initial)
+
+
 class MomaError(ValueError):
     """Bad user input (unknown name, mismatched dataset, corrupt file): the message says the fix."""
 
@@ -399,15 +455,13 @@ def evaluate(
     lockstep batches of up to `max_parallel`, so the policy is queried once per step, not per env.
     Episode j is reset with seed `seed + j`, so results are reproducible.
     """
-    from tqdm import tqdm
-
     obs = check_names(env, obs)
     returns = np.zeros(n_episodes)
     lengths = np.zeros(n_episodes, dtype=np.int64)
     n_batches = -(-n_episodes // max_parallel)
     # A bar for evaluations that take a while (100 Ant episodes: up to 100k env steps, ~30 s).
-    bar = tqdm(total=n_batches * EPISODE_STEPS[env], desc=f"evaluating {n_episodes} {env} episodes", leave=False,
-               disable=True if n_episodes * EPISODE_STEPS[env] < 20_000 else None)
+    bar = progress_bar(total=n_batches * EPISODE_STEPS[env], desc=f"evaluating {n_episodes} {env} episodes",
+                       leave=False, disable=True if n_episodes * EPISODE_STEPS[env] < 20_000 else None)
     for start in range(0, n_episodes, max_parallel):
         n = min(max_parallel, n_episodes - start)
         envs = [make_env(env, obs) for _ in range(n)]
@@ -580,10 +634,8 @@ def _read_minari(env: str, dataset: str):
         ds = minari.load_dataset(did, download=False)
         meta = ds.storage.metadata
         parts = {k: [] for k in ("obs", "next_obs", "act", "rew", "term", "trunc", "ep")}
-        from tqdm import tqdm
-
-        for ep in tqdm(ds.iterate_episodes(), total=ds.total_episodes, desc=f"reading {did}", leave=False,
-                       disable=None if ds.total_episodes > 2000 else True):
+        for ep in progress_bar(ds.iterate_episodes(), total=ds.total_episodes, desc=f"reading {did}", leave=False,
+                               disable=None if ds.total_episodes > 2000 else True):
             o = np.asarray(ep.observations, dtype=np.float32)
             T = len(ep.rewards)
             parts["obs"].append(o[:-1])

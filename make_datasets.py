@@ -502,8 +502,6 @@ def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bo
     Episodes run n_envs at a time in lockstep (one batched policy call per step). Episode k is reset
     with seed `seed * 1_000_003 + k` and the dataset is the prefix of episodes in k order, so short
     episodes (which finish first) are not over-represented and the result does not depend on n_envs."""
-    from tqdm import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     max_steps = envs.EPISODE_STEPS[env]
     n_envs = max(1, min(n_envs, -(-n_transitions // max_steps) + 1))
@@ -524,7 +522,7 @@ def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bo
     for j in range(n_envs):
         start(j)
     prefix_len, prefix_steps = 0, 0  # completed episodes 0..prefix_len-1 and their total length
-    bar = tqdm(total=n_transitions, desc=desc, unit="step", unit_scale=True, mininterval=2.0, disable=None)
+    bar = envs.progress_bar(total=n_transitions, desc=desc, unit="step", unit_scale=True, mininterval=2.0)
     running = np.ones(n_envs, dtype=bool)
     while prefix_steps < n_transitions:
         actions = policy.act(state, greedy=greedy, generator=gen)

@@ -606,8 +606,6 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
           checkpoint_path: Optional[pathlib.Path] = None) -> tuple[WorldModel, dict]:
     """Train an ensemble on `data` (an envs.OfflineData, or any object with env, dataset_id, states,
     next_states, joint_actions, rewards, terminals, episode_ids). Returns the model and its metrics."""
-    from tqdm import tqdm
-
     t0 = time.time()
     env = data.env
     state_dim = data.states.shape[1]
@@ -666,8 +664,8 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
         except Exception as exc:  # an unreadable checkpoint only costs the time it saved
             print(f"ignoring unreadable checkpoint {checkpoint_path} ({type(exc).__name__})")
 
-    bar = tqdm(total=args.max_steps, initial=step, desc=f"world model {data.dataset_id}", disable=not progress,
-               dynamic_ncols=True)
+    bar = envs.progress_bar(total=args.max_steps, initial=step, desc=f"world model {data.dataset_id}",
+                            disable=True if not progress else None, dynamic_ncols=True)
     sps_t, sps_step = time.time(), step
     stopped_early = False
     while step < args.max_steps:

@@ -363,3 +363,17 @@ def test_missing_mujoco_dataset_without_generator_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "make_datasets", None)  # simulate a checkout without the generator
     with pytest.raises(envs.MomaError, match="moma/ant/expert-v0"):
         envs.load_dataset("ant", "expert", "full")
+
+
+def test_progress_in_a_log_prints_plain_lines(capsys, monkeypatch):
+    """Under nohup or Slurm stderr is not a terminal: long phases print a plain line at a steady pace."""
+    monkeypatch.setenv("MOMA_PROGRESS_EVERY", "0")
+    bar = envs.progress_bar(range(3), total=3, desc="world model test")
+    assert isinstance(bar, envs.PlainProgress)  # pytest captures stderr: not a terminal
+    for _ in bar:
+        bar.set_postfix(loss="0.5")
+    bar.close()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("[world model test] 1/3") and "/s" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].startswith("[world model test] 3/3") and "loss=0.5" in lines[-1]
+    assert envs.progress_bar(total=5, desc="short", disable=True).disable  # short phases stay silent
