@@ -700,6 +700,16 @@ def load_dataset(
             f"{joint.shape[1:]}, but env {env!r} has states of shape ({STATE_DIM[env]},) and joint actions of shape "
             f"({JOINT_ACTION_DIM[env]},); use a dataset recorded on {env}"
         )
+    # Non-finite data trains non-finite networks whose greedy actions can still score (a NaN argmax picks the
+    # first action), so it is refused here, before any training.
+    for name, values in (("observations", states), ("next observations", next_states), ("actions", joint),
+                         ("rewards", a["rew"])):
+        bad = ~np.isfinite(np.asarray(values, dtype=np.float64))
+        if bad.any():
+            rows = np.flatnonzero(bad.reshape(len(bad), -1).any(1))
+            raise MomaError(
+                f"dataset {dataset_id(env, dataset)} has non-finite {name} in {len(rows)} transitions (first at row "
+                f"{rows[0]}); rebuild it (`python envs.py --env {env} --dataset {dataset} --force`) or fix its source")
     if env == "coordination":
         joint = joint.astype(np.int64)
     else:

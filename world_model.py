@@ -392,7 +392,16 @@ def _atomic_torch_save(obj, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
+def _non_finite_entries(state_dict: dict) -> list[str]:
+    """Entries with NaN anywhere, or ±inf in the network (an unset bounding box is legitimately ±inf)."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and
+            (torch.isnan(v).any() or (k.startswith("network.") and torch.isinf(v).any()))]
+
+
 def save(model: WorldModel, path: pathlib.Path, seed: int, config: dict, metrics: dict) -> None:
+    broken = _non_finite_entries(model.state_dict())
+    if broken:  # never cache a broken model: every later run would load it
+        raise MomaError(f"the trained world model has non-finite values in {broken[:3]}; not saved to {path}")
     payload = {
         "kind": ARTIFACT_KIND,
         "format_version": FORMAT_VERSION,
@@ -446,11 +455,15 @@ def _stale_reason(payload: dict, env: str, dataset: str) -> Optional[str]:
             f"{trained_on}, the local dataset's is now {now})")
 
 
-def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device="cpu") -> WorldModel:
-    """Load a saved ensemble (eval mode, on `device`). MomaError if it belongs to another env/dataset, was
-    trained on an earlier build of the dataset, or is corrupt."""
+def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device="cpu",
+         seed: Optional[int] = None) -> WorldModel:
+    """Load a saved ensemble (eval mode, on `device`). MomaError if it belongs to another env/dataset/seed, was
+    trained on an earlier build of the dataset, or is corrupt (non-finite weights included)."""
     path = pathlib.Path(path)
     payload = _read_payload(path)
+    if seed is not None and payload.get("seed") != seed:
+        raise MomaError(f"world model {path} was trained with seed {payload.get('seed')}, not {seed} (a file copied "
+                        f"from another seed?); delete it and retrain with `python world_model.py --seed {seed} --force`")
     if env is not None and payload["env"] != env:
         raise MomaError(f"world model {path} was trained on env {payload['env']!r}, not {env!r}; "
                         f"use artifact_path({env!r}, ...) or train one with `python world_model.py --env {env}`")
@@ -470,6 +483,10 @@ def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device=
         # Artifacts written before `can_terminate` existed: the terminal head decided alone, as before.
         state_dict.setdefault("can_terminate", torch.ones(()))
         model.load_state_dict(state_dict, strict=True)
+        broken = _non_finite_entries(state_dict)
+        if broken:
+            raise MomaError(f"world model {path} has non-finite values in {broken[:3]}; delete it and retrain with "
+                            f"`python world_model.py --env {payload['env']} --force`")
     except MomaError:
         raise
     except Exception as e:
@@ -489,7 +506,7 @@ def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device
     if path.exists():
         stale = _stale_reason(_read_payload(path), env, dataset)
         if stale is None:
-            return load(path, env, dataset, device)
+            return load(path, env, dataset, device, seed=seed)
         print(f"world model {path}: {stale}; training a new one")
     fields = {f.name for f in dataclasses.fields(Args)}
     unknown = sorted(set(train_overrides) - fields)
@@ -684,6 +701,9 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
         bar.update(1)
 
         if step % args.eval_every == 0 or step == args.max_steps:
+            if not torch.isfinite(loss):
+                raise MomaError(f"world-model training of {data.dataset_id} diverged at step {step} (loss {loss.item()}); "
+                                f"check the dataset for extreme values or lower --learning-rate")
             net.eval()
             mse = evaluate_members(model, inputs[eval_rows], targets[eval_rows], not_terminal[eval_rows])["mse"]
             net.train()
@@ -834,7 +854,7 @@ def main(args: Args) -> None:
     envs.check_names(args.env, None, dataset)
     path = artifact_path(args.env, dataset, args.seed)
     if path.exists() and not args.force:
-        model = load(path, args.env, dataset)
+        model = load(path, args.env, dataset, seed=args.seed)
         print(format_report(model.metrics, model.dataset_id))
         print(f"{path} exists; pass --force to retrain")
         return

@@ -377,3 +377,15 @@ def test_progress_in_a_log_prints_plain_lines(capsys, monkeypatch):
     assert lines[0].startswith("[world model test] 1/3") and "/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("[world model test] 3/3") and "loss=0.5" in lines[-1]
     assert envs.progress_bar(total=5, desc="short", disable=True).disable  # short phases stay silent
+
+
+def test_a_dataset_with_non_finite_rewards_is_refused_at_load():
+    episodes = [dict(observations=np.zeros((4, 1), np.float32), actions=np.zeros((3, 2), np.int64),
+                     rewards=np.array([1.0, float("nan"), 0.0]), terminations=np.zeros(3, bool),
+                     truncations=np.array([False, False, True]))]
+    envs.write_minari_dataset("coordination", "neutral", episodes, 0.0, 10.0, "test", "a dataset with a NaN reward")
+    try:
+        with pytest.raises(envs.MomaError, match="non-finite rewards in 1 transitions"):
+            envs.load_dataset("coordination", "neutral")
+    finally:
+        envs.build_coordination_dataset("neutral")  # leave the real dataset for the other tests

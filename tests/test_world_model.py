@@ -310,6 +310,20 @@ def test_wrong_task_and_corrupt_files_are_rejected(tmp_path):
         wm.load(broken)
     with pytest.raises(envs.MomaError, match="no world model"):
         wm.load(tmp_path / "missing.pt")
+    with pytest.raises(envs.MomaError, match="trained with seed 0, not 3"):  # a file copied to another seed's name
+        wm.load(path, "reacher", seed=3)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["network.head.weight"][0, 0, 0] = float("nan")  # right shapes, a NaN weight
+    nan_file = tmp_path / "nan.pt"
+    torch.save(payload, nan_file)
+    with pytest.raises(envs.MomaError, match="non-finite"):
+        wm.load(nan_file)
+    nan_model = _tiny_model()
+    with torch.no_grad():
+        nan_model.network.head.bias.fill_(float("nan"))
+    with pytest.raises(envs.MomaError, match="non-finite"):  # never cached
+        wm.save(nan_model, tmp_path / "never.pt", seed=0, config={}, metrics={})
+    assert not (tmp_path / "never.pt").exists()
 
 
 def test_load_or_train_caches_the_artifact_and_rejects_unknown_options():
