@@ -28,10 +28,12 @@ ever downloaded: a missing project dataset is built locally.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
 import shutil
+import time
 import warnings
 from typing import Callable, Literal, Optional, Sequence
 
@@ -158,8 +160,6 @@ class PlainProgress:
         self.iterable, self.total, self.desc, self.n = iterable, total, desc, initial
         self.every_s = float(os.environ.get("MOMA_PROGRESS_EVERY", 60)) if every_s is None else every_s
         self.postfix, self.start_n = "", initial
-        import time
-
         self._time = time.time
         self.t_start = self.t_last = self._time()
 
@@ -689,7 +689,7 @@ def load_dataset(
         if not build_if_missing:
             raise MomaError(f"dataset {dataset_id(env, dataset)} is missing; build it with "
                             f"`python envs.py --env {env} --dataset {dataset}`")
-        build_dataset(env, dataset)
+        build_dataset(env, dataset, only_if_missing=True)
     a = _read_minari(env, dataset)
     states, next_states, joint = a["obs"], a["next_obs"], a["act"]
     if env == "ant" and states.shape[1] == 105:  # Farama's Ant-v5 default: drop the 78 contact forces
@@ -774,8 +774,15 @@ def write_minari_dataset(
         spec = gym.spec(COORDINATION_GYM_ID)
     else:
         spec = make_single_agent_env(env).spec
-    if dataset_exists(env, dataset):
-        minari.delete_dataset(did)
+    # Written into a private staging folder, then moved into place with one rename: a reader never sees a half
+    # dataset (metadata.json used to appear before the hdf5 was complete), a killed build leaves only its staging
+    # folder, and a concurrent build's cleanup can never delete another process's finished dataset.
+    for stale in (DATA_DIR / ".staging").glob("*"):  # left by killed builds
+        if not _pid_alive(int(stale.name.split("-")[0])):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging_root = DATA_DIR / ".staging" / f"{os.getpid()}-{time.time_ns()}"
+    previous_root = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(staging_root)  # Minari reads it at every call
     try:
         with warnings.catch_warnings():  # Minari warns that eval_env defaults to the collection env: intended
             warnings.simplefilter("ignore", UserWarning)
@@ -794,9 +801,29 @@ def write_minari_dataset(
                 data_format="hdf5",
                 env=spec,
             )
-    except BaseException:
-        shutil.rmtree(dataset_path(env, dataset), ignore_errors=True)
-        raise
+        final = dataset_path(env, dataset)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        retired = final.with_name(f"{final.name}.retired-{os.getpid()}-{time.time_ns()}")
+        if final.exists():
+            os.replace(final, retired)
+        os.replace(staging_root / did, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        if previous_root is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous_root
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _git_commit() -> str:
@@ -832,11 +859,36 @@ def build_coordination_dataset(dataset: str, n_episodes: int = COORDINATION_EPIS
     )
 
 
-def build_dataset(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0) -> None:
-    """Generate the project dataset `dataset` of `env` locally (overwriting it)."""
+@contextlib.contextmanager
+def _build_lock(env: str, dataset: str):
+    """An exclusive lock per dataset (fcntl, released if the process dies): two processes that find the same
+    dataset missing build it once; the second waits, then finds it built."""
+    import fcntl
+
+    path = DATA_DIR / ".locks" / (dataset_id(env, dataset).replace("/", "__") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_dataset(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,
+                  only_if_missing: bool = False) -> None:
+    """Generate the project dataset `dataset` of `env` locally (overwriting it; with only_if_missing, unless another
+    process built it while this one waited for the lock)."""
     check_names(env, None, dataset)
     if _is_external_id(dataset):
         raise MomaError(f"{dataset!r} is an external Minari id; only project datasets can be built here")
+    with _build_lock(env, dataset):
+        if only_if_missing and dataset_exists(env, dataset):
+            return
+        _build_dataset_locked(env, dataset, n_transitions, seed)
+
+
+def _build_dataset_locked(env: str, dataset: str, n_transitions: Optional[int], seed: int) -> None:
     if env == "coordination":
         n_episodes = COORDINATION_EPISODES if n_transitions is None else max(1, n_transitions // COORDINATION_ROUNDS)
         build_coordination_dataset(dataset, n_episodes, seed)

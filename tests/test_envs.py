@@ -389,3 +389,39 @@ def test_a_dataset_with_non_finite_rewards_is_refused_at_load():
             envs.load_dataset("coordination", "neutral")
     finally:
         envs.build_coordination_dataset("neutral")  # leave the real dataset for the other tests
+
+
+def test_concurrent_builds_of_a_missing_dataset_build_it_once(tmp_path):
+    """Two processes that find the same dataset missing: one builds it under the lock, the other waits and loads it;
+    neither deletes the other's work."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), MOMA_CACHE_DIR=str(tmp_path / "cache"))
+    code = "import envs; print(len(envs.load_dataset('coordination', 'favorable')))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=envs.REPO_DIR, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+    assert [int(o[0].split()[-1]) for o in outs] == [envs.COORDINATION_EPISODES * envs.COORDINATION_ROUNDS] * 2
+    assert not list((tmp_path / "minari" / ".staging").glob("*"))  # nothing half-written left behind
+
+
+def test_an_interrupted_write_leaves_no_dataset_behind(monkeypatch):
+    import minari
+
+    def dies_half_way(dataset_id, *args, **kwargs):  # as a build killed while Minari writes its files
+        path = minari.storage.get_dataset_path(dataset_id) / "data"
+        path.mkdir(parents=True)
+        (path / "metadata.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", dies_half_way)
+    episodes = [dict(observations=np.zeros((3, 1), np.float32), actions=np.zeros((2, 2), np.int64),
+                     rewards=np.zeros(2), terminations=np.zeros(2, bool), truncations=np.array([False, True]))]
+    existed = envs.dataset_exists("coordination", "favorable")
+    with pytest.raises(KeyboardInterrupt):
+        envs.write_minari_dataset("coordination", "favorable", episodes, 0.0, 10.0, "test", "interrupted")
+    assert envs.dataset_exists("coordination", "favorable") == existed  # the earlier dataset (if any) is intact
+    assert not list((envs.DATA_DIR / ".staging").glob("*"))
