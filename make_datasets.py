@@ -291,6 +291,26 @@ def train_ant_td3(cfg: AntTD3Config, resume: bool = False, out_dir: pathlib.Path
             buf[k][:step] = v
         saved = step
         log(f"resumed {ckpt_path} at step {step} (resume #{n_resumes})")
+    elif resume and ANT_TD3_RESUME.exists():
+        # Another machine: the learner's state is shipped (small), its 1M transitions are not (260 MB), so the replay
+        # buffer is re-enacted from the shipped snapshots (as full-replay is) and training goes on from there.
+        ck = torch.load(ANT_TD3_RESUME, weights_only=False)
+        for module, key in ((actor, "actor"), (critic, "critic"), (target_actor, "target_actor"),
+                            (target_critic, "target_critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
+            module.load_state_dict(ck[key])
+        step, n_resumes, wall_before, next_snapshot = ck["step"], ck["n_resumes"] + 1, ck["wall_s"], ck["next_snapshot"]
+        torch.set_rng_state(ck["torch_rng"])
+        gen.set_state(ck["gen"])
+        rng.bit_generator.state = ck["numpy_rng"]
+        row = 0
+        for ep in _snapshot_replay(step, seed=cfg.seed):
+            t = len(ep["rewards"])
+            buf["obs"][row:row + t], buf["next_obs"][row:row + t] = ep["observations"][:-1], ep["observations"][1:]
+            buf["act"][row:row + t], buf["rew"][row:row + t] = ep["actions"], ep["rewards"]
+            buf["term"][row:row + t], buf["trunc"][row:row + t] = ep["terminations"], ep["truncations"]
+            row += t
+        log(f"resumed the shipped learner state {ANT_TD3_RESUME} at step {step} (resume #{n_resumes}); its replay "
+            f"buffer was re-enacted from the shipped snapshots")
     elif ckpt_path.exists():
         raise envs.MomaError(f"{ckpt_path} exists; pass --resume to continue it, or delete {out_dir} to restart")
     writer = SummaryWriter(str(out_dir / "tb"))
@@ -642,6 +662,7 @@ SHIPPED = dict(
     ant_medium=POLICY_DIR / "ant_medium.pt",
 )
 ANT_REPLAY_SNAPSHOTS = POLICY_DIR / "ant_replay_snapshots.pt"  # float16 learner snapshots for full-replay
+ANT_TD3_RESUME = POLICY_DIR / "ant_td3_resume.pt"  # the learner's final state: `--train-ant --resume` goes on from it
 REF_EPISODES = 100
 
 
@@ -956,6 +977,11 @@ def export_ant_policies(out_dir: pathlib.Path = ANT_TRAIN_DIR, n_replay_snapshot
                         max_score_pct=float(buffer_pct.max()), ref_min=ref_min, ref_max=ref_max)
     _atomic_torch_save(dict(snapshots=replay, learning_starts=cfg["learning_starts"], expert_step=expert_step,
                             buffer_stats=buffer_stats), ANT_REPLAY_SNAPSHOTS)
+    # What another machine needs to continue the learner (`--train-ant --resume`): networks, optimisers and RNG states
+    # of its last checkpoint; its transitions are re-enacted there (see train_ant_td3).
+    _atomic_torch_save({k: ck[k] for k in ("actor", "critic", "target_actor", "target_critic", "actor_opt", "critic_opt",
+                                           "step", "n_resumes", "wall_s", "next_snapshot", "torch_rng", "gen",
+                                           "numpy_rng", "config")}, ANT_TD3_RESUME)
     info = dict(expert_step=expert_step, expert_greedy_return=expert_ret, medium_step=choice["step"],
                 medium_noise=choice["noise"], medium_mean_share=choice["mean_share"],
                 medium_median_share=choice["median_share"], train_wall_s=ck["wall_s"],

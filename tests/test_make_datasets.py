@@ -224,6 +224,7 @@ def test_export_then_full_replay_from_snapshots_round_trips(tmp_path, monkeypatc
     shipped = {k: tmp_path / f"{k}.pt" for k in ("reacher_expert", "ant_expert", "ant_medium")}
     monkeypatch.setattr(md, "SHIPPED", shipped)
     monkeypatch.setattr(md, "ANT_REPLAY_SNAPSHOTS", tmp_path / "ant_replay_snapshots.pt")
+    monkeypatch.setattr(md, "ANT_TD3_RESUME", tmp_path / "ant_td3_resume.pt")
     logs = []
     info = md.export_ant_policies(tmp_path / "learner", n_replay_snapshots=4, eval_episodes=1, expert_min_step=1000,
                                   medium_search=dict(noises=(0.1, 0.3), n_episodes=1, n_confirm=1,
@@ -250,6 +251,17 @@ def test_export_then_full_replay_from_snapshots_round_trips(tmp_path, monkeypatc
     built = md.build("ant", "full-replay", n_transitions=400, seed=0)
     assert built["source"] == "snapshots"
     _check_minari("ant", "full-replay", 400)
+    # another machine continues the learner from the shipped state, its buffer re-enacted from the snapshots
+    cfg.total_steps = 1700
+    logs = []
+    md.train_ant_td3(cfg, resume=True, out_dir=tmp_path / "elsewhere", log=logs.append)
+    assert any("resumed the shipped learner state" in line for line in logs)
+    ck = torch.load(tmp_path / "elsewhere" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 1700 and ck["n_resumes"] == 1
+    shipped = torch.load(md.ANT_TD3_RESUME, weights_only=False)
+    assert shipped["step"] == 1500
+    replay = md.load_td3_replay(tmp_path / "elsewhere", 1700)  # rows [0, 1500) re-enacted, then 200 new ones
+    assert len(replay["rew"]) == 1700 and np.abs(replay["obs"][:1500]).sum() > 0
 
 
 def test_zero_action_score_is_computed_from_the_simulator(few_ref_episodes):
