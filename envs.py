@@ -976,8 +976,26 @@ CODE_DEPENDENCIES = {"moma_ppo.py": ("moma_ppo.py", "world_model.py", "envs.py")
 
 
 def file_hash(path) -> str:
-    """Short content hash of one file (sha256, 16 hex digits)."""
-    return _hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+    """Short hash (sha256, 16 hex digits) of what a file *does*: for Python, its syntax tree without docstrings and
+    help strings, so edits to comments, docs or layout do not make the records made with it stale; code changes do."""
+    import ast
+
+    path = pathlib.Path(path)
+    text = path.read_bytes()
+    if path.suffix == ".py":
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            return _hashlib.sha256(text).hexdigest()[:16]
+        for node in ast.walk(tree):  # drop bare string statements: docstrings and tyro's field help texts
+            for field in ("body", "orelse", "finalbody"):
+                body = getattr(node, field, None)
+                if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+                    kept = [b for b in body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+                                                    and isinstance(b.value.value, str))]
+                    setattr(node, field, kept or [ast.Pass()])
+        text = ast.dump(tree, include_attributes=False).encode()
+    return _hashlib.sha256(text).hexdigest()[:16]
 
 
 def code_fingerprint(script: str) -> dict:

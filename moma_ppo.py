@@ -206,7 +206,24 @@ def method_name(args: Args) -> str:
         parts.append("ground_truth")
     if not args.termination_rule and args.env == "ant":  # the rule changes nothing where nothing terminates
         parts.append("no_termination_rule")
+    # Every other algorithmic setting that differs from the env's preset or the default is named too (key=value),
+    # so a diagnosis run never lands in the MOMA-PPO cell. The budget (iterations) is the record's budget instead.
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    for key in ALGORITHMIC_SETTINGS:
+        value, default = getattr(args, key), PRESETS[args.env].get(key, defaults[key])
+        if key == "use_history":
+            default = args.obs in ("independent", "leader-only", "partial")
+        if value != default:
+            parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
     return "-".join(parts)
+
+
+# Settings that change what MOMA-PPO learns (method_name spells out the ones a run changes).
+ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "lambda_r", "lambda_g", "uncertainty_threshold",
+                        "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
+                        "learning_rate", "update_epochs", "minibatch_size", "gamma", "gae_lambda", "clip_coef",
+                        "ent_coef", "vf_coef", "max_grad_norm", "init_log_std", "actor_std", "entropy_target",
+                        "entropy_step", "action_penalty", "world_model_seed")
 
 
 # --------------------------------------------------------------------------------------------------

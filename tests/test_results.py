@@ -152,3 +152,16 @@ def test_run_all_names_ablation_cells_as_moma_ppo_names_its_records(flags, expec
     out = subprocess.run(["bash", "-c", method_of + 'method_of "$@"', "_", "moma_ppo.py"] + flags,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_code_fingerprint_ignores_comments_and_docs_but_not_code(tmp_path):
+    """Records go stale when the code that made them changes, not when a comment or a help text does."""
+    original = 'class Args:\n    lr: float = 1e-3\n    """learning rate"""\n\n\ndef f(x):\n    """Doc."""\n    return x * 2\n'
+    reworded = ('"""A module docstring."""\n\nclass Args:\n    lr: float = 1e-3\n    """the step size"""\n\n'
+                'def f(x):\n    # why: doubling\n    return x * 2\n')
+    changed = original.replace("x * 2", "x * 3")
+    hashes = []
+    for i, text in enumerate((original, reworded, changed)):
+        (tmp_path / f"m{i}.py").write_text(text)
+        hashes.append(envs.file_hash(tmp_path / f"m{i}.py"))
+    assert hashes[0] == hashes[1] and hashes[0] != hashes[2]
