@@ -683,7 +683,6 @@ def main(args: Args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
@@ -716,8 +715,8 @@ def main(args: Args) -> dict:
                      "wall_s": wall_before + time.time() - start_time,
                      "torch_rng": torch.get_rng_state(), "args": dataclasses.asdict(args)}, checkpoint_path)
 
-    bar = tqdm(range(start_iteration, args.iterations), initial=start_iteration, total=args.iterations,
-               desc=f"MOMA-PPO {args.env}/{args.obs}/{args.dataset}", dynamic_ncols=True)
+    bar = envs.progress_bar(range(start_iteration, args.iterations), initial=start_iteration, total=args.iterations,
+                            desc=f"MOMA-PPO {args.env}/{args.obs}/{args.dataset}", dynamic_ncols=True)
     for iteration in bar:
         t_iter = time.time()
         # ------------------------------------------------------------ synthetic rollouts (Algorithm 1)
