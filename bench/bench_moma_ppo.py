@@ -5,8 +5,11 @@
 
 Uses an untrained world model of the default size (7 members, 4 x 200, 5 elites) on random states of the
 env's dimensions: throughput does not depend on the weights, and the benchmark needs no dataset. Reports
-the median of `repeats` iterations after one warm-up. The authors' code does ≈425 synthetic transitions/s
-on this machine, updates included (2,020 transitions per 4.74 s iteration; reference machine-measurements §8).
+the median of `repeats` iterations after one warm-up, and the loop against this machine's roofline: the
+FLOPs of one iteration (torch's FlopCounterMode: rollouts + updates, forward and backward) per second, as a
+share of the fp32 GEMM rate measured in the same run on the loop's dominant shapes (agents x minibatch x hidden
+x hidden batched matmuls). A ratio to another program holds only when both run side by side on one machine, so
+none is printed here.
 """
 
 import dataclasses
@@ -38,6 +41,20 @@ class BenchArgs:
     """None = the script's default (histories only on partially observable tasks)"""
 
 
+def gemm_rate(n_agents: int, rows: int, width: int, repeats: int = 20) -> float:
+    """Achieved fp32 GFLOP/s of the loop's dominant GEMM: a bmm [n_agents, rows, width] x [n_agents, width, width]."""
+    a, b = torch.randn(n_agents, rows, width), torch.randn(n_agents, width, width)
+    for _ in range(3):
+        torch.bmm(a, b)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            torch.bmm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n_agents * rows * width * width * repeats / np.median(times) / 1e9
+
+
 def main(bench: BenchArgs) -> None:
     torch.set_num_threads(bench.threads)
     torch.manual_seed(0)
@@ -58,7 +75,13 @@ def main(bench: BenchArgs) -> None:
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate, eps=1e-5)
     gen = torch.Generator().manual_seed(0)
     rollout_t, update_t, steps = [], [], []
-    for rep in range(bench.repeats + 1):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for rep in range(bench.repeats + 2):
+        counting = rep == bench.repeats + 1  # one last iteration under the FLOP counter (untimed)
+        counter = FlopCounterMode(display=False) if counting else None
+        if counting:
+            counter.__enter__()
         t0 = time.perf_counter()
         batch, _ = moma_ppo.collect_rollouts(agents, model, layout, states, table, index, args, gen)
         t1 = time.perf_counter()
@@ -79,14 +102,23 @@ def main(bench: BenchArgs) -> None:
                 torch.nn.utils.clip_grad_norm_(agents.parameters(), 1.0)
                 optimizer.step()
         t2 = time.perf_counter()
-        if rep > 0:  # the first iteration is a warm-up
+        if counting:
+            counter.__exit__(None, None, None)
+            flops_per_transition = counter.get_total_flops() / n
+        elif rep > 0:  # the first iteration is a warm-up
             rollout_t.append(t1 - t0), update_t.append(t2 - t1), steps.append(n)
     r, u, n = np.median(rollout_t), np.median(update_t), int(np.median(steps))
+    sps = n / (r + u)
+    achieved = sps * flops_per_transition / 1e9
+    roofline = gemm_rate(layout.n, min(args.minibatch_size, n), args.hidden_dim)
     print(f"{bench.env}/{args.obs}: history={args.use_history} b={args.rollout_batch} k={args.rollout_horizon} "
           f"minibatch={args.minibatch_size} epochs={args.update_epochs} threads={bench.threads}")
     print(f"  {n} synthetic transitions per iteration; rollouts {r:.2f} s ({n / r:,.0f} steps/s), "
-          f"updates {u:.2f} s; whole loop {n / (r + u):,.0f} synthetic steps/s "
-          f"({n / (r + u) / 425:.1f}x the authors' ≈425/s)")
+          f"updates {u:.2f} s; whole loop {sps:,.0f} synthetic steps/s")
+    print(f"  {flops_per_transition / 1e6:.1f} MFLOP per synthetic transition (rollout + {args.update_epochs} epochs, "
+          f"forward + backward) -> {achieved:.1f} GFLOP/s; fp32 GEMM rate of [{layout.n} x {min(args.minibatch_size, n)} "
+          f"x {args.hidden_dim} x {args.hidden_dim}] here: {roofline:.1f} GFLOP/s -> {100 * achieved / roofline:.0f}% "
+          f"of the roofline")
 
 
 if __name__ == "__main__":
