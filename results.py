@@ -12,8 +12,8 @@ writes it when given --results-dir (run_all.sh passes results/<table>). Nothing 
 the paper's numbers (PAPER_* below, from the AAMAS 2024 paper's Tables 1-4) and results/legacy.md, which holds
 the earlier hand-typed measurements that have no record and is shown under its own heading.
 
-A record is *stale* when a file its run depended on (the algorithm script, envs.py, world_model.py for
-MOMA-PPO) has changed since, or when its dataset's content fingerprint differs from the dataset on disk; stale
+A record is *stale* when the code of a file its run depended on (the algorithm script, envs.py, world_model.py
+for MOMA-PPO) has changed since (envs.file_hash: the syntax tree, so comments and docs do not count), or when its dataset's content fingerprint differs from the dataset on disk; stale
 cells are shown with a dagger, never silently mixed with fresh ones. Cells made at different budgets are in
 different tables.
 """
