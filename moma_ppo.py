@@ -218,6 +218,13 @@ def method_name(args: Args) -> str:
     return "-".join(parts)
 
 
+def method_name_from_argv(argv: list) -> str:
+    """The record name of the run these command-line flags would make (run_all.sh asks, so both name cells alike)."""
+    import tyro
+
+    return method_name(resolve(tyro.cli(Args, args=argv)))
+
+
 # Settings that change what MOMA-PPO learns (method_name spells out the ones a run changes).
 ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "lambda_r", "lambda_g", "uncertainty_threshold",
                         "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",

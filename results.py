@@ -39,7 +39,7 @@ REPO = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = REPO / "results"
 DOCS_DIR = REPO / "docs"
 PLOTS_DIR = DOCS_DIR / "plots"
-TABLES = ("3", "4a", "4b", "ablation")
+TABLES = ("3", "4a", "4b", "ablation", "diagnosis")
 BUDGETS = ("quick", "default", "paper")  # run_all.sh's budgets, smallest first; records of other names follow
 
 # --------------------------------------------------------------------------------------------------
@@ -108,6 +108,7 @@ LAYOUT = {
     "4b": dict(env="ant", rows=[(o, d) for o in ("full", "partial") for d in ("random", "medium", "full-replay", "expert")],
                methods=_4B_METHODS),
     "ablation": dict(env="ant", rows=[("full", "full-replay"), ("partial", "full-replay")], methods=ABLATION_METHODS),
+    "diagnosis": dict(env="ant", rows=[("partial", "medium"), ("full", "medium")], methods=("moma_ppo",)),
 }
 TITLES = {"3": "Table 3: Iterated Coordination Game", "4a": "Table 4a: two-agent Reacher, expert-mix",
           "4b": "Table 4b: four-agent Ant", "ablation": "§6.3 ablation: epistemic vs aleatoric penalty, ant full-replay"}
@@ -174,8 +175,8 @@ def default_steps(script: str, env: str, obs: str, flags: list) -> int:
     the script's default (MAIQL-ft trains its offline steps twice: offline, then with simulator data)."""
     value = None
     for name in ("--total-steps", "--iterations"):
-        if name in flags:
-            value = int(flags[flags.index(name) + 1])
+        if name in flags:  # the last occurrence wins, as on the scripts' command line
+            value = int(flags[len(flags) - 1 - flags[::-1].index(name) + 1])
     if script == "moma_ppo.py":
         return value or {"coordination": 20, "reacher": 400, "ant": 500}[env]
     po = obs in PARTIAL_OBS
@@ -495,6 +496,29 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     return lines
 
 
+DIAGNOSIS_TITLE = "Diagnosis: MOMA-PPO on ant partial medium, one run per hypothesis"
+
+
+def diagnosis_table(records: list, staleness: Staleness) -> list:
+    """One row per diagnosis run (`./run_all.sh diagnosis`): what it changed, its final score, how many greedy episodes
+    reach the end (Ant episodes that fall end early), its learning curve in short, cost and command."""
+    lines = ["| run (settings changed from the preset) | obs | seed | score (mean ± std over episodes) | episodes reaching "
+             "1000 steps | in-training evaluations (first → best → last) | synthetic steps | wall time | command |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r.obs != "partial", r.method != "moma_ppo", r.method, r.summary.get("seed", 0))):
+        s = r.summary
+        lengths = np.asarray(s.get("episode_lengths") or [], dtype=np.float64)
+        reach = f"{100 * np.mean(lengths >= envs.EPISODE_STEPS[r.env]):.0f}%" if len(lengths) else "n/a"
+        scores = [row["normalized_score"] for row in r.curve if "normalized_score" in row]
+        curve = f"{scores[0]:.2f} → {max(scores):.2f} → {scores[-1]:.2f}" if scores else "n/a"
+        reasons, _ = staleness.check(r)
+        name = r.method.replace("moma_ppo-", "").replace("moma_ppo", "(the preset)") + (" †" if reasons else "")
+        lines.append(f"| {name} | {r.obs} | {s.get('seed')} | {r.score:.3f} ± {s.get('normalized_score_std', float('nan')):.3f} | "
+                     f"{reach} | {curve} | {s.get('train_steps', 0):,} | {fmt_seconds(s.get('wall_time_s', float('nan')))} | "
+                     f"`results/diagnosis/{r.folder.name}/command.txt` |")
+    return lines + ["", "† stale: made with other code or another build of the dataset.", ""]
+
+
 def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path = PLOTS_DIR,
                       repo: pathlib.Path = REPO) -> str:
     records = load_records(results_dir)
@@ -509,6 +533,14 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
     for r in records:
         by_table[r.table][r.budget].append(r)
     for table in TABLES:
+        if table == "diagnosis":
+            if by_table[table]:
+                lines += [f"## {DIAGNOSIS_TITLE}", ""]
+                for budget, recs in by_table[table].items():
+                    lines += [f"### budget `{budget}`", ""] + diagnosis_table(recs, staleness)
+                    images = [plot_path(table, budget, "ant", o, d, plots_dir) for o, d in LAYOUT[table]["rows"]]
+                    lines += [" ".join(f"![{p.stem}](plots/{p.name})" for p in images if p.exists()), ""]
+            continue
         lines += [f"## {TITLES[table]}", ""]
         if not by_table[table]:
             lines += [f"No records yet (`./run_all.sh {table}`): every cell is missing.", ""]

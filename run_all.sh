@@ -73,12 +73,18 @@ budget_flags() {
   esac
 }
 
-# method_of SCRIPT [flags...]: the method name the script gives its record (moma_ppo.py's method_name).
+# method_of SCRIPT ENV OBS [flags...]: the method name the script gives its record (moma_ppo.py's method_name).
 method_of() {
-  local script=$1 method=${1%.py}
-  shift
+  local script=$1 method=${1%.py} env=$2 obs=$3
+  shift 3
   for flag in "$@"; do case $flag in --finetune) method=maiql_ft ;; --mixer) method=matd3bc ;; esac; done
   if [ "$method" = moma_ppo ]; then
+    local other=0
+    for flag in "$@"; do case $flag in --penalty | aleatoric | --no-adaptive-rollout) ;; *) other=1 ;; esac; done
+    if [ $other = 1 ]; then  # any other setting: ask moma_ppo.py itself (it names every changed setting)
+      python -c "import sys, moma_ppo; print(moma_ppo.method_name_from_argv(sys.argv[1:]))" --env "$env" --obs "$obs" "$@"
+      return
+    fi
     for flag in "$@"; do [ "$flag" = aleatoric ] && method="$method-aleatoric"; done
     for flag in "$@"; do [ "$flag" = --no-adaptive-rollout ] && method="$method-no_adaptive_rollout"; done
   fi
@@ -90,7 +96,7 @@ run() {
   local table=$1 script=$2 env=$3 obs=$4 dataset=$5 seed=$6
   shift 6
   local method name
-  method=$(method_of "$script" "$@")
+  method=$(method_of "$script" "$env" "$obs" "$@")
   name="${env}__${obs}__${dataset}__${method}__${seed}"
   local flags
   read -r -a flags <<< "$(budget_flags "$script" "$env" "$obs")"
@@ -175,14 +181,33 @@ ablation() {  # §6.3: epistemic (the paper's) vs MOPO's aleatoric penalty, with
   done
 }
 
+diagnosis() {  # why MOMA-PPO loses on ant partial medium: one run per hypothesis (see docs/results.md, Diagnosis)
+  local it=(--iterations "${DIAG_ITERATIONS:-200}" --eval-every 10 --eval-episodes-during 5) seed=1
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}"                              # the preset
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}"                                 # (a) full observability
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --ground-truth               # (b) the real simulator
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --rollout-batch 202 --minibatch-size 64 \
+    --learning-rate 5e-5 --gae-lambda 0.98                                                   # (c) the authors' shape
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --no-adaptive-rollout        # (d) uncertainty cut
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --eps-g-units standardised   # (d) ε_g units
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --actor-std state \
+    --entropy-target -2 --action-penalty 1                                                   # (e) the authors' actor
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history policy \
+    --history-actions mean                                                                   # (g) own-action histories
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history zeros        # (g) reset histories
+}
+
 cells() {
   case $WHAT in
     3) table3 ;;
     4a) table4a ;;
     4b) table4b ;;
     ablation) ablation ;;
+    diagnosis) diagnosis ;;
     all) table3; table4a; table4b ;;
-    *) echo "usage: [BUDGET=quick|default|paper] ./run_all.sh [plan] [3|4a|4b|ablation|all|table|plots] [extra flags]" >&2
+    *) echo "usage: [BUDGET=quick|default|paper] ./run_all.sh [plan] [3|4a|4b|ablation|diagnosis|all|table|plots] [extra flags]" >&2
        exit 2 ;;
   esac
 }

@@ -136,7 +136,9 @@ def test_readme_result_section_holds_no_number_that_results_does_not():
 @pytest.mark.parametrize("flags, expected", [
     ([], "moma_ppo"), (["--penalty", "aleatoric"], "moma_ppo-aleatoric"),
     (["--no-adaptive-rollout"], "moma_ppo-no_adaptive_rollout"),
-    (["--penalty", "aleatoric", "--no-adaptive-rollout"], "moma_ppo-aleatoric-no_adaptive_rollout")])
+    (["--penalty", "aleatoric", "--no-adaptive-rollout"], "moma_ppo-aleatoric-no_adaptive_rollout"),
+    (["--lambda-g", "1.0", "--iterations", "7"], "moma_ppo-lambda_g=1"),  # a diagnosis cell; the budget is not named
+    (["--start-history", "policy", "--history-actions", "mean"], "moma_ppo-start_history=policy-history_actions=mean")])
 def test_run_all_names_ablation_cells_as_moma_ppo_names_its_records(flags, expected, tmp_path):
     """run_all.sh decides a cell is done by its record's folder name, so both must agree."""
     import subprocess
@@ -149,8 +151,8 @@ def test_run_all_names_ablation_cells_as_moma_ppo_names_its_records(flags, expec
     assert moma_ppo.method_name(args) == expected
     script = (REPO / "run_all.sh").read_text()
     method_of = script[script.index("method_of() {"):script.index("\n}\n", script.index("method_of() {")) + 3]
-    out = subprocess.run(["bash", "-c", method_of + 'method_of "$@"', "_", "moma_ppo.py"] + flags,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(["bash", "-c", method_of + 'method_of "$@"', "_", "moma_ppo.py", "ant", "full"] + flags,
+                         capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == expected
 
 
@@ -165,3 +167,18 @@ def test_code_fingerprint_ignores_comments_and_docs_but_not_code(tmp_path):
         (tmp_path / f"m{i}.py").write_text(text)
         hashes.append(envs.file_hash(tmp_path / f"m{i}.py"))
     assert hashes[0] == hashes[1] and hashes[0] != hashes[2]
+
+
+def test_a_diagnosis_record_shows_its_changes_reach_and_curve(tmp_path):
+    record = tmp_path / "results" / "diagnosis" / "ant__partial__medium__moma_ppo-lambda_g=1__1"
+    record.mkdir(parents=True)
+    (record / "summary.json").write_text(json.dumps({
+        "env": "ant", "obs": "partial", "dataset_id": "moma/ant/medium-v0", "seed": 1, "method": "moma_ppo-lambda_g=1",
+        "budget": "quick", "normalized_score_mean": 0.41, "normalized_score_std": 0.2, "train_steps": 1000,
+        "wall_time_s": 60.0, "episode_lengths": [1000, 1000, 1000, 250]}))
+    (record / "curve.csv").write_text("step,samples,wall_time_s,normalized_score,episodes\n10,100,5,0.1,5\n"
+                                      "20,200,10,0.5,5\n30,300,15,0.4,5\n")
+    (record / "command.txt").write_text("python moma_ppo.py --lambda-g 1.0\n")
+    text = results.generate_markdown(tmp_path / "results", tmp_path / "plots", REPO)
+    row = next(line for line in text.splitlines() if line.startswith("| lambda_g=1"))
+    assert "0.410 ± 0.200" in row and "75%" in row and "0.10 → 0.50 → 0.40" in row
