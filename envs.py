@@ -1045,12 +1045,17 @@ class CurveLog:
         self._write()
 
     def _write(self) -> None:  # kilobytes: rewriting the whole file keeps it whole if the run is killed mid-write
-        tmp = self.path.with_name("curve.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = _csv.writer(f)
-            writer.writerow(CURVE_COLUMNS)
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        tmp = self.path.with_name(f"curve.csv.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", newline="") as f:
+                writer = _csv.writer(f)
+                writer.writerow(CURVE_COLUMNS)
+                writer.writerows(self.rows)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full disk: a clear error, no half file
+            tmp.unlink(missing_ok=True)
+            raise MomaError(f"could not write {self.path} ({e.strerror}); free some disk space and continue with "
+                            f"--resume") from None
 
 
 def record_fields(code: dict, data: "OfflineData", budget: Optional[str], episode_lengths) -> dict:
@@ -1090,3 +1095,204 @@ def save_record(run_dir, results_dir, name: str) -> pathlib.Path:
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
+
+
+# ==================================================================================================
+# Run safety (issue 16): every algorithm script validates its arguments before any work, refuses to resume a
+# checkpoint of another configuration, stops on non-finite losses or weights before a summary is written, checks
+# the free disk space before training, and writes its files atomically under names no other process uses.
+# ==================================================================================================
+import math as _math
+import tempfile as _tempfile
+
+# Fields that may differ between a run and its --resume: where the run lives and reports, how fast it runs, and
+# how it is evaluated (greedy evaluations use their own env seeds and no training RNG, so they change nothing that
+# is learned). The training length (--iterations / --total-steps) may change too, to extend a run, but never to
+# below what the checkpoint already trained. Every other field defines the run and must match.
+RESUME_MAY_CHANGE = frozenset({"run_dir", "resume", "results_dir", "budget", "exp_name", "torch_threads", "cuda",
+                               "eval_every", "eval_episodes", "eval_episodes_during", "checkpoint_every"})
+MIN_FREE_BYTES = 50 * 2**20  # free space a run needs at least (checkpoints, TensorBoard events, records)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args, *, at_least_one=(), non_negative=(), positive=(), finite=(), between=None, examples=None) -> None:
+    """Validate arguments right after parsing, before any folder or data is touched (MomaError naming the flag and a
+    valid value). at_least_one: counts >= 1; non_negative: numbers >= 0; positive: finite numbers > 0; finite: any
+    finite number; between: {name: (low, high)}, inclusive. Fields that are None (filled in later) are skipped.
+    Every script also gets: --seed >= 0, --torch-threads >= 1 and a usable --run-dir."""
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    examples = {**{k: v for k, v in defaults.items() if v is not None and v is not dataclasses.MISSING}, **(examples or {})}
+    rules = [(n, "an integer >= 1", lambda v: v >= 1) for n in at_least_one]
+    rules += [(n, "a number >= 0", lambda v: _math.isfinite(v) and v >= 0) for n in non_negative]
+    rules += [(n, "a finite number > 0", lambda v: _math.isfinite(v) and v > 0) for n in positive]
+    rules += [(n, "a finite number", _math.isfinite) for n in finite]
+    rules += [(n, f"a number in [{lo:g}, {hi:g}]", lambda v, lo=lo, hi=hi: lo <= v <= hi)
+              for n, (lo, hi) in (between or {}).items()]
+    rules += [("seed", "an integer >= 0", lambda v: v >= 0), ("torch_threads", "an integer >= 1", lambda v: v >= 1)]
+    for name, requirement, ok in rules:
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        if not ok(value):
+            example = examples.get(name)
+            hint = f" (e.g. {_flag(name)} {example:g})" if isinstance(example, (int, float)) and ok(example) else ""
+            raise MomaError(f"{_flag(name)} must be {requirement}, got {value!r}{hint}")
+    if getattr(args, "resume", False) and getattr(args, "run_dir", None) is None:
+        raise MomaError("--resume needs --run-dir <the run folder to continue>")
+    if getattr(args, "run_dir", None) is not None:
+        check_run_dir(pathlib.Path(args.run_dir))
+
+
+def _existing_ancestor(path: pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_run_dir(run_dir: pathlib.Path) -> None:
+    """The run folder is a folder (or can become one) that this process can write in: said now, not after training."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MomaError(f"--run-dir {run_dir} is a file, not a folder; give a folder (e.g. --run-dir runs/my_run)")
+    place = _existing_ancestor(run_dir)
+    if not place.is_dir():
+        raise MomaError(f"--run-dir {run_dir}: {place} is a file, so no folder can be made there; choose another --run-dir")
+    try:  # a real write: os.access says yes to root in a read-only folder, and knows nothing of read-only mounts
+        with _tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as e:
+        raise MomaError(f"--run-dir {run_dir}: cannot write in {place} ({e.strerror}); choose a writable --run-dir") from None
+
+
+def default_run_dir(base, name: str) -> pathlib.Path:
+    """runs/<name>__<unix time in µs>_<pid>: two runs started in the same second (or µs) never share a folder."""
+    return pathlib.Path(base) / f"{name}__{time.time_ns() // 1000}_{os.getpid()}"
+
+
+def make_run_dir(run_dir: pathlib.Path, given: bool) -> None:
+    """Create the run folder, only once the arguments, the checkpoint and the data are known to be good (so an error
+    leaves no empty folder). A default folder must be new: another process never shares it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=given)
+    except FileExistsError:
+        raise MomaError(f"run folder {run_dir} already exists (another run started at the same moment?); "
+                        f"start again or give --run-dir") from None
+    except OSError as e:
+        raise MomaError(f"cannot create the run folder {run_dir} ({e.strerror}); choose another --run-dir") from None
+
+
+def load_checkpoint(path: pathlib.Path, device="cpu") -> dict:
+    """torch.load with a clear error for a corrupt, truncated or foreign file."""
+    import torch
+
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(ck, dict) or "args" not in ck:
+            raise ValueError("not a checkpoint of this project (no recorded configuration)")
+        return ck
+    except Exception as e:
+        raise MomaError(f"checkpoint {path} is corrupt or not a checkpoint of this script ({type(e).__name__}: "
+                        f"{str(e)[:200]}); start a new run without --resume (or in another --run-dir)") from None
+
+
+def check_resume(saved: dict, current: dict, length_field: str, done: int, current_length: int) -> None:
+    """--resume continues the run the checkpoint recorded, never another one: every field outside RESUME_MAY_CHANGE
+    must be equal (the error names each difference), and the training length may only grow."""
+    defaults_missing = object()
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUME_MAY_CHANGE or key == length_field:
+            continue
+        old, new = saved.get(key, defaults_missing), current.get(key, defaults_missing)
+        if old is defaults_missing:  # a flag added to the script after the checkpoint was written
+            continue
+        if old != new and not (isinstance(old, float) and isinstance(new, float) and _math.isnan(old) and _math.isnan(new)):
+            diffs.append(f"{_flag(key)} {old!r} in the checkpoint, {new!r} now")
+    if diffs:
+        raise MomaError("--resume would continue a run of another configuration: " + "; ".join(diffs) +
+                        ". Resume with the run's own flags (its command.txt), or start a new run in another --run-dir")
+    if current_length < done:
+        raise MomaError(f"the checkpoint is at {_flag(length_field)[2:]} {done} already; {_flag(length_field)} "
+                        f"{current_length} would end before it: give {_flag(length_field)} >= {done} (a larger value "
+                        f"extends the run)")
+
+
+def check_losses(step: int, **losses) -> None:
+    """A non-finite loss means the networks are (or are about to be) non-finite: stop before any summary."""
+    for name, value in losses.items():
+        value = float(value.detach()) if hasattr(value, "detach") else float(value)
+        if not _math.isfinite(value):
+            raise MomaError(f"training diverged: {name} is {value} at step {step}; no summary was written. Likely "
+                            f"causes: a learning rate too high (--learning-rate), extreme rewards or an extreme "
+                            f"hyper-parameter; the run folder keeps the last good checkpoint")
+
+
+def check_weights(step: int, *modules, what: str = "training") -> None:
+    """Every parameter and buffer finite (before a checkpoint and before the final evaluation): a NaN policy can
+    still score (a NaN argmax picks the first action), so it must never reach a summary."""
+    import torch
+
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise MomaError(f"{what} produced non-finite weights ({name}) at step {step}; no summary was "
+                                f"written. Likely causes: a learning rate too high (--learning-rate), extreme rewards "
+                                f"or an extreme hyper-parameter; start a new run with other settings")
+
+
+def tensor_bytes(*modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules if m is not None
+               for t in list(m.parameters()) + list(m.buffers()))
+
+
+def check_free_space(run_dir: pathlib.Path, checkpoint_bytes: int) -> None:
+    """Fail at once, not at the first checkpoint: the disk of the run folder must hold three checkpoints (the
+    checkpoint, its temporary copy, some slack), and at least MIN_FREE_BYTES."""
+    needed = max(MIN_FREE_BYTES, 3 * int(checkpoint_bytes))
+    free = shutil.disk_usage(_existing_ancestor(run_dir)).free
+    if free < needed:
+        raise MomaError(f"only {free / 2**20:.0f} MB free on the disk of {run_dir}; this run needs about "
+                        f"{needed / 2**20:.0f} MB (checkpoints, logs); free some space or choose another --run-dir")
+
+
+def _unique_tmp(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def save_checkpoint(obj: dict, path: pathlib.Path) -> None:
+    """Atomic torch.save under a name no other process uses; if the write fails (a full disk), the partial file is
+    removed and the previous checkpoint stays as it was."""
+    import torch
+
+    tmp = _unique_tmp(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError ("unexpected pos")
+        tmp.unlink(missing_ok=True)
+        raise MomaError(f"could not write the checkpoint {path} ({type(e).__name__}: {e}); the previous checkpoint "
+                        f"is intact: free some disk space and continue with --resume") from None
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = _unique_tmp(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MomaError(f"could not write {path} ({e.strerror}); free some disk space and continue with --resume") from None
+
+
+def write_summary(run_dir, summary: dict) -> None:
+    """summary.json, atomically, and only for a score that exists: a summary with non-finite scores is refused."""
+    scores = [summary["normalized_score_mean"], summary["normalized_score_std"], *summary["episode_returns"]]
+    if not all(_math.isfinite(float(s)) for s in scores):
+        raise MomaError(f"the final evaluation gave non-finite returns ({summary['normalized_score_mean']}); "
+                        f"no summary was written")
+    write_text_atomic(pathlib.Path(run_dir) / "summary.json", _json.dumps(summary, indent=1))

@@ -24,9 +24,7 @@ The agents are trained as one batched module for speed only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import subprocess
 import time
@@ -209,12 +207,12 @@ def default_total_steps(env: str, history_len: int) -> int:
 def main(args: Args) -> dict:
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    if args.resume and args.run_dir is None:
-        raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
-    for name in ("batch_size",):
-        if getattr(args, name) < 1:
-            raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    run_dir = pathlib.Path(args.run_dir or f"runs/{args.env}__{obs_name}__{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes"),
+                    non_negative=("history_len", "eval_every", "checkpoint_every"), positive=("learning_rate",))
+    given_run_dir = args.run_dir is not None
+    run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
+        "runs", f"{args.env}__{obs_name}__{dataset}__{args.exp_name}__{args.seed}")
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -234,10 +232,10 @@ def main(args: Args) -> dict:
     if args.env == "coordination":
         history_len = 0  # the round index is the whole state (authors force memory_len = 0 here)
     offline_steps = args.total_steps if args.total_steps is not None else default_total_steps(args.env, history_len)
-    if offline_steps < 1:
-        raise envs.MomaError(f"--total-steps must be >= 1, got {offline_steps}")
-    if history_len < 0:
-        raise envs.MomaError(f"--history-len must be >= 0, got {history_len}")
+    ck = None
+    if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
+        ck = envs.load_checkpoint(ckpt_path, device)
+        envs.check_resume(ck["args"], vars(args), "total_steps", ck.get("step", 0), offline_steps)
     data = envs.load_dataset(args.env, dataset, obs_name, history_len=max(history_len, 1))
     n, N, discrete = data.n_agents, len(data), args.env == "coordination"
     adims = envs.action_dims(args.env)
@@ -258,16 +256,25 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step, wall_before = 0, 0.0
-    if args.resume:
-        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
-        agents.load_state_dict(ck["agents"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step, wall_before = ck["step"], ck["wall_s"]
-        generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
+    if ck is not None:
+        if ck.get("dataset_fingerprint", data.fingerprint) != data.fingerprint:
+            raise envs.MomaError(f"dataset {data.dataset_id} was rebuilt with other data since checkpoint {ckpt_path} "
+                                 f"was written; start a new run without --resume")
+        try:
+            agents.load_state_dict(ck["agents"])
+            optimizer.load_state_dict(ck["optimizer"])
+            step, wall_before = ck["step"], ck["wall_s"]
+            generator.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            np.random.set_state(ck["numpy_rng"])
+        except Exception as e:
+            raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
+                                 f"start a new run without --resume") from None
+        envs.check_weights(step, agents, what=f"checkpoint {ckpt_path}")
+        del ck
         print(f"resumed {run_dir} at step {step}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    envs.check_free_space(run_dir, 3 * envs.tensor_bytes(agents))  # weights and 2 Adam moments
+    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     record = envs.record_name(args.env, obs_name, dataset, "ibc", args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
@@ -279,11 +286,11 @@ def main(args: Args) -> dict:
     t0 = time.time()
 
     def save_checkpoint():
-        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
-        torch.save(dict(agents=agents.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                        wall_s=wall_before + time.time() - t0, generator=generator.get_state(),
-                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args)), tmp)
-        os.replace(tmp, ckpt_path)
+        envs.check_weights(step, agents)  # a diverged network is never checkpointed
+        envs.save_checkpoint(dict(agents=agents.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                  wall_s=wall_before + time.time() - t0, generator=generator.get_state(),
+                                  torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args),
+                                  dataset_fingerprint=data.fingerprint), ckpt_path)
 
     def greedy_act(observations, histories):
         with torch.no_grad():
@@ -292,6 +299,7 @@ def main(args: Args) -> dict:
 
     # ---- training loop ----
     t_last, step_last, sps = time.time(), step, 0.0
+    loss = torch.zeros(())  # a resumed run may have nothing left to train
     while step < offline_steps:
         rows = torch.randint(0, N, (args.batch_size,), device=device, generator=generator)
         hist = table[:, hist_index[rows]] if history_len > 0 else None
@@ -307,7 +315,9 @@ def main(args: Args) -> dict:
             t_last, step_last = time.time(), step
             writer.add_scalar("charts/SPS", sps, step)
             writer.add_scalar("losses/policy_loss", loss.item(), step)
+            envs.check_losses(step, policy_loss=loss)
         if args.eval_every > 0 and step % args.eval_every == 0 and step < offline_steps:
+            envs.check_losses(step, policy_loss=loss)
             eval_ret = envs.evaluate(args.env, obs_name, greedy_act, 10, seed=10101 + 1000 * step, history_len=history_len)
             writer.add_scalar("eval/episodic_return", eval_ret.mean(), step)
             eval_score = float(data.normalized_score(eval_ret).mean())
@@ -316,7 +326,8 @@ def main(args: Args) -> dict:
             print(f"step {step} | greedy return {eval_ret.mean():.3f} | loss {loss.item():.4f} | SPS {sps:.0f}", flush=True)
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_checkpoint()
-    save_checkpoint()
+    envs.check_losses(step, policy_loss=loss)
+    save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----
     returns, lengths = envs.evaluate(args.env, obs_name, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
@@ -333,9 +344,7 @@ def main(args: Args) -> dict:
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)
     writer.close()
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+    envs.write_summary(run_dir, summary)
     if args.results_dir is not None:
         print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
     print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import subprocess
 import time
@@ -234,16 +232,16 @@ def git_commit() -> str:
 def main(args: Args) -> dict:
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    if args.resume and args.run_dir is None:
-        raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
     if args.total_steps is None:
         args = dataclasses.replace(args, total_steps=5_000 if args.env == "coordination" else 50_000)
-    for name in ("total_steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.history_len < 0:
-        raise envs.MomaError(f"--history-len must be >= 0, got {args.history_len}")
-    run_dir = pathlib.Path(args.run_dir or f"runs/{args.env}__{obs_name}__{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes"),
+                    non_negative=("history_len", "eval_every", "checkpoint_every", "gamma"),
+                    positive=("learning_rate", "beta", "max_weight", "tau"),
+                    between={"gamma": (0.0, 1.0), "expectile": (0.0, 1.0), "tau": (0.0, 1.0)})
+    given_run_dir = args.run_dir is not None
+    run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
+        "runs", f"{args.env}__{obs_name}__{dataset}__{args.exp_name}__{args.seed}")
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -256,6 +254,11 @@ def main(args: Args) -> dict:
     if args.cuda and device.type == "cpu":
         raise envs.MomaError("--cuda given but torch sees no GPU; drop --cuda")
     from torch.utils.tensorboard import SummaryWriter
+
+    ck = None
+    if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
+        ck = envs.load_checkpoint(ckpt_path, device)
+        envs.check_resume(ck["args"], vars(args), "total_steps", ck.get("step", 0), args.total_steps)
 
     # Centralised: load the fully observable split, whose agent-0 observation is the global state.
     full_obs = envs.DEFAULT_OBS[args.env]
@@ -290,19 +293,28 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step, wall_before = 0, 0.0
-    if args.resume:
-        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
-        agent.load_state_dict(ck["agent"])
-        target_q.load_state_dict(ck["target_q"])
-        if target_encoder is not None:
-            target_encoder.load_state_dict(ck["target_encoder"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step, wall_before = ck["step"], ck["wall_s"]
-        generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
+    if ck is not None:
+        if ck.get("dataset_fingerprint", data.fingerprint) != data.fingerprint:
+            raise envs.MomaError(f"dataset {data.dataset_id} was rebuilt with other data since checkpoint {ckpt_path} "
+                                 f"was written; start a new run without --resume")
+        try:
+            agent.load_state_dict(ck["agent"])
+            target_q.load_state_dict(ck["target_q"])
+            if target_encoder is not None:
+                target_encoder.load_state_dict(ck["target_encoder"])
+            optimizer.load_state_dict(ck["optimizer"])
+            step, wall_before = ck["step"], ck["wall_s"]
+            generator.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            np.random.set_state(ck["numpy_rng"])
+        except Exception as e:
+            raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
+                                 f"start a new run without --resume") from None
+        envs.check_weights(step, agent, target_q, target_encoder, what=f"checkpoint {ckpt_path}")
+        del ck
         print(f"resumed {run_dir} at step {step}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agent))  # weights, 2 Adam moments, targets
+    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     record = envs.record_name(args.env, obs_name, dataset, "iql", args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
@@ -314,13 +326,13 @@ def main(args: Args) -> dict:
     t0 = time.time()
 
     def save_checkpoint():
-        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
-        torch.save(dict(agent=agent.state_dict(), target_q=target_q.state_dict(),
-                        target_encoder=None if target_encoder is None else target_encoder.state_dict(),
-                        optimizer=optimizer.state_dict(), step=step, wall_s=wall_before + time.time() - t0,
-                        generator=generator.get_state(), torch_rng=torch.get_rng_state(),
-                        numpy_rng=np.random.get_state(), args=vars(args)), tmp)
-        os.replace(tmp, ckpt_path)
+        envs.check_weights(step, agent, target_q, target_encoder)  # a diverged network is never checkpointed
+        envs.save_checkpoint(dict(agent=agent.state_dict(), target_q=target_q.state_dict(),
+                                  target_encoder=None if target_encoder is None else target_encoder.state_dict(),
+                                  optimizer=optimizer.state_dict(), step=step, wall_s=wall_before + time.time() - t0,
+                                  generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                                  numpy_rng=np.random.get_state(), args=vars(args),
+                                  dataset_fingerprint=data.fingerprint), ckpt_path)
 
     def greedy_act(observations, histories):
         """Fully observable task: agent 0 sees the state; the joint history is agent 0's (s, a_0) history
@@ -337,6 +349,7 @@ def main(args: Args) -> dict:
 
     # ---- training loop ----
     t_last, step_last, sps = time.time(), step, 0.0
+    v_loss = q_loss = policy_loss = torch.zeros(())  # a resumed run may have nothing left to train
     while step < args.total_steps:
         rows = torch.randint(0, N, (args.batch_size,), device=device, generator=generator)
         hist = table[hist_index[rows]] if history_len > 0 else None
@@ -369,7 +382,9 @@ def main(args: Args) -> dict:
             writer.add_scalar("losses/q_loss", q_loss.item(), step)
             writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
             writer.add_scalar("losses/awr_weight_mean", weights.mean().item(), step)
+            envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
         if args.eval_every > 0 and step % args.eval_every == 0 and step < args.total_steps:
+            envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
             eval_ret = envs.evaluate(args.env, full_obs, greedy_act, 10, seed=10101 + 1000 * step, history_len=history_len)
             writer.add_scalar("eval/episodic_return", eval_ret.mean(), step)
             eval_score = float(data.normalized_score(eval_ret).mean())
@@ -379,7 +394,8 @@ def main(args: Args) -> dict:
                   f"v_loss {v_loss.item():.4f} | SPS {sps:.0f}", flush=True)
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_checkpoint()
-    save_checkpoint()
+    envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
+    save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----
     returns, lengths = envs.evaluate(args.env, full_obs, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
@@ -396,9 +412,7 @@ def main(args: Args) -> dict:
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)
     writer.close()
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+    envs.write_summary(run_dir, summary)
     if args.results_dir is not None:
         print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
     print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "

@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import subprocess
 import time
@@ -298,14 +296,15 @@ def main(args: Args) -> dict:
                              "discrete-action baselines are iql.py, maiql.py and ibc.py")
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    if args.resume and args.run_dir is None:
-        raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
-    for name in ("batch_size", "policy_freq"):
-        if getattr(args, name) < 1:
-            raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes", "policy_freq"),
+                    non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip"),
+                    positive=("learning_rate", "tau", "alpha"), between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0)})
     algorithm = "matd3bc" if args.mixer else "itd3bc"
     exp_name = algorithm if args.exp_name == "itd3bc" else args.exp_name
-    run_dir = pathlib.Path(args.run_dir or f"runs/{args.env}__{obs_name}__{dataset}__{exp_name}__{args.seed}__{int(time.time())}")
+    given_run_dir = args.run_dir is not None
+    run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
+        "runs", f"{args.env}__{obs_name}__{dataset}__{exp_name}__{args.seed}")
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -323,8 +322,10 @@ def main(args: Args) -> dict:
     if history_len is None:
         history_len = envs.HISTORY_LEN if (args.env, obs_name) in PARTIALLY_OBSERVABLE else 0
     total_steps = args.total_steps if args.total_steps is not None else (50_000 if history_len == 0 else 10_000)
-    if total_steps < 1:
-        raise envs.MomaError(f"--total-steps must be >= 1, got {total_steps}")
+    ck = None
+    if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
+        ck = envs.load_checkpoint(ckpt_path, device)
+        envs.check_resume(ck["args"], vars(args), "total_steps", ck.get("step", 0), total_steps)
     data = envs.load_dataset(args.env, dataset, obs_name, history_len=max(history_len, 1))
     n = data.n_agents
     adims = envs.action_dims(args.env)
@@ -346,25 +347,34 @@ def main(args: Args) -> dict:
     actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step, wall_before = 0, 0.0
-    if args.resume:
-        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
-        agents.load_state_dict(ck["agents"])
-        target_actor.load_state_dict(ck["target_actor"])
-        target_critic.load_state_dict(ck["target_critic"])
-        if target_encoder is not None:
-            target_encoder.load_state_dict(ck["target_encoder"])
-        if mixer is not None:
-            mixer.load_state_dict(ck["mixer"])
-            target_mixer.load_state_dict(ck["target_mixer"])
-        critic_optimizer.load_state_dict(ck["critic_optimizer"])
-        actor_optimizer.load_state_dict(ck["actor_optimizer"])
-        step, wall_before = ck["step"], ck["wall_s"]
-        generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
+    if ck is not None:
+        if ck.get("dataset_fingerprint", data.fingerprint) != data.fingerprint:
+            raise envs.MomaError(f"dataset {data.dataset_id} was rebuilt with other data since checkpoint {ckpt_path} "
+                                 f"was written; start a new run without --resume")
+        try:
+            agents.load_state_dict(ck["agents"])
+            target_actor.load_state_dict(ck["target_actor"])
+            target_critic.load_state_dict(ck["target_critic"])
+            if target_encoder is not None:
+                target_encoder.load_state_dict(ck["target_encoder"])
+            if mixer is not None:
+                mixer.load_state_dict(ck["mixer"])
+                target_mixer.load_state_dict(ck["target_mixer"])
+            critic_optimizer.load_state_dict(ck["critic_optimizer"])
+            actor_optimizer.load_state_dict(ck["actor_optimizer"])
+            step, wall_before = ck["step"], ck["wall_s"]
+            generator.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            np.random.set_state(ck["numpy_rng"])
+        except Exception as e:
+            raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
+                                 f"start a new run without --resume") from None
+        envs.check_weights(step, agents, target_actor, target_critic, target_encoder, mixer, target_mixer,
+                           what=f"checkpoint {ckpt_path}")
         del ck
         print(f"resumed {run_dir} at step {step}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agents, mixer))  # weights, 2 Adam moments, targets
+    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     record = envs.record_name(args.env, obs_name, dataset, algorithm, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
@@ -376,16 +386,17 @@ def main(args: Args) -> dict:
     t0 = time.time()
 
     def save_checkpoint():
-        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
-        torch.save(dict(agents=agents.state_dict(), target_actor=target_actor.state_dict(),
-                        target_critic=target_critic.state_dict(),
-                        target_encoder=None if target_encoder is None else target_encoder.state_dict(),
-                        mixer=None if mixer is None else mixer.state_dict(),
-                        target_mixer=None if mixer is None else target_mixer.state_dict(),
-                        critic_optimizer=critic_optimizer.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
-                        step=step, wall_s=wall_before + time.time() - t0, generator=generator.get_state(),
-                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args)), tmp)
-        os.replace(tmp, ckpt_path)
+        # a diverged network is never checkpointed
+        envs.check_weights(step, agents, target_actor, target_critic, target_encoder, mixer, target_mixer)
+        envs.save_checkpoint(dict(agents=agents.state_dict(), target_actor=target_actor.state_dict(),
+                                  target_critic=target_critic.state_dict(),
+                                  target_encoder=None if target_encoder is None else target_encoder.state_dict(),
+                                  mixer=None if mixer is None else mixer.state_dict(),
+                                  target_mixer=None if mixer is None else target_mixer.state_dict(),
+                                  critic_optimizer=critic_optimizer.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
+                                  step=step, wall_s=wall_before + time.time() - t0, generator=generator.get_state(),
+                                  torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args),
+                                  dataset_fingerprint=data.fingerprint), ckpt_path)
 
     def greedy_act(observations, histories):
         with torch.no_grad():
@@ -394,7 +405,7 @@ def main(args: Args) -> dict:
             return list(agents.act(agents.features(obs_t, hist_t)).cpu().numpy())
 
     # ---- training loop ----
-    t_last, step_last, sps = time.time(), step, 0.0
+    t_last, step_last, sps, start_step = time.time(), step, 0.0, step
     actor_loss = torch.zeros(())
     while step < total_steps:
         b = buffer.sample(args.batch_size, generator)
@@ -442,7 +453,9 @@ def main(args: Args) -> dict:
             writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
             writer.add_scalar("losses/actor_loss", actor_loss.item(), step)
             writer.add_scalar("losses/q_mean", q.mean().item(), step)
+            envs.check_losses(step, critic_loss=critic_loss, actor_loss=actor_loss)
         if args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+            envs.check_losses(step, critic_loss=critic_loss, actor_loss=actor_loss)
             eval_ret = envs.evaluate(args.env, obs_name, greedy_act, 10, seed=10101 + 1000 * step, history_len=history_len)
             writer.add_scalar("eval/episodic_return", eval_ret.mean(), step)
             eval_score = float(data.normalized_score(eval_ret).mean())
@@ -452,7 +465,9 @@ def main(args: Args) -> dict:
                   f"actor_loss {actor_loss.item():.4f} | SPS {sps:.1f}", flush=True)
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_checkpoint()
-    save_checkpoint()
+    if step > start_step:  # this process trained: its last losses must be finite
+        envs.check_losses(step, critic_loss=critic_loss, actor_loss=actor_loss)
+    save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----
     returns, lengths = envs.evaluate(args.env, obs_name, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
@@ -469,9 +484,7 @@ def main(args: Args) -> dict:
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)
     writer.close()
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+    envs.write_summary(run_dir, summary)
     if args.results_dir is not None:
         print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
     print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "

@@ -57,9 +57,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import subprocess
 import time
@@ -399,13 +397,16 @@ def default_total_steps(env: str, history_len: int) -> int:
 def main(args: Args) -> dict:
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    if args.resume and args.run_dir is None:
-        raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
-    for name in ("batch_size", "populate_every", "rollout_length"):
-        if getattr(args, name) < 1:
-            raise envs.MomaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes",
+                                        "populate_every", "rollout_length"),
+                    non_negative=("history_len", "eval_every", "checkpoint_every", "online_ratio", "grad_clip"),
+                    positive=("learning_rate", "beta", "max_weight", "tau"),
+                    between={"gamma": (0.0, 1.0), "expectile": (0.0, 1.0), "tau": (0.0, 1.0)})
     exp_name = args.exp_name if not (args.finetune and args.exp_name == "maiql") else "maiql-ft"
-    run_dir = pathlib.Path(args.run_dir or f"runs/{args.env}__{obs_name}__{dataset}__{exp_name}__{args.seed}__{int(time.time())}")
+    given_run_dir = args.run_dir is not None
+    run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
+        "runs", f"{args.env}__{obs_name}__{dataset}__{exp_name}__{args.seed}")
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -425,8 +426,11 @@ def main(args: Args) -> dict:
     if args.env == "coordination":
         history_len = 0  # the round index is the whole state (authors force memory_len = 0 here)
     offline_steps = args.total_steps if args.total_steps is not None else default_total_steps(args.env, history_len)
-    if offline_steps < 1:
-        raise envs.MomaError(f"--total-steps must be >= 1, got {offline_steps}")
+    total_steps = offline_steps * (2 if args.finetune else 1)
+    ck = None
+    if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
+        ck = envs.load_checkpoint(ckpt_path, device)
+        envs.check_resume(ck["args"], vars(args), "total_steps", ck.get("step", 0), total_steps)
     data = envs.load_dataset(args.env, dataset, obs_name, history_len=max(history_len, 1))
     n, discrete = data.n_agents, args.env == "coordination"
     adims = envs.action_dims(args.env)
@@ -449,23 +453,33 @@ def main(args: Args) -> dict:
     target_q_mixer = copy.deepcopy(agents.q_mixer).requires_grad_(False)
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    total_steps = offline_steps * (2 if args.finetune else 1)
-    step, wall_before, ck = 0, 0.0, None
-    if args.resume:
-        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
-        agents.load_state_dict(ck["agents"])
-        target_q.load_state_dict(ck["target_q"])
-        target_q_mixer.load_state_dict(ck["target_q_mixer"])
-        if target_encoder is not None:
-            target_encoder.load_state_dict(ck["target_encoder"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step, wall_before = ck["step"], ck["wall_s"]
-        buffer.load_online(ck["online"])
-        generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
+    step, wall_before = 0, 0.0
+    if ck is not None:
+        if ck.get("dataset_fingerprint", data.fingerprint) != data.fingerprint:
+            raise envs.MomaError(f"dataset {data.dataset_id} was rebuilt with other data since checkpoint {ckpt_path} "
+                                 f"was written; start a new run without --resume")
+        try:
+            agents.load_state_dict(ck["agents"])
+            target_q.load_state_dict(ck["target_q"])
+            target_q_mixer.load_state_dict(ck["target_q_mixer"])
+            if target_encoder is not None:
+                target_encoder.load_state_dict(ck["target_encoder"])
+            optimizer.load_state_dict(ck["optimizer"])
+            step, wall_before = ck["step"], ck["wall_s"]
+            buffer.load_online(ck["online"])
+            generator.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            np.random.set_state(ck["numpy_rng"])
+        except Exception as e:
+            raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
+                                 f"start a new run without --resume") from None
+        envs.check_weights(step, agents, target_q, target_q_mixer, target_encoder, what=f"checkpoint {ckpt_path}")
         print(f"resumed {run_dir} at step {step}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Weights, 2 Adam moments and targets; MAIQL-ft's checkpoints also hold the online rows (a share of the buffer).
+    online_bytes = sum(t.numel() * t.element_size() for t in vars(buffer).values() if torch.is_tensor(t))
+    online_bytes = online_bytes * capacity // (len(data) + capacity + 1)
+    envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agents) + online_bytes)
+    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     record = envs.record_name(args.env, obs_name, dataset, "maiql_ft" if args.finetune else "maiql", args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
@@ -477,13 +491,15 @@ def main(args: Args) -> dict:
     t0 = time.time()
 
     def save_checkpoint():
-        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
-        torch.save(dict(agents=agents.state_dict(), target_q=target_q.state_dict(), target_q_mixer=target_q_mixer.state_dict(),
-                        target_encoder=None if target_encoder is None else target_encoder.state_dict(),
-                        optimizer=optimizer.state_dict(), step=step, wall_s=wall_before + time.time() - t0,
-                        online=buffer.online_rows(), populate_rng=rng.bit_generator.state, generator=generator.get_state(),
-                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args)), tmp)
-        os.replace(tmp, ckpt_path)
+        envs.check_weights(step, agents, target_q, target_q_mixer, target_encoder)  # a diverged network is never checkpointed
+        envs.save_checkpoint(dict(agents=agents.state_dict(), target_q=target_q.state_dict(),
+                                  target_q_mixer=target_q_mixer.state_dict(),
+                                  target_encoder=None if target_encoder is None else target_encoder.state_dict(),
+                                  optimizer=optimizer.state_dict(), step=step, wall_s=wall_before + time.time() - t0,
+                                  online=buffer.online_rows(), populate_rng=rng.bit_generator.state,
+                                  generator=generator.get_state(), torch_rng=torch.get_rng_state(),
+                                  numpy_rng=np.random.get_state(), args=vars(args),
+                                  dataset_fingerprint=data.fingerprint), ckpt_path)
 
     def policy_inputs(observations, histories):
         obs_t = pad_stack(observations, obs_dim).to(device)
@@ -560,6 +576,7 @@ def main(args: Args) -> dict:
     # ---- training loop ----
     agents.train()
     t_last, step_last, sps = time.time(), step, 0.0
+    v_loss = q_loss = policy_loss = torch.zeros(())  # a resumed run may have nothing left to train
     while step < total_steps:
         if args.finetune and step >= offline_steps and (step - offline_steps) % args.populate_every == 0:
             populate()
@@ -603,7 +620,9 @@ def main(args: Args) -> dict:
             writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
             writer.add_scalar("losses/awr_weight_mean", weights.mean().item(), step)
             writer.add_scalar("charts/online_fraction", (buffer.size - len(data)) / buffer.size, step)
+            envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
         if args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
+            envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
             agents.eval()
             eval_ret = envs.evaluate(args.env, obs_name, greedy_act, 10, seed=10101 + 1000 * step, history_len=history_len)
             agents.train()
@@ -615,7 +634,8 @@ def main(args: Args) -> dict:
                   f"v_loss {v_loss.item():.4f} | SPS {sps:.0f} | online rows {buffer.size - len(data)}", flush=True)
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_checkpoint()
-    save_checkpoint()
+    envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
+    save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----
     agents.eval()
@@ -633,9 +653,7 @@ def main(args: Args) -> dict:
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)
     writer.close()
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+    envs.write_summary(run_dir, summary)
     if args.results_dir is not None:
         print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
     for sim in sims:

@@ -24,9 +24,7 @@ is a tensor over [agents, rollouts]: there is no Python loop over agents or roll
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import random
 import subprocess
@@ -632,14 +630,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def atomic_save(obj, path: pathlib.Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def main(args: Args) -> dict:
     args = resolve(args)
+    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    envs.check_args(args, at_least_one=("iterations", "rollout_batch", "rollout_horizon", "minibatch_size", "hidden_dim",
+                                        "embed_dim", "update_epochs", "eval_every", "eval_episodes_during",
+                                        "eval_episodes", "checkpoint_every"),
+                    non_negative=("lambda_r", "lambda_g", "lambda_aleatoric", "ent_coef", "vf_coef", "entropy_step",
+                                  "action_penalty", "world_model_seed"),
+                    positive=("learning_rate", "clip_coef", "max_grad_norm"), finite=("init_log_std", "entropy_target"),
+                    between={"gamma": (0.0, 1.0), "gae_lambda": (0.0, 1.0)}, examples=PRESETS[args.env])
+    if not args.uncertainty_threshold > 0:  # inf is allowed: no cut (the coordination game's preset)
+        raise MomaError(f"--uncertainty-threshold must be > 0 (inf for no cut), got {args.uncertainty_threshold!r} "
+                        f"(e.g. --uncertainty-threshold 2)")
     if args.cuda and not torch.cuda.is_available():
         raise MomaError("--cuda was given but torch sees no GPU; drop --cuda to run on the CPU")
     device = torch.device("cuda" if args.cuda else "cpu")
@@ -650,14 +653,16 @@ def main(args: Args) -> dict:
     torch.backends.cudnn.deterministic = True
     start_time = time.time()
 
-    if args.resume and args.run_dir is None:
-        raise MomaError("--resume needs --run-dir <the run folder to resume>")
-    run_dir = pathlib.Path(args.run_dir or envs.REPO_DIR / "runs" / (
-        f"{args.env}__{args.obs}__{args.dataset.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"))
+    given_run_dir = args.run_dir is not None
+    run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
+        envs.REPO_DIR / "runs", f"{args.env}__{args.obs}__{args.dataset.replace('/', '_')}__{args.exp_name}__{args.seed}")
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume and not checkpoint_path.exists():
         raise MomaError(f"nothing to resume: {checkpoint_path} does not exist")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ck = None
+    if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
+        ck = envs.load_checkpoint(checkpoint_path, device)
+        envs.check_resume(ck["args"], dataclasses.asdict(args), "iterations", ck.get("iteration", 0), args.iterations)
     method = method_name(args)
     record = envs.record_name(args.env, args.obs, args.dataset, method, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
@@ -665,6 +670,9 @@ def main(args: Args) -> dict:
 
     # ---------------------------------------------------------------- data and world model
     data = envs.load_dataset(args.env, args.dataset, args.obs)
+    if ck is not None and ck.get("dataset_fingerprint", data.fingerprint) != data.fingerprint:
+        raise MomaError(f"dataset {data.dataset_id} was rebuilt with other data since checkpoint {checkpoint_path} "
+                        f"was written; start a new run without --resume")
     if args.ground_truth:
         model = GroundTruthSimulator(args.env, device)
     else:
@@ -689,15 +697,9 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate, eps=1e-5)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
     start_iteration, synthetic_steps, wall_before = 0, 0, 0.0  # wall_before: wall time of the earlier parts of a resumed run
-    if args.resume:
+    if ck is not None:
         try:
-            ck = torch.load(checkpoint_path, map_location=device, weights_only=False)
             agents.load_state_dict(ck["agents"])
             optimizer.load_state_dict(ck["optimizer"])
             generator.set_state(ck["generator"].cpu() if device.type == "cpu" else ck["generator"])
@@ -707,7 +709,17 @@ def main(args: Args) -> dict:
         except Exception as e:
             raise MomaError(f"checkpoint {checkpoint_path} is corrupt or from another configuration "
                             f"({type(e).__name__}: {e}); start a new run without --resume") from None
+        envs.check_weights(start_iteration, agents, what=f"checkpoint {checkpoint_path}")
+        del ck
         print(f"resuming {run_dir} at iteration {start_iteration}")
+    envs.check_free_space(run_dir, 3 * envs.tensor_bytes(agents))  # weights and 2 Adam moments
+    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument, data or model error leaves no folder behind
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, start_iteration if args.resume else None)
@@ -717,10 +729,11 @@ def main(args: Args) -> dict:
     k, b = args.rollout_horizon, args.rollout_batch
 
     def save_checkpoint(iteration: int) -> None:
-        atomic_save({"agents": agents.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-                     "synthetic_steps": synthetic_steps, "generator": generator.get_state(),
-                     "wall_s": wall_before + time.time() - start_time,
-                     "torch_rng": torch.get_rng_state(), "args": dataclasses.asdict(args)}, checkpoint_path)
+        envs.check_weights(iteration, agents)  # a diverged network is never checkpointed
+        envs.save_checkpoint({"agents": agents.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                              "synthetic_steps": synthetic_steps, "generator": generator.get_state(),
+                              "wall_s": wall_before + time.time() - start_time, "torch_rng": torch.get_rng_state(),
+                              "args": dataclasses.asdict(args), "dataset_fingerprint": data.fingerprint}, checkpoint_path)
 
     bar = envs.progress_bar(range(start_iteration, args.iterations), initial=start_iteration, total=args.iterations,
                             desc=f"MOMA-PPO {args.env}/{args.obs}/{args.dataset}", dynamic_ncols=True)
@@ -773,6 +786,7 @@ def main(args: Args) -> dict:
         writer.add_scalar("losses/value_loss", v_loss.item(), step)
         writer.add_scalar("losses/entropy", entropy.item(), step)
         writer.add_scalar("losses/clipfrac", float(np.mean(clip_fractions)), step)
+        envs.check_losses(step, policy_loss=pg_loss, value_loss=v_loss, entropy=entropy)
         postfix = dict(sps=f"{sps:.0f}", len=f"{n_valid / b:.1f}", r=f"{float(batch['returns'].mean()):.3f}")
 
         if step % args.eval_every == 0 or step == args.iterations:
@@ -786,6 +800,7 @@ def main(args: Args) -> dict:
         if step % args.checkpoint_every == 0 or step == args.iterations:
             save_checkpoint(step)
     bar.close()
+    envs.check_weights(args.iterations, agents, what="training")  # a broken policy never reaches a summary
 
     # ---------------------------------------------------------------- final evaluation (paper: 100 greedy episodes)
     returns_eval, lengths = evaluate(args, act, args.eval_episodes, eval_seed, return_lengths=True)
@@ -801,9 +816,7 @@ def main(args: Args) -> dict:
     curve.add(args.iterations, synthetic_steps, summary["wall_time_s"], summary["normalized_score_mean"], len(returns_eval))
     writer.add_scalar("eval/final_normalized_score", summary["normalized_score_mean"], args.iterations)
     writer.close()
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+    envs.write_summary(run_dir, summary)
     if args.results_dir is not None:
         print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
     print(f"{data.dataset_id} {args.obs} seed {args.seed}: normalised score {summary['normalized_score_mean']:.3f} "
