@@ -1230,7 +1230,7 @@ def check_losses(step: int, **losses) -> None:
                             f"hyper-parameter; the run folder keeps the last good checkpoint")
 
 
-def check_weights(step: int, *modules, what: str = "training") -> None:
+def check_weights(step: int, *modules, what: str = "training produced") -> None:
     """Every parameter and buffer finite (before a checkpoint and before the final evaluation): a NaN policy can
     still score (a NaN argmax picks the first action), so it must never reach a summary."""
     import torch
@@ -1240,7 +1240,7 @@ def check_weights(step: int, *modules, what: str = "training") -> None:
             continue
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise MomaError(f"{what} produced non-finite weights ({name}) at step {step}; no summary was "
+                raise MomaError(f"{what} non-finite weights ({name}) at step {step}; no summary was "
                                 f"written. Likely causes: a learning rate too high (--learning-rate), extreme rewards "
                                 f"or an extreme hyper-parameter; start a new run with other settings")
 

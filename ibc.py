@@ -270,7 +270,7 @@ def main(args: Args) -> dict:
         except Exception as e:
             raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
                                  f"start a new run without --resume") from None
-        envs.check_weights(step, agents, what=f"checkpoint {ckpt_path}")
+        envs.check_weights(step, agents, what=f"checkpoint {ckpt_path} holds")
         del ck
         print(f"resumed {run_dir} at step {step}")
     envs.check_free_space(run_dir, 3 * envs.tensor_bytes(agents))  # weights and 2 Adam moments

@@ -381,7 +381,8 @@ def main(args: Args) -> dict:
         except Exception as e:
             raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
                                  f"start a new run without --resume") from None
-        envs.check_weights(step, agents, target_actor, target_critic, target_encoder, what=f"checkpoint {ckpt_path}")
+        envs.check_weights(step, agents, target_actor, target_critic, target_encoder,
+                           what=f"checkpoint {ckpt_path} holds")
         del ck
         print(f"resumed {run_dir} at step {step}")
     envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agents))  # weights, 2 Adam moments, targets
@@ -397,7 +398,8 @@ def main(args: Args) -> dict:
     t0 = time.time()
 
     def save_checkpoint():
-        envs.check_weights(step, agents, target_actor, target_critic, target_encoder)  # a diverged network is never checkpointed
+        # a diverged network is never checkpointed
+        envs.check_weights(step, agents, target_actor, target_critic, target_encoder)
         envs.save_checkpoint(dict(agents=agents.state_dict(), target_actor=target_actor.state_dict(),
                                   target_critic=target_critic.state_dict(),
                                   target_encoder=None if target_encoder is None else target_encoder.state_dict(),

@@ -310,7 +310,7 @@ def main(args: Args) -> dict:
         except Exception as e:
             raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
                                  f"start a new run without --resume") from None
-        envs.check_weights(step, agent, target_q, target_encoder, what=f"checkpoint {ckpt_path}")
+        envs.check_weights(step, agent, target_q, target_encoder, what=f"checkpoint {ckpt_path} holds")
         del ck
         print(f"resumed {run_dir} at step {step}")
     envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agent))  # weights, 2 Adam moments, targets

@@ -370,7 +370,7 @@ def main(args: Args) -> dict:
             raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
                                  f"start a new run without --resume") from None
         envs.check_weights(step, agents, target_actor, target_critic, target_encoder, mixer, target_mixer,
-                           what=f"checkpoint {ckpt_path}")
+                           what=f"checkpoint {ckpt_path} holds")
         del ck
         print(f"resumed {run_dir} at step {step}")
     envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agents, mixer))  # weights, 2 Adam moments, targets

@@ -473,7 +473,7 @@ def main(args: Args) -> dict:
         except Exception as e:
             raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
                                  f"start a new run without --resume") from None
-        envs.check_weights(step, agents, target_q, target_q_mixer, target_encoder, what=f"checkpoint {ckpt_path}")
+        envs.check_weights(step, agents, target_q, target_q_mixer, target_encoder, what=f"checkpoint {ckpt_path} holds")
         print(f"resumed {run_dir} at step {step}")
     # Weights, 2 Adam moments and targets; MAIQL-ft's checkpoints also hold the online rows (a share of the buffer).
     online_bytes = sum(t.numel() * t.element_size() for t in vars(buffer).values() if torch.is_tensor(t))
@@ -491,7 +491,8 @@ def main(args: Args) -> dict:
     t0 = time.time()
 
     def save_checkpoint():
-        envs.check_weights(step, agents, target_q, target_q_mixer, target_encoder)  # a diverged network is never checkpointed
+        # a diverged network is never checkpointed
+        envs.check_weights(step, agents, target_q, target_q_mixer, target_encoder)
         envs.save_checkpoint(dict(agents=agents.state_dict(), target_q=target_q.state_dict(),
                                   target_q_mixer=target_q_mixer.state_dict(),
                                   target_encoder=None if target_encoder is None else target_encoder.state_dict(),

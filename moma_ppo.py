@@ -709,7 +709,7 @@ def main(args: Args) -> dict:
         except Exception as e:
             raise MomaError(f"checkpoint {checkpoint_path} is corrupt or from another configuration "
                             f"({type(e).__name__}: {e}); start a new run without --resume") from None
-        envs.check_weights(start_iteration, agents, what=f"checkpoint {checkpoint_path}")
+        envs.check_weights(start_iteration, agents, what=f"checkpoint {checkpoint_path} holds")
         del ck
         print(f"resuming {run_dir} at iteration {start_iteration}")
     envs.check_free_space(run_dir, 3 * envs.tensor_bytes(agents))  # weights and 2 Adam moments
@@ -800,7 +800,7 @@ def main(args: Args) -> dict:
         if step % args.checkpoint_every == 0 or step == args.iterations:
             save_checkpoint(step)
     bar.close()
-    envs.check_weights(args.iterations, agents, what="training")  # a broken policy never reaches a summary
+    envs.check_weights(args.iterations, agents)  # a broken policy never reaches a summary
 
     # ---------------------------------------------------------------- final evaluation (paper: 100 greedy episodes)
     returns_eval, lengths = evaluate(args, act, args.eval_episodes, eval_seed, return_lengths=True)

@@ -1,0 +1,224 @@
+"""Issue 16: no wrong result ever exits 0. One test per class of failure: a bad value, non-finite losses or weights,
+a resume of another configuration, a full disk, colliding run folders, a corrupt checkpoint.
+(`python tests/probe_reliability.py` measures the same classes end to end, one subprocess per case.)"""
+
+import dataclasses
+import errno
+import json
+
+import pytest
+import torch
+
+import envs
+import ibc
+import icql
+import iql
+import itd3bc
+import maiql
+import moma_ppo
+import omar
+
+SCRIPTS = [iql, ibc, maiql, itd3bc, icql, omar, moma_ppo]
+
+
+def _game(module, run_dir, **changes):
+    """A run of the coordination game small enough to take a second or two."""
+    args = module.Args(env="coordination", dataset="neutral", seed=3, total_steps=200, hidden=32, eval_every=0,
+                       eval_episodes=10, checkpoint_every=50, torch_threads=1, run_dir=str(run_dir))
+    return dataclasses.replace(args, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad values: refused before any folder or data, naming the flag and a valid value.
+# --------------------------------------------------------------------------------------------------
+BAD_VALUES = [("eval_episodes", 0, "--eval-episodes must be an integer >= 1"),
+              ("learning_rate", float("nan"), "--learning-rate must be a finite number > 0"),
+              ("learning_rate", -1.0, r"--learning-rate must be a finite number > 0, got -1.0 \(e.g. --learning-rate 0\.000?3\)"),
+              ("seed", -1, "--seed must be an integer >= 0"),
+              ("torch_threads", 0, "--torch-threads must be an integer >= 1"),
+              ("checkpoint_every", -1, "--checkpoint-every must be")]
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("field,value,message", BAD_VALUES, ids=lambda v: str(v)[:20])
+def test_bad_values_are_refused_before_any_folder(module, field, value, message, tmp_path):
+    env = "reacher" if module in (itd3bc, icql, omar) else "coordination"
+    run_dir = tmp_path / "run"
+    args = dataclasses.replace(module.Args(env=env, run_dir=str(run_dir)), **{field: value})
+    with pytest.raises(envs.MomaError, match=message):
+        module.main(args)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_script_specific_counts_and_floats(module, tmp_path):
+    env = "reacher" if module in (itd3bc, icql, omar) else "coordination"
+    length = "iterations" if module is moma_ppo else "total_steps"
+    batch = "minibatch_size" if module is moma_ppo else "batch_size"
+    for field, value in [(length, 0), (length, -5), (batch, 0)] + ([] if module is ibc else [("gamma", float("nan"))]):
+        with pytest.raises(envs.MomaError, match=f"--{field.replace('_', '-')} must be"):
+            module.main(dataclasses.replace(module.Args(env=env, run_dir=str(tmp_path / "run")), **{field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_moma_ppo_refuses_its_own_bad_values(tmp_path):
+    for field, value in (("rollout_horizon", 0), ("lambda_g", float("nan")), ("eval_every", 0),
+                         ("uncertainty_threshold", -1.0)):
+        with pytest.raises(envs.MomaError, match=f"--{field.replace('_', '-')} must be"):
+            moma_ppo.main(moma_ppo.Args(env="coordination", run_dir=str(tmp_path / "run"), **{field: value}))
+    # the coordination preset's l_ε = inf (no cut) stays valid
+    envs.check_args(moma_ppo.resolve(moma_ppo.Args(env="coordination")), examples=moma_ppo.PRESETS["coordination"])
+
+
+def test_run_dir_that_is_a_file_or_under_a_file(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for run_dir, message in ((a_file, "is a file, not a folder"), (a_file / "run", "is a file, so no folder")):
+        with pytest.raises(envs.MomaError, match=message):
+            iql.main(_game(iql, run_dir))
+
+
+def test_a_data_error_leaves_no_run_folder(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise envs.MomaError("dataset is broken")
+    monkeypatch.setattr(envs, "load_dataset", broken)
+    with pytest.raises(envs.MomaError, match="broken"):
+        ibc.main(_game(ibc, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite losses or weights: stop with a clear error, never write a summary (nor a NaN checkpoint).
+# --------------------------------------------------------------------------------------------------
+def test_non_finite_loss_stops_without_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(iql, "expectile_loss", lambda diff, expectile: diff.mean() * float("nan"))
+    with pytest.raises(envs.MomaError, match="training diverged: v_loss is nan at step"):
+        iql.main(_game(iql, tmp_path / "run", checkpoint_every=0, total_steps=1000))
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("module", [iql, ibc, maiql], ids=lambda m: m.__name__)
+def test_non_finite_weights_stop_without_summary_or_checkpoint(module, tmp_path, monkeypatch):
+    adam_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):  # the weights turn NaN after the first update (a diverged training)
+        out = adam_step(self, *a, **k)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    with pytest.raises(envs.MomaError, match="non-finite weights .* at step 50; no summary was written"):
+        module.main(_game(module, tmp_path / "run"))
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_summary_with_non_finite_scores_is_refused(tmp_path):
+    summary = {"normalized_score_mean": float("nan"), "normalized_score_std": 0.0, "episode_returns": [1.0]}
+    with pytest.raises(envs.MomaError, match="non-finite returns"):
+        envs.write_summary(tmp_path, summary)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume: another configuration is refused (naming the fields); the same one, or a longer run, continues.
+# --------------------------------------------------------------------------------------------------
+def test_resume_refuses_another_configuration(tmp_path):
+    run = tmp_path / "run"
+    first = iql.main(_game(iql, run))
+    other = _game(iql, run, dataset="unfavorable", seed=7, learning_rate=0.1, total_steps=300, resume=True)
+    with pytest.raises(envs.MomaError, match=r"another configuration: --dataset 'neutral' in the checkpoint, "
+                                             r"'unfavorable' now; --learning-rate .*; --seed 3 in the checkpoint, 7 now"):
+        iql.main(other)
+    assert json.loads((run / "summary.json").read_text())["episode_returns"] == first["episode_returns"]
+    with pytest.raises(envs.MomaError, match="--total-steps 100 would end before it"):
+        iql.main(_game(iql, run, total_steps=100, resume=True))
+    # fields that may change (threads, evaluation, records) and a longer run are fine; wall time adds up
+    extended = iql.main(_game(iql, run, total_steps=300, resume=True, eval_episodes=5, budget="x"))
+    assert extended["train_steps"] == 300 and extended["wall_time_s"] >= first["wall_time_s"]
+
+
+def test_check_resume_names_every_difference():
+    saved = {"seed": 1, "lambda_g": 0.1, "iterations": 20, "run_dir": "a", "torch_threads": 2}
+    now = {"seed": 1, "lambda_g": 0.2, "iterations": 40, "run_dir": "b", "torch_threads": 1, "new_flag": 3}
+    with pytest.raises(envs.MomaError, match=r"--lambda-g 0.1 in the checkpoint, 0.2 now\. Resume"):
+        envs.check_resume(saved, now, "iterations", 20, 40)
+    envs.check_resume(saved, dict(now, lambda_g=0.1), "iterations", 20, 40)  # extends the run
+
+
+# --------------------------------------------------------------------------------------------------
+# Full disk: fail at once before training; a failed checkpoint write leaves no partial file and the old one intact.
+# --------------------------------------------------------------------------------------------------
+def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def full_disk_save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) >= 2:  # the disk fills up during the second checkpoint: part of the file, then ENOSPC
+            with open(f, "wb") as handle:
+                handle.write(b"PK" + bytes(1000))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    run = tmp_path / "run"
+    with pytest.raises(envs.MomaError, match="could not write the checkpoint .*No space left.*previous checkpoint is intact"):
+        iql.main(_game(iql, run))
+    assert sorted(p.name for p in run.glob("*.tmp")) == [] and not (run / "summary.json").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 50
+
+
+def test_disk_full_at_start_fails_before_any_folder(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**11, 10**11 - 5 * 2**20, 5 * 2**20))
+    with pytest.raises(envs.MomaError, match="only 5 MB free on the disk of .*needs about 50 MB"):
+        iql.main(_game(iql, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders: default names never collide; temporary files are per process.
+# --------------------------------------------------------------------------------------------------
+def test_default_run_dirs_never_collide(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000_123_456_789)  # the same instant
+    first = envs.default_run_dir(tmp_path, "coordination__full__neutral__iql__1")
+    monkeypatch.setattr(os, "getpid", lambda: 999_999)  # another process
+    second = envs.default_run_dir(tmp_path, "coordination__full__neutral__iql__1")
+    assert first != second
+    envs.make_run_dir(first, given=False)
+    with pytest.raises(envs.MomaError, match="already exists"):  # a default folder is never shared
+        envs.make_run_dir(first, given=False)
+    envs.make_run_dir(first, given=True)  # a given --run-dir may exist (a resume)
+    assert envs._unique_tmp(first / "checkpoint.pt").name == "checkpoint.pt.999999.tmp"
+
+
+# --------------------------------------------------------------------------------------------------
+# Corrupt checkpoints: a clear error in every script.
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", [iql, ibc, maiql], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "nan weights"])
+def test_corrupt_checkpoint_is_a_clear_error(module, damage, tmp_path):
+    run = tmp_path / "run"
+    module.main(_game(module, run, total_steps=50))
+    path = run / "checkpoint.pt"
+    if damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        ck = torch.load(path, weights_only=False)
+        for value in ck["agent" if module is iql else "agents"].values():
+            value.fill_(float("nan"))
+        torch.save(ck, path)
+    message = "non-finite weights" if damage == "nan weights" else "is corrupt or not a checkpoint"
+    with pytest.raises(envs.MomaError, match=message):
+        module.main(_game(module, run, total_steps=100, resume=True))
