@@ -658,7 +658,7 @@ def _read_minari(env: str, dataset: str):
     arrays["stamp"] = np.array(stamp)
     arrays["fingerprint"] = np.array(_fingerprint(arrays))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # per process: two first readers never share it
     np.savez(tmp, **arrays)
     os.replace(tmp, cache)
     return arrays
@@ -1182,6 +1182,10 @@ def make_run_dir(run_dir: pathlib.Path, given: bool) -> None:
                         f"start again or give --run-dir") from None
     except OSError as e:
         raise MomaError(f"cannot create the run folder {run_dir} ({e.strerror}); choose another --run-dir") from None
+    for stale in run_dir.glob("*.*.tmp"):  # half-written files of killed processes (named <file>.<pid>.tmp)
+        pid = stale.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: pathlib.Path, device="cpu") -> dict:

@@ -518,12 +518,16 @@ def probe_controls() -> None:
         if wanted(name):
             run_dir = copy_of_base(script, name.replace(" ", "_"))
             before = summary_of(run_dir)
+            _, trained_s, _ = python(f"import torch; print(torch.load({str(run_dir / 'checkpoint.pt')!r}, "
+                                     f"weights_only=False)['wall_s'])")
             length = 6 if script == "moma_ppo.py" else (30 if SMALL[script][1] == "reacher" else 300)
             rc, _, err = run(script, with_flags(script, **{LENGTH_FLAG[script][2:]: length}) + ["--run-dir", run_dir, "--resume"])
             after = summary_of(run_dir)
+            # the wall time counts every process's training (the checkpoint's wall_s), not only the last one
             ok = (rc == 0 and isinstance(after, dict) and after["train_steps"] > before["train_steps"]
-                  and after["wall_time_s"] >= before["wall_time_s"])
-            record("control", name, ok, f"rc={rc} {tail(err)}")
+                  and after["wall_time_s"] > float(trained_s))
+            record("control", name, ok, f"rc={rc} steps {before['train_steps']} -> "
+                   f"{after.get('train_steps') if isinstance(after, dict) else None} {tail(err)}")
 
 
 if __name__ == "__main__":
