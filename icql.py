@@ -318,7 +318,8 @@ def main(args: Args) -> dict:
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes", "policy_freq",
                                         "cql_samples"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip", "cql_alpha"),
-                    positive=("learning_rate", "tau", "cql_noise", "cql_temperature"), between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0)})
+                    positive=("learning_rate", "tau", "cql_noise", "cql_temperature"),
+                    between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0)})
     algorithm, exp_name = "icql", args.exp_name
     given_run_dir = args.run_dir is not None
     run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(

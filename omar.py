@@ -359,9 +359,9 @@ def main(args: Args) -> dict:
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes", "policy_freq",
                                         "cql_samples", "omar_iters", "omar_samples", "omar_elites"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip", "cql_alpha",
-                                        "omar_init_sigma"),
-                    positive=("learning_rate", "tau", "cql_noise", "cql_temperature"), between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0)},
-                    finite=("omar_init_mu",))
+                                  "omar_init_sigma"),
+                    positive=("learning_rate", "tau", "cql_noise", "cql_temperature"), finite=("omar_init_mu",),
+                    between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0), "omar_coef": (0.0, 1.0)})
     if args.omar_elites > args.omar_samples:
         raise envs.MomaError(f"--omar-elites ({args.omar_elites}) must be <= --omar-samples ({args.omar_samples})")
     algorithm, exp_name = "omar", args.exp_name
