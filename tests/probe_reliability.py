@@ -165,6 +165,17 @@ def base_run(script: str) -> pathlib.Path:
     return folder
 
 
+def reference_run(script: str) -> pathlib.Path:
+    """A second finished run at SMALL's flags, made after the base run, so that its world model (MOMA-PPO) is loaded
+    from the cache as in every later case, never trained in the same process (see the control below)."""
+    base_run(script)
+    folder = WORK / "reference" / script.replace(".py", "")
+    if not (folder / "summary.json").exists():
+        rc, _, err = run(script, SMALL[script] + ["--run-dir", folder])
+        assert rc == 0, f"reference run of {script} failed: {tail(err, 8)}"
+    return folder
+
+
 def copy_of_base(script: str, name: str) -> pathlib.Path:
     dest = WORK / "cases" / name
     shutil.copytree(base_run(script), dest)
@@ -402,7 +413,7 @@ def probe_faults() -> None:
         name = f"killed and resumed {script}"
         if not wanted(name):
             continue
-        reference = summary_of(base_run(script))
+        reference = summary_of(reference_run(script))
         run_dir = WORK / "cases" / name.replace(" ", "_")
         popen = run(script, SMALL[script] + ["--run-dir", run_dir], background=True)
         deadline = time.time() + 300
@@ -505,6 +516,11 @@ def probe_faults() -> None:
 # Controls: legitimate resumes keep working.
 # --------------------------------------------------------------------------------------------------
 def probe_controls() -> None:
+    name = "moma_ppo.py gives the same result whether its world model was trained in the process or cached"
+    if wanted(name):
+        trained, cached = summary_of(base_run("moma_ppo.py")), summary_of(reference_run("moma_ppo.py"))
+        record("control", name, trained["episode_returns"] == cached["episode_returns"],
+               f"scores {trained['normalized_score_mean']} (trained) vs {cached['normalized_score_mean']} (cached)")
     for script in SCRIPTS:
         name = f"resume a finished run with the same flags {script}"
         if wanted(name):
