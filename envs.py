@@ -1211,7 +1211,7 @@ def check_resume(saved: dict, current: dict, length_field: str, done: int, curre
         if key in RESUME_MAY_CHANGE or key == length_field:
             continue
         old, new = saved.get(key, defaults_missing), current.get(key, defaults_missing)
-        if old is defaults_missing:  # a flag added to the script after the checkpoint was written
+        if old is defaults_missing or new is defaults_missing:  # a flag the script gained or lost since the checkpoint
             continue
         if old != new and not (isinstance(old, float) and isinstance(new, float) and _math.isnan(old) and _math.isnan(new)):
             diffs.append(f"{_flag(key)} {old!r} in the checkpoint, {new!r} now")
