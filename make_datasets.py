@@ -69,6 +69,18 @@ def _atomic_torch_save(obj, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
+def _to_dtype(obj, dtype):
+    """Floating tensors of more than one element inside nested dicts/lists cast to dtype (scalars such as Adam's step
+    count and RNG states stay as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.numel() > 1 else obj
+    if isinstance(obj, dict):
+        return {k: _to_dtype(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_dtype(v, dtype) for v in obj)
+    return obj
+
+
 def _atomic_npz(path: pathlib.Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -294,7 +306,7 @@ def train_ant_td3(cfg: AntTD3Config, resume: bool = False, out_dir: pathlib.Path
     elif resume and ANT_TD3_RESUME.exists():
         # Another machine: the learner's state is shipped (small), its 1M transitions are not (260 MB), so the replay
         # buffer is re-enacted from the shipped snapshots (as full-replay is) and training goes on from there.
-        ck = torch.load(ANT_TD3_RESUME, weights_only=False)
+        ck = _to_dtype(torch.load(ANT_TD3_RESUME, weights_only=False), torch.float32)
         for module, key in ((actor, "actor"), (critic, "critic"), (target_actor, "target_actor"),
                             (target_critic, "target_critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
             module.load_state_dict(ck[key])
@@ -979,9 +991,10 @@ def export_ant_policies(out_dir: pathlib.Path = ANT_TRAIN_DIR, n_replay_snapshot
                             buffer_stats=buffer_stats), ANT_REPLAY_SNAPSHOTS)
     # What another machine needs to continue the learner (`--train-ant --resume`): networks, optimisers and RNG states
     # of its last checkpoint; its transitions are re-enacted there (see train_ant_td3).
-    _atomic_torch_save({k: ck[k] for k in ("actor", "critic", "target_actor", "target_critic", "actor_opt", "critic_opt",
-                                           "step", "n_resumes", "wall_s", "next_snapshot", "torch_rng", "gen",
-                                           "numpy_rng", "config")}, ANT_TD3_RESUME)
+    # Weights and Adam moments in bfloat16 (fp32's exponent range, half the bytes: the shipped files stay small).
+    _atomic_torch_save({k: _to_dtype(ck[k], torch.bfloat16) for k in (
+        "actor", "critic", "target_actor", "target_critic", "actor_opt", "critic_opt", "step", "n_resumes", "wall_s",
+        "next_snapshot", "torch_rng", "gen", "numpy_rng", "config")}, ANT_TD3_RESUME)
     info = dict(expert_step=expert_step, expert_greedy_return=expert_ret, medium_step=choice["step"],
                 medium_noise=choice["noise"], medium_mean_share=choice["mean_share"],
                 medium_median_share=choice["median_share"], train_wall_s=ck["wall_s"],

@@ -273,3 +273,15 @@ def test_zero_action_score_is_computed_from_the_simulator(few_ref_episodes):
     assert zero == pytest.approx(direct.mean())
     assert 900 < zero <= 1000
     assert 0 < (zero - lo) / (hi - lo) < 0.5  # the expert walks far beyond standing still
+def test_shipped_ant_policies_have_table2_shape():
+    """The shipped medium, acting with its noise, scores about Table 2's share of the expert set's mean (68%), and
+    the expert walks: a handful of seeded episodes; fails if a wrong snapshot (or the expert) is shipped as medium."""
+    ref_min, ref_max = md.reference_scores("ant")
+    expert = md._load_policy(md.SHIPPED["ant_expert"])
+    medium = md._load_policy(md.SHIPPED["ant_medium"])
+    to_pct = lambda r: 100 * (r - ref_min) / (ref_max - ref_min)  # noqa: E731
+    expert_set = to_pct(md.episode_returns(expert, "ant", 6, seed=123, greedy=False)[0]).mean()
+    medium_set = to_pct(md.episode_returns(medium, "ant", 6, seed=123, greedy=False)[0]).mean()
+    share = 100 * medium_set / expert_set
+    assert abs(share - md.ANT_MEDIUM_TARGET[0]) < 15, share
+    assert md.episode_returns(expert, "ant", 3, seed=321, greedy=True)[0].mean() > 3000
