@@ -896,7 +896,7 @@ def search_medium(out_dir: pathlib.Path = ANT_TRAIN_DIR, noises=(0.1, 0.2, 0.3),
     expert_mean = float(to_pct(expert_rets).mean())
     learning_starts = torch.load(out_dir / "checkpoint.pt", weights_only=False)["config"]["learning_starts"]
     snaps = [sn for sn in list_snapshots(out_dir) if learning_starts < sn[0] < expert.meta["step"]
-             and greedy_range[0] * ref_max <= sn[1] <= greedy_range[1] * ref_max]
+             and min(g * ref_max for g in greedy_range) <= sn[1] <= max(g * ref_max for g in greedy_range)]
     if len(snaps) > max_snapshots:
         snaps = [snaps[i] for i in np.unique(np.linspace(0, len(snaps) - 1, max_snapshots).round().astype(int))]
     target_mean, target_median = ANT_MEDIUM_TARGET

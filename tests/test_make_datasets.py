@@ -80,11 +80,12 @@ def few_ref_episodes(monkeypatch):
     monkeypatch.setattr(md, "REF_EPISODES", 3)
 
 
-def _check_minari(env, name, n):
+def _check_minari(env, name, n, trained_expert=True):
     ds = minari.load_dataset(envs.dataset_id(env, name))
     assert ds.total_steps == n
     meta = ds.storage.metadata
-    assert meta["ref_min_score"] < meta["ref_max_score"]
+    if trained_expert:  # a tiny untrained "expert" may score below uniform random
+        assert meta["ref_min_score"] < meta["ref_max_score"]
     data = envs.load_dataset(env, name)
     assert len(data) == n
     assert data.joint_actions.min() >= -1 and data.joint_actions.max() <= 1
@@ -250,7 +251,7 @@ def test_export_then_full_replay_from_snapshots_round_trips(tmp_path, monkeypatc
     # a fresh-clone build of a small slice: warm-up share uniform random, the rest by the snapshots
     built = md.build("ant", "full-replay", n_transitions=400, seed=0)
     assert built["source"] == "snapshots"
-    _check_minari("ant", "full-replay", 400)
+    _check_minari("ant", "full-replay", 400, trained_expert=False)
     # another machine continues the learner from the shipped state, its buffer re-enacted from the snapshots
     cfg.total_steps = 1700
     logs = []
@@ -273,7 +274,7 @@ def test_zero_action_score_is_computed_from_the_simulator(few_ref_episodes):
     assert zero == pytest.approx(direct.mean())
     assert 900 < zero <= 1000
     assert 0 < (zero - lo) / (hi - lo) < 0.5  # the expert walks far beyond standing still
-def test_shipped_ant_policies_have_table2_shape():
+def test_shipped_ant_policies_have_table2_shape(few_ref_episodes):
     """The shipped medium, acting with its noise, scores about Table 2's share of the expert set's mean (68%), and
     the expert walks: a handful of seeded episodes; fails if a wrong snapshot (or the expert) is shipped as medium."""
     ref_min, ref_max = md.reference_scores("ant")
