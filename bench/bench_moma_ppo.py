@@ -60,7 +60,10 @@ def main(bench: BenchArgs) -> None:
     torch.manual_seed(0)
     args = moma_ppo.resolve(moma_ppo.Args(env=bench.env, obs=bench.obs, rollout_batch=bench.rollout_batch,
                                           rollout_horizon=bench.rollout_horizon, uncertainty_threshold=1e9,
-                                          use_history=bench.use_history, minibatch_size=bench.minibatch_size))
+                                          use_history=bench.use_history, minibatch_size=bench.minibatch_size,
+                                          # random states break Ant's healthy-height rule at once: without this,
+                                          # most bench rollouts would end at their first step (real data rarely does)
+                                          termination_rule=False))
     device = torch.device("cpu")
     S, A, N = envs.STATE_DIM[bench.env], envs.JOINT_ACTION_DIM[bench.env], 100_000
     model = world_model.WorldModel(bench.env, "bench", S, A).eval()
