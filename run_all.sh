@@ -24,6 +24,8 @@
 # stale (its code or dataset changed since) is kept and flagged in the tables; REFRESH_STALE=1 runs it again. Extra flags after the
 # target go to every script (e.g. `./run_all.sh 4b --cuda`, `./run_all.sh 3 --torch-threads 1`). Seeds:
 # SEEDS_GAME (default 10 seeds, as the paper) and SEEDS_MUJOCO (default 3 seeds, as the paper).
+# JOBS=N runs N cells at once (logs in runs/run_all/<budget>/logs/); give each its share of the cores, e.g.
+# `JOBS=2 ./run_all.sh diagnosis --torch-threads 1` on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")"
 WHAT=${1:-all}
@@ -40,6 +42,8 @@ SEEDS_GAME=${SEEDS_GAME:-"1 2 3 4 5 6 7 8 9 10"}
 SEEDS_MUJOCO=${SEEDS_MUJOCO:-"1 2 3"}
 RESULTS=results
 RUNS=runs/run_all/$BUDGET
+JOBS=${JOBS:-1}  # cells run at once (e.g. JOBS=2 with --torch-threads 1 on 2 cores: each cell alone on a core)
+FAILED=0
 PLAN_FILE=""
 export HF_HUB_OFFLINE=1
 
@@ -125,7 +129,13 @@ run() {
   local cmd=(python "$script" --env "$env" --obs "$obs" --dataset "$dataset" --seed "$seed" --exp-name "$method"
              --run-dir "$dir" --results-dir "$RESULTS/$table" --budget "$BUDGET" "${resume[@]}" "${flags[@]}" "${EXTRA[@]}")
   echo ">>> ${cmd[*]}"
-  "${cmd[@]}"
+  if [ "$JOBS" -gt 1 ]; then  # JOBS cells at a time, each logging to runs/run_all/<budget>/logs/<cell>.log
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || FAILED=$((FAILED + 1)); done
+    mkdir -p "$RUNS/logs"
+    "${cmd[@]}" > "$RUNS/logs/$name.log" 2>&1 &
+  else
+    "${cmd[@]}"
+  fi
 }
 
 table3() {  # Iterated Coordination Game: IQL, MAIQL, IBC, MOMA-PPO on the three datasets
@@ -183,20 +193,21 @@ ablation() {  # §6.3: epistemic (the paper's) vs MOPO's aleatoric penalty, with
 
 diagnosis() {  # why MOMA-PPO loses on ant partial medium: one run per hypothesis (see docs/results.md, Diagnosis)
   local it=(--iterations "${DIAG_ITERATIONS:-200}" --eval-every 10 --eval-episodes-during 5) seed=1
+  # in order of what they can rule out first (JOBS=2 runs them in pairs)
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}"                              # the preset
-  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}"                                 # (a) full observability
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --ground-truth               # (b) the real simulator
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --rollout-batch 202 --minibatch-size 64 \
-    --learning-rate 5e-5 --gae-lambda 0.98                                                   # (c) the authors' shape
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --no-adaptive-rollout        # (d) uncertainty cut
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --eps-g-units standardised   # (d) ε_g units
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}"                                 # (a) full observability
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --actor-std state \
     --entropy-target -2 --action-penalty 1                                                   # (e) the authors' actor
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history policy \
     --history-actions mean                                                                   # (g) own-action histories
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --eps-g-units standardised   # (d) ε_g units
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --no-adaptive-rollout        # (d) uncertainty cut
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history zeros        # (g) reset histories
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --rollout-batch 202 --minibatch-size 64 \
+    --learning-rate 5e-5 --gae-lambda 0.98                                                   # (c) the authors' shape
 }
 
 cells() {
@@ -226,4 +237,10 @@ python results.py plan "$PLAN_FILE" --budget "$BUDGET" --runs-dir "$RUNS" --stal
 PLAN_FILE=""
 [ $PLAN_ONLY = 1 ] && exit 0
 cells
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || FAILED=$((FAILED + 1)); done
+if [ "$FAILED" -gt 0 ]; then
+  echo "error: $FAILED cell(s) failed; see $RUNS/logs/" >&2
+  python results.py table
+  exit 1
+fi
 python results.py table
