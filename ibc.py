@@ -204,6 +204,45 @@ def default_total_steps(env: str, history_len: int) -> int:
     return 50_000 if history_len == 0 else 10_000
 
 
+class ReplayData:
+    """The dataset's per-agent observations and actions stacked [n, N, ...] (zero-padded to a common width) and the
+    (o_i, a_i) history table [n, N + 1, d] (row N = the all-zero padding row): a minibatch is one gather."""
+
+    def __init__(self, data: envs.OfflineData, obs_dim: int, hist_dim: int, history_len: int, discrete: bool,
+                 device: torch.device):
+        self.size, self.history_len = len(data), history_len
+        self.obs = pad_stack(data.observations, obs_dim).to(device)  # [n, N, o]
+        if discrete:
+            self.actions = torch.as_tensor(np.stack([a.reshape(-1) for a in data.actions]), device=device)  # [n, N] ints
+        else:
+            self.actions = torch.as_tensor(np.stack(data.actions), device=device)  # [n, N, a]
+        if history_len > 0:
+            self.table = pad_stack([data.history_table(i) for i in range(data.n_agents)], hist_dim).to(device)
+            self.hist_index = torch.as_tensor(data.history_index, device=device)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict:
+        rows = torch.randint(0, self.size, (batch_size,), device=self.obs.device, generator=generator)
+        hist = self.table[:, self.hist_index[rows]] if self.history_len > 0 else None
+        return dict(obs=self.obs[:, rows], hist=hist, actions=self.actions[:, rows])
+
+
+def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, discrete: bool, history_len: int, hist_dim: int,
+                 device: torch.device) -> dict:
+    agents = BCAgents(n, obs_dim, action_dim, discrete, args.hidden, history_len, hist_dim, args.history_dim).to(device)
+    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
+    return dict(agents=agents, optimizer=optimizer)
+
+
+def update(learner: dict, b: dict) -> dict:
+    """One gradient step on minibatch b: Σ_i of the independent per-agent negative log-likelihoods."""
+    agents, optimizer = learner["agents"], learner["optimizer"]
+    loss = -agents.log_prob(agents.features(b["obs"], b["hist"]), b["actions"]).sum(0).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return dict(policy_loss=loss)
+
+
 def main(args: Args) -> dict:
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
@@ -243,17 +282,9 @@ def main(args: Args) -> dict:
         raise envs.MomaError(f"ibc.py needs equal per-agent action dims, got {adims}")
     action_dim = envs.COORDINATION_N_ACTIONS if discrete else adims[0]
     obs_dim, hist_dim = max(envs.obs_dims(args.env, obs_name)), max(envs.history_dims(args.env, obs_name))
-    obs = pad_stack(data.observations, obs_dim).to(device)  # [n, N, o]
-    if discrete:
-        actions = torch.as_tensor(np.stack([a.reshape(-1) for a in data.actions]), device=device)  # [n, N] ints
-    else:
-        actions = torch.as_tensor(np.stack(data.actions), device=device)  # [n, N, a]
-    if history_len > 0:
-        table = pad_stack([data.history_table(i) for i in range(n)], hist_dim).to(device)  # [n, N + 1, d]
-        hist_index = torch.as_tensor(data.history_index, device=device)
-
-    agents = BCAgents(n, obs_dim, action_dim, discrete, args.hidden, history_len, hist_dim, args.history_dim).to(device)
-    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
+    buffer = ReplayData(data, obs_dim, hist_dim, history_len, discrete, device)
+    learner = make_learner(args, n, obs_dim, action_dim, discrete, history_len, hist_dim, device)
+    agents, optimizer = learner["agents"], learner["optimizer"]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step, wall_before = 0, 0.0
     if ck is not None:
@@ -301,13 +332,7 @@ def main(args: Args) -> dict:
     t_last, step_last, sps = time.time(), step, 0.0
     loss = torch.zeros(())  # a resumed run may have nothing left to train
     while step < offline_steps:
-        rows = torch.randint(0, N, (args.batch_size,), device=device, generator=generator)
-        hist = table[:, hist_index[rows]] if history_len > 0 else None
-        # Σ_i of independent per-agent negative log-likelihoods.
-        loss = -agents.log_prob(agents.features(obs[:, rows], hist), actions[:, rows]).sum(0).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = update(learner, buffer.sample(args.batch_size, generator))["policy_loss"]
         step += 1
 
         if step % 1000 == 0 or step == offline_steps:

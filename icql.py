@@ -308,6 +308,65 @@ class ReplayData:
                     next_hist=hist(self.next_hist_index) if self.history_len else None)
 
 
+def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, history_len: int, hist_dim: int,
+                 device: torch.device) -> dict:
+    """The agents (encoders, actors, critics), their target copies and the two optimizers."""
+    agents = TD3Agents(n, obs_dim, action_dim, args.hidden, history_len, hist_dim, args.history_dim).to(device)
+    target_actor = copy.deepcopy(agents.actor).requires_grad_(False)
+    target_critic = copy.deepcopy(agents.critic).requires_grad_(False)
+    target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
+    critic_params = list(agents.critic.parameters()) + (list(agents.encoder.parameters()) if agents.encoder else [])
+    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
+    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate)
+    return dict(agents=agents, target_actor=target_actor, target_critic=target_critic, target_encoder=target_encoder,
+                critic_optimizer=critic_optimizer, actor_optimizer=actor_optimizer)
+
+
+def update(learner: dict, b: dict, step: int, args: Args, generator: torch.Generator) -> dict:
+    """One critic gradient step on minibatch b (the `step`-th, counted from 1), and every policy_freq-th step
+    an actor step and the soft target updates. Returns the losses (tensors; actor_loss only on actor steps)."""
+    agents, target_actor, target_critic, target_encoder, critic_optimizer, actor_optimizer = (
+        learner[k] for k in ("agents", "target_actor", "target_critic", "target_encoder", "critic_optimizer", "actor_optimizer"))
+    device = b["rewards"].device
+    with torch.no_grad():
+        # TD3 target: smoothed target-policy action at s', min of the two target critics.
+        x_next = agents.features(b["next_obs"], b["next_hist"], target_encoder)
+        noise = (torch.randn(b["actions"].shape, device=device, generator=generator) * args.policy_noise).clamp(
+            -args.noise_clip, args.noise_clip)
+        next_actions = (agents.act(x_next, target_actor) + noise).clamp(-1.0, 1.0)
+        q_next = agents.q_values(x_next, next_actions, target_critic)  # [2, n, B]
+        y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * q_next.min(0).values  # [n, B]
+    x = agents.features(b["obs"], b["hist"])
+    q = agents.q_values(x, b["actions"])  # [2, n, B]
+    td_loss = (y - q).pow(2).mean(-1).sum()  # Σ over heads and agents of the mean squared TD error
+    # CQL term: push Q down on sampled actions (importance-sampled logsumexp), up on the data's.
+    with torch.no_grad():
+        x_sg = x.detach()
+        sampled, log_density = cql_sample_actions(agents.act(x_sg), agents.act(x_next), args.cql_samples,
+                                                  args.cql_noise, generator)  # [n, B, M, a], [n, B, M]
+    q_sampled = agents.q_sampled(x, sampled)  # [2, n, B, M]
+    cql_loss = args.cql_alpha * cql_term(q, q_sampled, log_density, args.cql_temperature).sum()
+    critic_loss = td_loss + cql_loss
+    critic_optimizer.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    critic_optimizer.step()
+    losses = dict(critic_loss=critic_loss, td_loss=td_loss, cql_loss=cql_loss, q=q)
+
+    if step % args.policy_freq == 0:
+        x_actor = x.detach()  # the encoder is the critic's; actors read its embedding
+        pi = agents.act(x_actor)
+        actor_loss = -agents.q1(x_actor, pi).mean(-1).sum()  # plain TD3 actor, each agent on its own Q1_i
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        actor_optimizer.step()
+        losses["actor_loss"] = actor_loss
+        soft_update(target_actor, agents.actor, args.tau)
+        soft_update(target_critic, agents.critic, args.tau)
+        if target_encoder is not None:
+            soft_update(target_encoder, agents.encoder, args.tau)
+    return losses
+
+
 def main(args: Args) -> dict:
     if args.env == "coordination":
         raise envs.MomaError("icql.py is continuous-action only (reacher, ant); the coordination game's "
@@ -354,13 +413,9 @@ def main(args: Args) -> dict:
     obs_dim, hist_dim = max(envs.obs_dims(args.env, obs_name)), max(envs.history_dims(args.env, obs_name))
     buffer = ReplayData(data, obs_dim, hist_dim, history_len, device)
 
-    agents = TD3Agents(n, obs_dim, action_dim, args.hidden, history_len, hist_dim, args.history_dim).to(device)
-    target_actor = copy.deepcopy(agents.actor).requires_grad_(False)
-    target_critic = copy.deepcopy(agents.critic).requires_grad_(False)
-    target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
-    critic_params = list(agents.critic.parameters()) + (list(agents.encoder.parameters()) if agents.encoder else [])
-    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate)
+    learner = make_learner(args, n, obs_dim, action_dim, history_len, hist_dim, device)
+    agents, target_actor, target_critic, target_encoder, critic_optimizer, actor_optimizer = (
+        learner[k] for k in ("agents", "target_actor", "target_critic", "target_encoder", "critic_optimizer", "actor_optimizer"))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step, wall_before = 0, 0.0
     if ck is not None:
@@ -420,41 +475,10 @@ def main(args: Args) -> dict:
     actor_loss = torch.zeros(())
     while step < total_steps:
         b = buffer.sample(args.batch_size, generator)
-        with torch.no_grad():
-            # TD3 target: smoothed target-policy action at s', min of the two target critics.
-            x_next = agents.features(b["next_obs"], b["next_hist"], target_encoder)
-            noise = (torch.randn(b["actions"].shape, device=device, generator=generator) * args.policy_noise).clamp(
-                -args.noise_clip, args.noise_clip)
-            next_actions = (agents.act(x_next, target_actor) + noise).clamp(-1.0, 1.0)
-            q_next = agents.q_values(x_next, next_actions, target_critic)  # [2, n, B]
-            y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * q_next.min(0).values  # [n, B]
-        x = agents.features(b["obs"], b["hist"])
-        q = agents.q_values(x, b["actions"])  # [2, n, B]
-        td_loss = (y - q).pow(2).mean(-1).sum()  # Σ over heads and agents of the mean squared TD error
-        # CQL term: push Q down on sampled actions (importance-sampled logsumexp), up on the data's.
-        with torch.no_grad():
-            x_sg = x.detach()
-            sampled, log_density = cql_sample_actions(agents.act(x_sg), agents.act(x_next), args.cql_samples,
-                                                      args.cql_noise, generator)  # [n, B, M, a], [n, B, M]
-        q_sampled = agents.q_sampled(x, sampled)  # [2, n, B, M]
-        cql_loss = args.cql_alpha * cql_term(q, q_sampled, log_density, args.cql_temperature).sum()
-        critic_loss = td_loss + cql_loss
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        critic_optimizer.step()
         step += 1
-
-        if step % args.policy_freq == 0:
-            x_actor = x.detach()  # the encoder is the critic's; actors read its embedding
-            pi = agents.act(x_actor)
-            actor_loss = -agents.q1(x_actor, pi).mean(-1).sum()  # plain TD3 actor, each agent on its own Q1_i
-            actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()
-            actor_optimizer.step()
-            soft_update(target_actor, agents.actor, args.tau)
-            soft_update(target_critic, agents.critic, args.tau)
-            if target_encoder is not None:
-                soft_update(target_encoder, agents.encoder, args.tau)
+        losses = update(learner, b, step, args, generator)
+        critic_loss, td_loss, cql_loss, q = (losses[k] for k in ("critic_loss", "td_loss", "cql_loss", "q"))
+        actor_loss = losses.get("actor_loss", actor_loss)
 
         if step % 1000 == 0 or step == total_steps:
             sps = (step - step_last) / max(time.time() - t_last, 1e-9)

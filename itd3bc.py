@@ -290,6 +290,71 @@ class ReplayData:
                     next_hist=hist(self.next_hist_index) if self.history_len else None)
 
 
+def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, history_len: int, hist_dim: int, state_dim: int,
+                 device: torch.device) -> dict:
+    """The agents (encoders, actors, critics), the MATD3+BC mixer, their target copies and the two optimizers."""
+    agents = TD3Agents(n, obs_dim, action_dim, args.hidden, history_len, hist_dim, args.history_dim).to(device)
+    mixer = Mixer(state_dim, n, args.hidden).to(device) if args.mixer else None
+    target_actor = copy.deepcopy(agents.actor).requires_grad_(False)
+    target_critic = copy.deepcopy(agents.critic).requires_grad_(False)
+    target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
+    target_mixer = copy.deepcopy(mixer).requires_grad_(False) if mixer is not None else None
+    critic_params = list(agents.critic.parameters()) + (list(agents.encoder.parameters()) if agents.encoder else [])
+    critic_params += list(mixer.parameters()) if mixer is not None else []
+    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
+    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate)
+    return dict(agents=agents, mixer=mixer, target_actor=target_actor, target_critic=target_critic,
+                target_encoder=target_encoder, target_mixer=target_mixer, critic_optimizer=critic_optimizer,
+                actor_optimizer=actor_optimizer)
+
+
+def update(learner: dict, b: dict, step: int, args: Args, generator: torch.Generator) -> dict:
+    """One critic gradient step on minibatch b (the `step`-th, counted from 1), and every policy_freq-th step
+    an actor step and the soft target updates. Returns the losses (tensors; actor_loss only on actor steps)."""
+    agents, mixer, target_actor, target_critic, target_encoder, target_mixer, critic_optimizer, actor_optimizer = (
+        learner[k] for k in ("agents", "mixer", "target_actor", "target_critic", "target_encoder", "target_mixer",
+                             "critic_optimizer", "actor_optimizer"))
+    device = b["rewards"].device
+    with torch.no_grad():
+        # TD3 target: smoothed target-policy action at s', min of the two target critics.
+        x_next = agents.features(b["next_obs"], b["next_hist"], target_encoder)
+        noise = (torch.randn(b["actions"].shape, device=device, generator=generator) * args.policy_noise).clamp(
+            -args.noise_clip, args.noise_clip)
+        next_actions = (agents.act(x_next, target_actor) + noise).clamp(-1.0, 1.0)
+        q_next = agents.q_values(x_next, next_actions, target_critic)  # [2, n, B]
+        if mixer is not None:
+            q_next = target_mixer(q_next, b["next_states"])  # [2, B] team values
+        y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * q_next.min(0).values  # [n, B] or [B]
+    x = agents.features(b["obs"], b["hist"])
+    q = agents.q_values(x, b["actions"])  # [2, n, B]
+    if mixer is not None:
+        q = mixer(q, b["states"])  # [2, B]: Q1_tot, Q2_tot share the mixer
+    critic_loss = (y - q).pow(2).mean(-1).sum()  # Σ over heads (and agents) of the mean squared TD error
+    critic_optimizer.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    critic_optimizer.step()
+    losses = dict(critic_loss=critic_loss, q=q)
+
+    if step % args.policy_freq == 0:
+        x_actor = x.detach()  # the encoder is the critic's; actors read its embedding
+        pi = agents.act(x_actor)
+        q_pi = agents.q1(x_actor, pi)  # [n, B]
+        if mixer is not None:
+            q_pi = mixer(q_pi, b["states"])[None]  # [1, B]: all actors jointly maximise Q1_tot
+        actor_loss = td3bc_actor_loss(q_pi, pi, b["actions"], args.alpha)
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()  # also reaches the mixer's grads; they are zeroed before its next step
+        actor_optimizer.step()
+        losses["actor_loss"] = actor_loss
+        soft_update(target_actor, agents.actor, args.tau)
+        soft_update(target_critic, agents.critic, args.tau)
+        if target_encoder is not None:
+            soft_update(target_encoder, agents.encoder, args.tau)
+        if mixer is not None:
+            soft_update(target_mixer, mixer, args.tau)
+    return losses
+
+
 def main(args: Args) -> dict:
     if args.env == "coordination":
         raise envs.MomaError("itd3bc.py is continuous-action only (reacher, ant); the coordination game's "
@@ -335,16 +400,10 @@ def main(args: Args) -> dict:
     obs_dim, hist_dim = max(envs.obs_dims(args.env, obs_name)), max(envs.history_dims(args.env, obs_name))
     buffer = ReplayData(data, obs_dim, hist_dim, history_len, device)
 
-    agents = TD3Agents(n, obs_dim, action_dim, args.hidden, history_len, hist_dim, args.history_dim).to(device)
-    mixer = Mixer(data.states.shape[1], n, args.hidden).to(device) if args.mixer else None
-    target_actor = copy.deepcopy(agents.actor).requires_grad_(False)
-    target_critic = copy.deepcopy(agents.critic).requires_grad_(False)
-    target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
-    target_mixer = copy.deepcopy(mixer).requires_grad_(False) if mixer is not None else None
-    critic_params = list(agents.critic.parameters()) + (list(agents.encoder.parameters()) if agents.encoder else [])
-    critic_params += list(mixer.parameters()) if mixer is not None else []
-    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate)
+    learner = make_learner(args, n, obs_dim, action_dim, history_len, hist_dim, data.states.shape[1], device)
+    agents, mixer, target_actor, target_critic, target_encoder, target_mixer, critic_optimizer, actor_optimizer = (
+        learner[k] for k in ("agents", "mixer", "target_actor", "target_critic", "target_encoder", "target_mixer",
+                             "critic_optimizer", "actor_optimizer"))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step, wall_before = 0, 0.0
     if ck is not None:
@@ -409,42 +468,10 @@ def main(args: Args) -> dict:
     actor_loss = torch.zeros(())
     while step < total_steps:
         b = buffer.sample(args.batch_size, generator)
-        with torch.no_grad():
-            # TD3 target: smoothed target-policy action at s', min of the two target critics.
-            x_next = agents.features(b["next_obs"], b["next_hist"], target_encoder)
-            noise = (torch.randn(b["actions"].shape, device=device, generator=generator) * args.policy_noise).clamp(
-                -args.noise_clip, args.noise_clip)
-            next_actions = (agents.act(x_next, target_actor) + noise).clamp(-1.0, 1.0)
-            q_next = agents.q_values(x_next, next_actions, target_critic)  # [2, n, B]
-            if mixer is not None:
-                q_next = target_mixer(q_next, b["next_states"])  # [2, B] team values
-            y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * q_next.min(0).values  # [n, B] or [B]
-        x = agents.features(b["obs"], b["hist"])
-        q = agents.q_values(x, b["actions"])  # [2, n, B]
-        if mixer is not None:
-            q = mixer(q, b["states"])  # [2, B]: Q1_tot, Q2_tot share the mixer
-        critic_loss = (y - q).pow(2).mean(-1).sum()  # Σ over heads (and agents) of the mean squared TD error
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        critic_optimizer.step()
         step += 1
-
-        if step % args.policy_freq == 0:
-            x_actor = x.detach()  # the encoder is the critic's; actors read its embedding
-            pi = agents.act(x_actor)
-            q_pi = agents.q1(x_actor, pi)  # [n, B]
-            if mixer is not None:
-                q_pi = mixer(q_pi, b["states"])[None]  # [1, B]: all actors jointly maximise Q1_tot
-            actor_loss = td3bc_actor_loss(q_pi, pi, b["actions"], args.alpha)
-            actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()  # also reaches the mixer's grads; they are zeroed before its next step
-            actor_optimizer.step()
-            soft_update(target_actor, agents.actor, args.tau)
-            soft_update(target_critic, agents.critic, args.tau)
-            if target_encoder is not None:
-                soft_update(target_encoder, agents.encoder, args.tau)
-            if mixer is not None:
-                soft_update(target_mixer, mixer, args.tau)
+        losses = update(learner, b, step, args, generator)
+        critic_loss, q = losses["critic_loss"], losses["q"]
+        actor_loss = losses.get("actor_loss", actor_loss)
 
         if step % 1000 == 0 or step == total_steps:
             sps = (step - step_last) / max(time.time() - t_last, 1e-9)

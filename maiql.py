@@ -386,6 +386,54 @@ class ReplayData:
         )
 
 
+def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, discrete: bool, state_dim: int,
+                 joint_action_dim: int, history_len: int, hist_dim: int, device: torch.device) -> dict:
+    """The agents (encoders, Q_i, V_i, π_i, mixers), the target Q networks, Q-mixer and encoder, and the optimizer."""
+    agents = MAIQLAgents(n, obs_dim, action_dim, discrete, state_dim, joint_action_dim, args.hidden,
+                         history_len, hist_dim, args.history_dim, args.monotonic_mixers).to(device)
+    target_q = copy.deepcopy(agents.q).requires_grad_(False)
+    target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
+    target_q_mixer = copy.deepcopy(agents.q_mixer).requires_grad_(False)
+    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
+    return dict(agents=agents, target_q=target_q, target_encoder=target_encoder, target_q_mixer=target_q_mixer,
+                optimizer=optimizer)
+
+
+def update(learner: dict, b: dict, args: Args) -> dict:
+    """One MAIQL gradient step (V, π and Q steps with one backward) on minibatch b, then the soft target
+    updates. Returns the losses and the AWR weights (tensors)."""
+    agents, target_q, target_encoder, target_q_mixer, optimizer = (learner[k] for k in ("agents", "target_q", "target_encoder", "target_q_mixer", "optimizer"))
+    mixer_in_q = torch.cat([b["states"], b["joint_features"]], dim=1)
+    with torch.no_grad():
+        x_target = b["obs"] if target_encoder is None else torch.cat([target_encoder(b["hist"]), b["obs"]], -1)
+        q_target = agents.q_values(x_target, b["actions"], target_q).min(0).values  # [n, B], min per agent before mixing
+        q_tot_target = target_q_mixer(q_target, mixer_in_q)  # Q̂_tot [B]
+        x_next = b["next_obs"] if target_encoder is None else torch.cat([target_encoder(b["next_hist"]), b["next_obs"]], -1)
+        v_tot_next = agents.v_mixer(agents.v(x_next).squeeze(-1), b["next_states"])
+        y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * v_tot_next
+    x = agents.features(b["obs"], b["hist"])
+    # V-step: expectile regression of V_tot towards Q̂_tot.
+    v_tot = agents.v_mixer(agents.v(x).squeeze(-1), b["states"])
+    v_loss = expectile_loss(q_tot_target - v_tot, args.expectile)
+    # π-step: team AWR on the sum of the agents' log-probabilities.
+    weights = awr_weights(q_tot_target - v_tot.detach(), args.beta, args.max_weight)
+    policy_loss = -(weights * agents.log_prob(x, b["actions"]).sum(0)).mean()
+    # Q-step: both mixed Q heads regress onto y = r + γ f V_tot(s').
+    q_tot = agents.q_mixer(agents.q_values(x, b["actions"]), mixer_in_q)  # [2, B]
+    q_loss = (y - q_tot).pow(2).sum(0).mean()
+    optimizer.zero_grad(set_to_none=True)
+    (v_loss + policy_loss + q_loss).backward()
+    if args.grad_clip > 0:
+        for module in agents.modules_to_clip():
+            nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
+    optimizer.step()
+    soft_update(target_q, agents.q, args.tau)
+    soft_update(target_q_mixer, agents.q_mixer, args.tau)
+    if target_encoder is not None:
+        soft_update(target_encoder, agents.encoder, args.tau)
+    return dict(v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss, awr_weights=weights)
+
+
 def default_total_steps(env: str, history_len: int) -> int:
     """Gradient steps when --total-steps is not given: 5k on the coordination game (solved or failed for
     good after ~1k; Table 3 needs 30 runs per method), 50k without histories, 10k with the history encoder."""
@@ -446,12 +494,9 @@ def main(args: Args) -> dict:
     buffer = ReplayData(data, capacity, obs_dim, hist_dim, history_len, reward_scale, discrete, device)
     joint_action_dim = buffer.joint_features.shape[1]
 
-    agents = MAIQLAgents(n, obs_dim, action_dim, discrete, data.states.shape[1], joint_action_dim, args.hidden,
-                         history_len, hist_dim, args.history_dim, args.monotonic_mixers).to(device)
-    target_q = copy.deepcopy(agents.q).requires_grad_(False)
-    target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
-    target_q_mixer = copy.deepcopy(agents.q_mixer).requires_grad_(False)
-    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
+    learner = make_learner(args, n, obs_dim, action_dim, discrete, data.states.shape[1], joint_action_dim, history_len,
+                           hist_dim, device)
+    agents, target_q, target_encoder, target_q_mixer, optimizer = (learner[k] for k in ("agents", "target_q", "target_encoder", "target_q_mixer", "optimizer"))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     step, wall_before = 0, 0.0
     if ck is not None:
@@ -582,34 +627,8 @@ def main(args: Args) -> dict:
         if args.finetune and step >= offline_steps and (step - offline_steps) % args.populate_every == 0:
             populate()
         b = buffer.sample(args.batch_size, generator)
-        mixer_in_q = torch.cat([b["states"], b["joint_features"]], dim=1)
-        with torch.no_grad():
-            x_target = b["obs"] if target_encoder is None else torch.cat([target_encoder(b["hist"]), b["obs"]], -1)
-            q_target = agents.q_values(x_target, b["actions"], target_q).min(0).values  # [n, B], min per agent before mixing
-            q_tot_target = target_q_mixer(q_target, mixer_in_q)  # Q̂_tot [B]
-            x_next = b["next_obs"] if target_encoder is None else torch.cat([target_encoder(b["next_hist"]), b["next_obs"]], -1)
-            v_tot_next = agents.v_mixer(agents.v(x_next).squeeze(-1), b["next_states"])
-            y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * v_tot_next
-        x = agents.features(b["obs"], b["hist"])
-        # V-step: expectile regression of V_tot towards Q̂_tot.
-        v_tot = agents.v_mixer(agents.v(x).squeeze(-1), b["states"])
-        v_loss = expectile_loss(q_tot_target - v_tot, args.expectile)
-        # π-step: team AWR on the sum of the agents' log-probabilities.
-        weights = awr_weights(q_tot_target - v_tot.detach(), args.beta, args.max_weight)
-        policy_loss = -(weights * agents.log_prob(x, b["actions"]).sum(0)).mean()
-        # Q-step: both mixed Q heads regress onto y = r + γ f V_tot(s').
-        q_tot = agents.q_mixer(agents.q_values(x, b["actions"]), mixer_in_q)  # [2, B]
-        q_loss = (y - q_tot).pow(2).sum(0).mean()
-        optimizer.zero_grad(set_to_none=True)
-        (v_loss + policy_loss + q_loss).backward()
-        if args.grad_clip > 0:
-            for module in agents.modules_to_clip():
-                nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
-        optimizer.step()
-        soft_update(target_q, agents.q, args.tau)
-        soft_update(target_q_mixer, agents.q_mixer, args.tau)
-        if target_encoder is not None:
-            soft_update(target_encoder, agents.encoder, args.tau)
+        losses = update(learner, b, args)
+        v_loss, q_loss, policy_loss, weights = (losses[k] for k in ("v_loss", "q_loss", "policy_loss", "awr_weights"))
         step += 1
 
         if step % 1000 == 0 or step == total_steps:
