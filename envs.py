@@ -969,6 +969,9 @@ import shlex as _shlex
 import sys as _sys
 
 RECORD_FILES = ("summary.json", "curve.csv", "command.txt")
+# Copied into the record too where a script writes them: MOMA-PPO's per-iteration rollout and loss statistics
+# (training.csv), which the diagnosis reads (rollout lengths, uncertainty cuts, terminals, in-training episode lengths).
+RECORD_OPTIONAL_FILES = ("training.csv",)
 CURVE_COLUMNS = ("step", "samples", "wall_time_s", "normalized_score", "episodes")
 # The files a run's result depends on (besides the dataset): a record is stale when any of them changed.
 # Every script imports envs.py; moma_ppo.py also trains / loads its world model with world_model.py.
@@ -1045,17 +1048,39 @@ class CurveLog:
         self._write()
 
     def _write(self) -> None:  # kilobytes: rewriting the whole file keeps it whole if the run is killed mid-write
-        tmp = self.path.with_name(f"curve.csv.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "w", newline="") as f:
                 writer = _csv.writer(f)
-                writer.writerow(CURVE_COLUMNS)
+                writer.writerow(getattr(self, "columns", CURVE_COLUMNS))
                 writer.writerows(self.rows)
             os.replace(tmp, self.path)
         except OSError as e:  # a full disk: a clear error, no half file
             tmp.unlink(missing_ok=True)
             raise MomaError(f"could not write {self.path} ({e.strerror}); free some disk space and continue with "
                             f"--resume") from None
+
+
+class TableLog:
+    """A CSV of one row per training step (e.g. MOMA-PPO's training.csv), rewritten whole at each row like
+    CurveLog, so a killed run leaves a whole file; on resume the rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path, columns: tuple, resume_step: Optional[int] = None):
+        self.path, self.columns, self.rows = pathlib.Path(path), tuple(columns), []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = [[r.get(c, "") for c in self.columns] for r in _csv.DictReader(f)
+                             if int(float(r[self.columns[0]])) <= resume_step]
+        CurveLog._write(self)
+
+    def add(self, row: dict) -> None:
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise ValueError(f"{self.path.name}: unknown columns {sorted(unknown)}")
+        fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else v  # noqa: E731
+        self.rows = [r for r in self.rows if int(float(r[0])) != int(row[self.columns[0]])]
+        self.rows.append([fmt(row.get(c, "")) for c in self.columns])
+        CurveLog._write(self)
 
 
 def record_fields(code: dict, data: "OfflineData", budget: Optional[str], episode_lengths) -> dict:
@@ -1090,7 +1115,7 @@ def save_record(run_dir, results_dir, name: str) -> pathlib.Path:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in RECORD_FILES:
+    for f in RECORD_FILES + tuple(f for f in RECORD_OPTIONAL_FILES if (run_dir / f).exists()):
         shutil.copy2(run_dir / f, tmp / f)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)

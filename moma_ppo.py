@@ -223,6 +223,14 @@ def method_name_from_argv(argv: list) -> str:
     return method_name(resolve(tyro.cli(Args, args=argv)))
 
 
+# Columns of training.csv (one row per iteration, kept in the run's record): the rollout statistics of
+# collect_rollouts, the λ-return, the last minibatch's losses and policy spread, and the in-training evaluations.
+TRAINING_COLUMNS = ("iteration", "synthetic_steps", "wall_time_s", "sps", "mean_length", "timeouts_by_uncertainty",
+                    "terminals", "eps_g", "eps_g_at_terminals_over_threshold", "penalised_reward", "lambda_return",
+                    "policy_loss", "value_loss", "entropy", "clipfrac", "action_std", "action_mean_abs",
+                    "eval_score", "eval_mean_length", "eval_full_length_share")
+
+
 # Settings that change what MOMA-PPO learns (method_name spells out the ones a run changes).
 ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "lambda_r", "lambda_g", "uncertainty_threshold",
                         "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
@@ -723,6 +731,7 @@ def main(args: Args) -> dict:
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, start_iteration if args.resume else None)
+    training_log = envs.TableLog(run_dir / "training.csv", TRAINING_COLUMNS, start_iteration if args.resume else None)
 
     act = greedy_policy(agents, layout, device)
     eval_seed = 10101 + 1 + args.seed
@@ -788,14 +797,22 @@ def main(args: Args) -> dict:
         writer.add_scalar("losses/clipfrac", float(np.mean(clip_fractions)), step)
         envs.check_losses(step, policy_loss=pg_loss, value_loss=v_loss, entropy=entropy)
         postfix = dict(sps=f"{sps:.0f}", len=f"{n_valid / b:.1f}", r=f"{float(batch['returns'].mean()):.3f}")
+        row = dict(iteration=step, synthetic_steps=synthetic_steps, sps=sps, lambda_return=float(batch["returns"].mean()),
+                   policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=entropy.item(),
+                   clipfrac=float(np.mean(clip_fractions)), action_std=float(dist.stddev.mean()) if not layout.discrete
+                   else float("nan"), action_mean_abs=float(dist.mean.abs().mean()) if not layout.discrete else float("nan"),
+                   **stats)
 
         if step % args.eval_every == 0 or step == args.iterations:
-            returns_eval = evaluate(args, act, args.eval_episodes_during, eval_seed)
+            returns_eval, lengths_eval = evaluate(args, act, args.eval_episodes_during, eval_seed, return_lengths=True)
             score = float(data.normalized_score(returns_eval).mean())
+            row.update(eval_score=score, eval_mean_length=float(lengths_eval.mean()),
+                       eval_full_length_share=float(np.mean(lengths_eval >= envs.EPISODE_STEPS[args.env])))
             writer.add_scalar("eval/episodic_return", float(returns_eval.mean()), step)
             writer.add_scalar("eval/normalized_score", score, step)
             curve.add(step, synthetic_steps, wall_before + time.time() - start_time, score, len(returns_eval))
             postfix["score"] = f"{score:.3f}"
+        training_log.add(dict(row, wall_time_s=wall_before + time.time() - start_time))
         bar.set_postfix(postfix)
         if step % args.checkpoint_every == 0 or step == args.iterations:
             save_checkpoint(step)

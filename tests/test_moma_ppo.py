@@ -1,5 +1,6 @@
 """moma_ppo.py: GAE recursion, QMIX mixing, padding maps, rollout masks, and learning on the coordination game."""
 
+import csv
 import dataclasses
 import json
 
@@ -247,6 +248,12 @@ def test_runs_end_to_end_on_mujoco(monkeypatch, tmp_path, env, obs, dataset, ext
         run_dir=str(tmp_path / "run"), **extra))
     assert summary["train_steps"] > 0 and np.isfinite(summary["normalized_score_mean"])
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+    # training.csv: one row per iteration; the rollout statistics each time, the evaluation where one ran
+    with open(tmp_path / "run" / "training.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["iteration"] for r in rows] == ["1", "2"] and tuple(rows[0]) == moma_ppo.TRAINING_COLUMNS
+    assert float(rows[1]["mean_length"]) > 0 and float(rows[1]["action_std"]) > 0
+    assert rows[0]["eval_score"] == "" and 1 <= float(rows[1]["eval_mean_length"]) <= envs.EPISODE_STEPS[env]
     if "entropy_target" in extra:  # a target far above the joint entropy: α grew from 0 during the updates
         alpha = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["agents"]["entropy_alpha"]
         assert alpha > 0

@@ -182,3 +182,16 @@ def test_a_diagnosis_record_shows_its_changes_reach_and_curve(tmp_path):
     text = results.generate_markdown(tmp_path / "results", tmp_path / "plots", REPO)
     row = next(line for line in text.splitlines() if line.startswith("| lambda_g=1"))
     assert "0.410 ± 0.200" in row and "75%" in row and "0.10 → 0.50 → 0.40" in row
+
+
+def test_table_log_keeps_whole_rows_and_drops_the_lost_part_on_resume(tmp_path):
+    log = envs.TableLog(tmp_path / "training.csv", ("iteration", "loss", "score"))
+    for i in range(1, 6):
+        log.add({"iteration": i, "loss": 1.0 / i, **({"score": 0.5} if i % 2 == 0 else {})})
+    lines = (tmp_path / "training.csv").read_text().splitlines()
+    assert lines[0] == "iteration,loss,score" and lines[2] == "2,0.5,0.5" and lines[3] == "3,0.333333,"
+    resumed = envs.TableLog(tmp_path / "training.csv", ("iteration", "loss", "score"), resume_step=3)
+    resumed.add({"iteration": 4, "loss": 9.0})  # the run after its checkpoint at 3: rows 4 and 5 were lost
+    assert (tmp_path / "training.csv").read_text().splitlines()[1:] == ["1,1,", "2,0.5,0.5", "3,0.333333,", "4,9,"]
+    with pytest.raises(ValueError, match="unknown columns"):
+        resumed.add({"iteration": 5, "los": 1.0})
