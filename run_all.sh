@@ -128,12 +128,13 @@ run() {
   [ -f "$dir/checkpoint.pt" ] && resume=(--resume)
   local cmd=(python "$script" --env "$env" --obs "$obs" --dataset "$dataset" --seed "$seed" --exp-name "$method"
              --run-dir "$dir" --results-dir "$RESULTS/$table" --budget "$BUDGET" "${resume[@]}" "${flags[@]}" "${EXTRA[@]}")
-  echo ">>> ${cmd[*]}"
   if [ "$JOBS" -gt 1 ]; then  # JOBS cells at a time, each logging to runs/run_all/<budget>/logs/<cell>.log
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || FAILED=$((FAILED + 1)); done
+    echo ">>> ${cmd[*]}  (log: $RUNS/logs/$name.log)"
     mkdir -p "$RUNS/logs"
-    "${cmd[@]}" > "$RUNS/logs/$name.log" 2>&1 &
+    "${cmd[@]}" >> "$RUNS/logs/$name.log" 2>&1 &
   else
+    echo ">>> ${cmd[*]}"
     "${cmd[@]}"
   fi
 }
