@@ -799,8 +799,8 @@ def main(args: Args) -> dict:
         postfix = dict(sps=f"{sps:.0f}", len=f"{n_valid / b:.1f}", r=f"{float(batch['returns'].mean()):.3f}")
         row = dict(iteration=step, synthetic_steps=synthetic_steps, sps=sps, lambda_return=float(batch["returns"].mean()),
                    policy_loss=pg_loss.item(), value_loss=v_loss.item(), entropy=entropy.item(),
-                   clipfrac=float(np.mean(clip_fractions)), action_std=float(dist.stddev.mean()) if not layout.discrete
-                   else float("nan"), action_mean_abs=float(dist.mean.abs().mean()) if not layout.discrete else float("nan"),
+                   clipfrac=float(np.mean(clip_fractions)), action_std=dist.stddev.detach().mean().item() if not layout.discrete
+                   else float("nan"), action_mean_abs=dist.mean.detach().abs().mean().item() if not layout.discrete else float("nan"),
                    **stats)
 
         if step % args.eval_every == 0 or step == args.iterations:
