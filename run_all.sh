@@ -198,13 +198,13 @@ diagnosis() {  # why MOMA-PPO loses on ant partial medium: one run per hypothesi
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}"                              # the preset
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --ground-truth               # (b) the real simulator
   run diagnosis moma_ppo.py ant full medium $seed "${it[@]}"                                 # (a) full observability
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history policy \
     --history-actions mean                                                                   # (g) own-action histories
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --actor-std state \
     --entropy-target -2 --action-penalty 1                                                   # (e) the authors' actor
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --eps-g-units standardised   # (d) ε_g units
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --no-adaptive-rollout        # (d) uncertainty cut
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history zeros        # (g) reset histories
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --rollout-batch 202 --minibatch-size 64 \
