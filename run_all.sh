@@ -199,6 +199,10 @@ diagnosis() {  # why MOMA-PPO loses on ant partial medium: one run per hypothesi
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --ground-truth               # (b) the real simulator
   run diagnosis moma_ppo.py ant full medium $seed "${it[@]}"                                 # (a) full observability
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
+  # (c) the authors' shape: 2,020 synthetic transitions per iteration, minibatches of 64 (155 updates each) at
+  # lr 5e-5, λ 0.98; 10x the iterations, so it sees as many synthetic transitions as the preset rows
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --iterations $((${DIAG_ITERATIONS:-200} * 10)) \
+    --eval-every 100 --rollout-batch 202 --minibatch-size 64 --learning-rate 5e-5 --gae-lambda 0.98
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history policy \
     --history-actions mean                                                                   # (g) own-action histories
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --actor-std state \
@@ -207,8 +211,6 @@ diagnosis() {  # why MOMA-PPO loses on ant partial medium: one run per hypothesi
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --no-adaptive-rollout        # (d) uncertainty cut
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history zeros        # (g) reset histories
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --rollout-batch 202 --minibatch-size 64 \
-    --learning-rate 5e-5 --gae-lambda 0.98                                                   # (c) the authors' shape
 }
 
 cells() {
