@@ -44,6 +44,8 @@ RESULTS=results
 RUNS=runs/run_all/$BUDGET
 JOBS=${JOBS:-1}  # cells run at once (e.g. JOBS=2 with --torch-threads 1 on 2 cores: each cell alone on a core)
 FAILED=0
+# Background cells (JOBS > 1) ignore Ctrl-C in a script: stop them with it (they resume from their checkpoints).
+trap 'kill $(jobs -p) 2>/dev/null; exit 130' INT TERM
 PLAN_FILE=""
 export HF_HUB_OFFLINE=1
 
@@ -124,6 +126,12 @@ run() {
     python -c "import envs, sys; envs.save_record(*sys.argv[1:])" "$dir" "$RESULTS/$table" "$name"
     return
   fi
+  # A cell another run_all.sh is running right now (its pid in runs/run_all/<budget>/<cell>.pid) is left to it.
+  local pidfile="$RUNS/$name.pid"
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "running already (pid $(cat "$pidfile")): $name"
+    return
+  fi
   local resume=()
   [ -f "$dir/checkpoint.pt" ] && resume=(--resume)
   local cmd=(python "$script" --env "$env" --obs "$obs" --dataset "$dataset" --seed "$seed" --exp-name "$method"
@@ -133,9 +141,13 @@ run() {
     echo ">>> ${cmd[*]}  (log: $RUNS/logs/$name.log)"
     mkdir -p "$RUNS/logs"
     "${cmd[@]}" >> "$RUNS/logs/$name.log" 2>&1 &
+    echo $! > "$pidfile"
   else
     echo ">>> ${cmd[*]}"
+    mkdir -p "$RUNS"
+    echo $$ > "$pidfile"
     "${cmd[@]}"
+    rm -f "$pidfile"
   fi
 }
 

@@ -63,3 +63,53 @@ def test_plan_counts_records_of_another_budget_as_to_rerun(tmp_path):
     bad = subprocess.run(["bash", "run_all.sh", "plan", "3"], cwd=tmp_path, env={**env, "BUDGET": "huge"},
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown BUDGET=huge" in bad.stderr
+
+
+FAKE_SCRIPT = '''import json, os, pathlib, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+log = pathlib.Path(os.environ["FAKE_LOG"])
+with open(log, "a") as f:
+    f.write(f"start {os.getpid()}\\n")
+time.sleep(0.5)
+if args["--dataset"] == "neutral" and args["--exp-name"] == "ibc":
+    with open(log, "a") as f:
+        f.write(f"end {os.getpid()}\\n")
+    sys.exit("error: this cell fails")
+name = pathlib.Path(args["--run-dir"]).name
+out = pathlib.Path(args["--results-dir"]) / name
+out.mkdir(parents=True)
+(out / "summary.json").write_text(json.dumps({"algorithm": args["--exp-name"], "method": args["--exp-name"],
+    "env": "coordination", "obs": "full", "seed": int(args["--seed"]), "budget": args["--budget"],
+    "dataset_id": "moma/coordination/" + args["--dataset"] + "-v0", "normalized_score_mean": 1.0}))
+(out / "curve.csv").write_text("step,samples,wall_time_s,normalized_score,episodes\\n1,1,1.0,1.0,1\\n")
+(out / "command.txt").write_text("python fake\\n")
+with open(log, "a") as f:
+    f.write(f"end {os.getpid()}\\n")
+'''
+
+
+def test_jobs_run_cells_side_by_side_skip_cells_running_elsewhere_and_report_failures(tmp_path):
+    import os
+
+    env = _repo_copy(tmp_path)
+    for script in ("moma_ppo.py", "iql.py", "ibc.py", "maiql.py"):
+        (tmp_path / script).write_text(FAKE_SCRIPT)
+    # one cell is being run by another run_all.sh right now (a live pid: this test's)
+    (tmp_path / "runs/run_all/quick").mkdir(parents=True)
+    (tmp_path / "runs/run_all/quick/coordination__full__favorable__iql__1.pid").write_text(str(os.getpid()))
+    log = tmp_path / "fake.log"
+    out = subprocess.run(["bash", "run_all.sh", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**env, "SEEDS_GAME": "1", "JOBS": "2", "FAKE_LOG": str(log)})
+    assert out.returncode == 1 and "1 cell(s) failed" in out.stderr, (out.stdout, out.stderr)
+    assert f"running already (pid {os.getpid()}): coordination__full__favorable__iql__1" in out.stdout
+    assert not (tmp_path / "results/3/coordination__full__favorable__iql__1").exists()
+    # the 10 other cells ran and left their records; the failing one left its error in its log
+    records = sorted(p.name for p in (tmp_path / "results/3").iterdir())
+    assert len(records) == 10 and "coordination__full__neutral__ibc__1" not in records
+    assert "this cell fails" in (tmp_path / "runs/run_all/quick/logs/coordination__full__neutral__ibc__1.log").read_text()
+    # never more than JOBS cells at once, and two at once at some point
+    running, most = 0, 0
+    for line in log.read_text().splitlines():
+        running += 1 if line.startswith("start") else -1 if line.startswith("end") else 0
+        most = max(most, running)
+    assert most == 2, log.read_text()
