@@ -386,6 +386,63 @@ def ablation_plot_path(budget: str, plots_dir: pathlib.Path = PLOTS_DIR) -> path
     return plots_dir / f"ablation__{re.sub(r'[^A-Za-z0-9_.-]+', '_', budget)}.png"
 
 
+def diagnosis_plot_path(budget: str, plots_dir: pathlib.Path = PLOTS_DIR) -> pathlib.Path:
+    return plots_dir / f"diagnosis_training__{re.sub(r'[^A-Za-z0-9_.-]+', '_', budget)}.png"
+
+
+# The panels of the diagnosis figure: training.csv columns (MOMA-PPO's per-iteration log) against synthetic steps.
+DIAGNOSIS_PANELS = (("eval_score", "greedy score (in-training evaluations)"),
+                    ("eval_full_length_share", "share of greedy episodes reaching the time limit"),
+                    ("lambda_return", "mean λ-return of the rollouts (value scale)"),
+                    ("mean_length", "mean synthetic rollout length (k = 10)"),
+                    ("timeouts_by_uncertainty", "share of rollouts cut by ε_g ≥ l_ε"),
+                    ("action_mean_abs", "mean |μ| of the policies' actions"))
+
+
+def read_training_log(folder: pathlib.Path) -> dict:
+    """training.csv of a MOMA-PPO record as {column: np.array} (NaN where a row has no value), or {}."""
+    path = pathlib.Path(folder) / "training.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]) for k in rows[0]} if rows else {}
+
+
+def diagnosis_figure(records: list, budget: str, refs: dict, plots_dir: pathlib.Path = PLOTS_DIR):
+    """One figure for the diagnosis runs of a budget: a panel per DIAGNOSIS_PANELS column, a line per run."""
+    import matplotlib.pyplot as plt
+
+    logs = [(r, read_training_log(r.folder)) for r in records]
+    logs = [(r, log) for r, log in logs if log]
+    if not logs:
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for ax, (column, title) in zip(axes.flat, DIAGNOSIS_PANELS):
+        for r, log in logs:
+            y = log.get(column)
+            if y is None:
+                continue
+            keep = np.isfinite(y)
+            label = f"{r.obs[:2].upper()} {r.method.replace('moma_ppo-', '').replace('moma_ppo', 'preset')}"
+            ax.plot(log["synthetic_steps"][keep], y[keep], marker="." if column.startswith("eval") else None,
+                    linewidth=1, label=label)
+        if column == "eval_score":
+            for label, value in refs.items():
+                if value is not None:
+                    ax.axhline(value, color="grey", linestyle="--" if label == "dataset mean" else ":", linewidth=1,
+                               label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("synthetic steps", fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    path = diagnosis_plot_path(budget, plots_dir)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def dataset_tables(stats: dict, staleness: Staleness) -> list:
     lines = ["## Datasets (paper Tables 1 and 2)", "",
              "From `results/datasets/*.json` (`python results.py datasets` on a machine that has built the datasets). "
@@ -539,6 +596,7 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
                 for budget, recs in by_table[table].items():
                     lines += [f"### budget `{budget}`", ""] + diagnosis_table(recs, staleness)
                     images = [plot_path(table, budget, "ant", o, d, plots_dir) for o, d in LAYOUT[table]["rows"]]
+                    images.append(diagnosis_plot_path(budget, plots_dir))
                     lines += [" ".join(f"![{p.stem}](plots/{p.name})" for p in images if p.exists()), ""]
             continue
         lines += [f"## {TITLES[table]}", ""]
@@ -619,6 +677,12 @@ def make_plots(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path 
         if table == "ablation":
             ablation_panels[budget][(env, dataset)] = (by_method, refs)
             continue
+        if table == "diagnosis":
+            path = diagnosis_figure([r for recs in by_method.values() for r in recs] +
+                                   [r for r in records if r.table == "diagnosis" and r.budget == budget and
+                                    (r.obs, r.dataset) != (obs, dataset)], budget, refs, plots_dir)
+            if path is not None and path not in written:
+                written.append(path)
         order = [m for m in LAYOUT[table]["methods"] if m in by_method] + sorted(set(by_method) - set(LAYOUT[table]["methods"]))
         fig, ax = plt.subplots(figsize=(5, 3.4))
         _draw_curves(ax, {METHOD_LABELS.get(m, m): by_method[m] for m in order}, refs,

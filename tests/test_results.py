@@ -7,6 +7,7 @@ import pathlib
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 import envs
@@ -195,3 +196,19 @@ def test_table_log_keeps_whole_rows_and_drops_the_lost_part_on_resume(tmp_path):
     assert (tmp_path / "training.csv").read_text().splitlines()[1:] == ["1,1,", "2,0.5,0.5", "3,0.333333,", "4,9,"]
     with pytest.raises(ValueError, match="unknown columns"):
         resumed.add({"iteration": 5, "los": 1.0})
+
+
+def test_diagnosis_runs_get_a_figure_of_their_training_logs_in_the_results_page(tmp_path):
+    root, plots = tmp_path / "results", tmp_path / "plots"
+    for method, obs in (("moma_ppo", "partial"), ("moma_ppo-ground_truth", "partial"), ("moma_ppo", "full")):
+        folder = _fake_record(root, "diagnosis", method, 1, 0.1, obs=obs, env="ant", dataset="medium")
+        log = envs.TableLog(folder / "training.csv", ("iteration", "synthetic_steps", "eval_score", "lambda_return"))
+        for i in range(1, 5):
+            log.add({"iteration": i, "synthetic_steps": 1000 * i, "lambda_return": float(i),
+                     **({"eval_score": 0.1 * i} if i % 2 == 0 else {})})
+    written = results.make_plots(results_dir=root, plots_dir=plots)
+    figure = plots / "diagnosis_training__quick.png"
+    assert figure in written and figure.stat().st_size > 10_000
+    log = results.read_training_log(root / "diagnosis" / envs.record_name("ant", "full", "medium", "moma_ppo", 1))
+    assert log["lambda_return"].tolist() == [1.0, 2.0, 3.0, 4.0] and np.isnan(log["eval_score"][0])
+    assert "plots/diagnosis_training__quick.png" in results.generate_markdown(root, plots)
