@@ -210,8 +210,8 @@ diagnosis() {  # why MOMA-PPO loses on ant partial medium: one run per hypothesi
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}"                              # the preset
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --ground-truth               # (b) the real simulator
   run diagnosis moma_ppo.py ant full medium $seed "${it[@]}"                                 # (a) full observability
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 256         # (c) 16x: CleanRL's ratio
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
   # (c) the authors' shape: 2,020 synthetic transitions per iteration, minibatches of 64 (155 updates each) at
   # lr 5e-5, λ 0.98; 10x the iterations, so it sees as many synthetic transitions as the preset rows
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --iterations $((${DIAG_ITERATIONS:-200} * 10)) \
