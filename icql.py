@@ -31,6 +31,7 @@ Other choices (the issue is silent; a researcher comparing offline MARL methods 
 * continuous actions only: the coordination game's discrete baselines are iql.py, maiql.py and ibc.py.
 * all agents' networks are stacks of per-agent weights [n, in, out] run with one bmm per layer; the
   30 sampled actions per state go through the critics in the same batched call.
+* one fused Adam kernel per optimizer step (torch's `fused=True`) and one foreach lerp per soft target update.
 
     python icql.py --env reacher --obs all-observant
     python icql.py --env ant --obs partial --dataset expert
@@ -260,9 +261,9 @@ def cql_term(q_data: torch.Tensor, q_sampled: torch.Tensor, log_density: torch.T
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - τ) target + τ source, one foreach kernel over all the parameters."""
     with torch.no_grad():
-        for t, s in zip(target.parameters(), source.parameters()):
-            t.lerp_(s, tau)
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 def git_commit() -> str:
@@ -316,8 +317,8 @@ def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, history_len:
     target_critic = copy.deepcopy(agents.critic).requires_grad_(False)
     target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
     critic_params = list(agents.critic.parameters()) + (list(agents.encoder.parameters()) if agents.encoder else [])
-    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate)
+    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate, fused=True)
+    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate, fused=True)
     return dict(agents=agents, target_actor=target_actor, target_critic=target_critic, target_encoder=target_encoder,
                 critic_optimizer=critic_optimizer, actor_optimizer=actor_optimizer)
 

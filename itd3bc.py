@@ -30,6 +30,7 @@ Other choices (the issue is silent; a researcher comparing offline MARL methods 
   normalisation (reference §5(e)); no gradient clipping.
 * continuous actions only: the coordination game's discrete baselines are iql.py, maiql.py and ibc.py.
 * all agents' networks are stacks of per-agent weights [n, in, out] run with one bmm per layer.
+* one fused Adam kernel per optimizer step (torch's `fused=True`) and one foreach lerp per soft target update.
 
     python itd3bc.py --env reacher --obs all-observant
     python itd3bc.py --env ant --obs partial --dataset expert --mixer
@@ -242,9 +243,9 @@ def td3bc_actor_loss(q_pi: torch.Tensor, pi: torch.Tensor, data_actions: torch.T
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - τ) target + τ source, one foreach kernel over all the parameters."""
     with torch.no_grad():
-        for t, s in zip(target.parameters(), source.parameters()):
-            t.lerp_(s, tau)
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 def git_commit() -> str:
@@ -301,8 +302,8 @@ def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, history_len:
     target_mixer = copy.deepcopy(mixer).requires_grad_(False) if mixer is not None else None
     critic_params = list(agents.critic.parameters()) + (list(agents.encoder.parameters()) if agents.encoder else [])
     critic_params += list(mixer.parameters()) if mixer is not None else []
-    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate)
+    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate, fused=True)
+    actor_optimizer = torch.optim.Adam(agents.actor.parameters(), lr=args.learning_rate, fused=True)
     return dict(agents=agents, mixer=mixer, target_actor=target_actor, target_critic=target_critic,
                 target_encoder=target_encoder, target_mixer=target_mixer, critic_optimizer=critic_optimizer,
                 actor_optimizer=actor_optimizer)

@@ -80,6 +80,99 @@ def test_sampled_critics_equal_repeated_critics(module):
     assert torch.allclose(agents.q1(x, a[:, :, 0]), agents.q_values(x, a[:, :, 0])[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("module", [itd3bc, icql, omar])
+def test_batched_mlp_equals_per_agent_mlps_hand_computed(module):
+    # Two agents, one layer 2 -> 1: agent 0 computes x0 + 2 x1 + 0.5, agent 1 computes -x0 + 3 x1.
+    mlp = module.AgentsMLP(2, [2, 1])
+    with torch.no_grad():
+        mlp.weights[0].copy_(torch.tensor([[[1.0], [2.0]], [[-1.0], [3.0]]]))
+        mlp.biases[0].copy_(torch.tensor([[[0.5]], [[0.0]]]))
+    out = mlp(torch.tensor([[[1.0, 1.0]], [[2.0, 1.0]]]))
+    assert out.flatten().tolist() == [3.5, 1.0]
+    # A deeper stack equals each agent's own plain MLP (its slice of the stacked weights), ReLU between layers.
+    torch.manual_seed(0)
+    mlp = module.AgentsMLP(3, [5, 8, 8, 2])
+    x = torch.randn(3, 4, 5)
+    for i in range(3):
+        h = x[i]
+        for k, (w, b) in enumerate(zip(mlp.weights, mlp.biases)):
+            h = h @ w[i] + b[i, 0]
+            h = torch.relu(h) if k < 2 else h
+        assert torch.allclose(mlp(x)[i], h, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", [itd3bc, icql, omar])
+def test_critic_members_are_per_agent_q1_then_q2(module):
+    torch.manual_seed(0)
+    n = 3
+    agents = module.TD3Agents(n=n, obs_dim=5, action_dim=2, hidden=16, history_len=0, history_in=7, history_dim=8)
+    x, a = torch.randn(n, 4, 5), torch.rand(n, 4, 2) * 2 - 1
+    q = agents.q_values(x, a)
+    w, b = agents.critic.weights, agents.critic.biases
+    for head in range(2):
+        for i in range(n):
+            m = head * n + i  # member layout [Q1_0..Q1_n-1, Q2_0..Q2_n-1]
+            h = torch.cat([x[i], a[i]], -1)
+            h = torch.relu(h @ w[0][m] + b[0][m, 0])
+            h = torch.relu(h @ w[1][m] + b[1][m, 0])
+            assert torch.allclose(q[head, i], (h @ w[2][m] + b[2][m, 0])[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [itd3bc, icql, omar])
+def test_soft_update_is_lerp_with_tau(module):
+    target, source = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        target.weight.copy_(torch.tensor([[1.0, 2.0]])), target.bias.fill_(4.0)
+        source.weight.copy_(torch.tensor([[3.0, -2.0]])), source.bias.fill_(0.0)
+    module.soft_update(target, source, 0.25)  # (1 - τ) target + τ source
+    assert target.weight.tolist() == [[1.5, 1.0]] and target.bias.tolist() == [3.0]
+
+
+def test_itd3bc_update_equals_a_per_agent_reference_step():
+    """update() (batched agents, fused Adam, foreach soft updates) computes the same critic loss as a plain
+    per-agent loop over the TD3 target and both critics, and its parameters after one critic + actor step
+    equal a reference Adam step on that per-agent loss."""
+    import copy
+    torch.manual_seed(0)
+    n, B, o, A = 2, 8, 5, 2
+    args = itd3bc.Args(env="reacher", hidden=16, policy_noise=0.0)  # no smoothing noise: a deterministic target
+    learner = itd3bc.make_learner(args, n, o, A, 0, 7, 10, torch.device("cpu"))
+    agents = learner["agents"]
+    ref_agents = copy.deepcopy(agents)
+    b = dict(obs=torch.randn(n, B, o), next_obs=torch.randn(n, B, o), actions=torch.rand(n, B, A) * 2 - 1,
+             rewards=torch.randn(B), terminals=(torch.rand(B) < 0.3).float(), hist=None, next_hist=None,
+             states=torch.randn(B, 10), next_states=torch.randn(B, 10))
+
+    def mlp(weights, biases, m, h):
+        for k in range(len(weights)):
+            h = h @ weights[k][m] + biases[k][m, 0]
+            h = torch.relu(h) if k < len(weights) - 1 else h
+        return h
+
+    critic_w, critic_b = ref_agents.critic.weights, ref_agents.critic.biases
+    loss_ref = 0.0
+    for i in range(n):
+        with torch.no_grad():  # targets start equal to the online networks
+            a_next = torch.tanh(mlp(ref_agents.actor.weights, ref_agents.actor.biases, i, b["next_obs"][i])).clamp(-1, 1)
+            q_next = torch.minimum(*(mlp(critic_w, critic_b, k * n + i, torch.cat([b["next_obs"][i], a_next], -1))[:, 0]
+                                     for k in range(2)))
+            y = b["rewards"] + args.gamma * (1 - b["terminals"]) * q_next
+        for k in range(2):
+            q = mlp(critic_w, critic_b, k * n + i, torch.cat([b["obs"][i], b["actions"][i]], -1))[:, 0]
+            loss_ref = loss_ref + (y - q).pow(2).mean()
+    ref_opt = torch.optim.Adam(ref_agents.critic.parameters(), lr=args.learning_rate)  # the default (for-loop/foreach) Adam
+    ref_opt.zero_grad()
+    loss_ref.backward()
+    ref_opt.step()
+
+    losses = itd3bc.update(learner, b, 1, args, torch.Generator().manual_seed(0))  # step 1: critic only
+    assert losses["critic_loss"].item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    for p, p_ref in zip(agents.critic.parameters(), ref_agents.critic.parameters()):
+        assert torch.allclose(p, p_ref, atol=1e-6)
+    for p, p0 in zip(agents.actor.parameters(), ref_agents.actor.parameters()):
+        assert torch.equal(p, p0)  # no actor step at step 1 (policy_freq = 2)
+
+
 # --------------------------------------------------------------------------------------------------
 # TD3+BC and MATD3+BC
 # --------------------------------------------------------------------------------------------------
