@@ -15,6 +15,7 @@ The agents are trained as one batched module for speed only.
 * History encoder (MOMA-PPO's self-attention encoder, reference §4(c)) on partially observable
   tasks only (`--history-len` None); never on the coordination game (authors, reference §1(a)).
 * Rewards are not used.
+* One fused Adam kernel per step (torch's `fused=True`).
 
     python ibc.py --env coordination --dataset neutral --total-steps 2000
     python ibc.py --env reacher --obs independent --total-steps 50000
@@ -229,7 +230,7 @@ class ReplayData:
 def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, discrete: bool, history_len: int, hist_dim: int,
                  device: torch.device) -> dict:
     agents = BCAgents(n, obs_dim, action_dim, discrete, args.hidden, history_len, hist_dim, args.history_dim).to(device)
-    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate, fused=True)
     return dict(agents=agents, optimizer=optimizer)
 
 

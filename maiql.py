@@ -37,6 +37,8 @@ Other choices (the issue is silent; a researcher comparing offline MARL methods 
   the IQL family (reference §2(e)); `--no-normalize-rewards` turns it off. Returns are reported raw.
 * one combined backward per step (V, π and Q losses touch disjoint heads, targets are detached), with
   each module's gradient clipped to norm 1.0 as the authors did for MAIQL.
+* one fused Adam kernel per step (torch's `fused=True`), one foreach lerp per soft target update, and one
+  target-encoder pass over the histories at s and s' together.
 * the coordination game is discrete: Q_i(o_i, ·) has one output per action, π_i is categorical and
   the greedy action is the argmax; the Q-mixer sees one-hot joint actions.
 
@@ -291,9 +293,9 @@ def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float = 100.0)
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - τ) target + τ source, one foreach kernel over all the parameters."""
     with torch.no_grad():
-        for t, s in zip(target.parameters(), source.parameters()):
-            t.lerp_(s, tau)
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 def git_commit() -> str:
@@ -394,7 +396,7 @@ def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, discrete: bo
     target_q = copy.deepcopy(agents.q).requires_grad_(False)
     target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
     target_q_mixer = copy.deepcopy(agents.q_mixer).requires_grad_(False)
-    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate, fused=True)
     return dict(agents=agents, target_q=target_q, target_encoder=target_encoder, target_q_mixer=target_q_mixer,
                 optimizer=optimizer)
 
@@ -405,10 +407,13 @@ def update(learner: dict, b: dict, args: Args) -> dict:
     agents, target_q, target_encoder, target_q_mixer, optimizer = (learner[k] for k in ("agents", "target_q", "target_encoder", "target_q_mixer", "optimizer"))
     mixer_in_q = torch.cat([b["states"], b["joint_features"]], dim=1)
     with torch.no_grad():
-        x_target = b["obs"] if target_encoder is None else torch.cat([target_encoder(b["hist"]), b["obs"]], -1)
+        x_target, x_next = b["obs"], b["next_obs"]
+        if target_encoder is not None:  # one target-encoder pass over the histories at s and s'
+            B = b["obs"].shape[1]
+            emb = target_encoder(torch.cat([b["hist"], b["next_hist"]], 1))  # [n, 2B, d]
+            x_target, x_next = torch.cat([emb[:, :B], x_target], -1), torch.cat([emb[:, B:], x_next], -1)
         q_target = agents.q_values(x_target, b["actions"], target_q).min(0).values  # [n, B], min per agent before mixing
         q_tot_target = target_q_mixer(q_target, mixer_in_q)  # Q̂_tot [B]
-        x_next = b["next_obs"] if target_encoder is None else torch.cat([target_encoder(b["next_hist"]), b["next_obs"]], -1)
         v_tot_next = agents.v_mixer(agents.v(x_next).squeeze(-1), b["next_states"])
         y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * v_tot_next
     x = agents.features(b["obs"], b["hist"])

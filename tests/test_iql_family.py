@@ -148,6 +148,24 @@ def test_history_encoder_is_per_agent():
     assert torch.allclose(enc(h[:, :1]), out[:, :1], atol=1e-6)
 
 
+def test_one_encoder_pass_over_two_batches_equals_two_passes():
+    # maiql.update runs the target encoder once on the histories at s and s' stacked along the batch.
+    torch.manual_seed(0)
+    enc = maiql.AgentsHistoryEncoder(n=3, in_dim=5, length=10, d=16)
+    h, h_next = torch.randn(3, 4, 10, 5), torch.randn(3, 4, 10, 5)
+    both = enc(torch.cat([h, h_next], 1))
+    assert torch.allclose(both[:, :4], enc(h), atol=1e-6) and torch.allclose(both[:, 4:], enc(h_next), atol=1e-6)
+
+
+def test_maiql_soft_update_is_lerp_with_tau():
+    target, source = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        target.weight.copy_(torch.tensor([[1.0, 2.0]])), target.bias.fill_(4.0)
+        source.weight.copy_(torch.tensor([[3.0, -2.0]])), source.bias.fill_(0.0)
+    maiql.soft_update(target, source, 0.25)
+    assert target.weight.tolist() == [[1.5, 1.0]] and target.bias.tolist() == [3.0]
+
+
 def test_iql_coordination_joint_action_is_one_of_four():
     agent = iql.IQLAgent(state_dim=1, action_dim=4, discrete=True, hidden=8, history_len=0, history_in=5, history_dim=8)
     x = agent.features(torch.rand(6, 1), None)
