@@ -109,6 +109,10 @@ class Args:
     """clip next states and rewards to the dataset's bounding box (paper §3.1)"""
     adaptive_rollout: bool = True
     """end rollouts early where ε_g ≥ l_ε (paper §3.2)"""
+    uncertainty_cut: Literal["timeout", "terminal"] = "timeout"
+    """how a rollout cut by ε_g ≥ l_ε ends: a timeout that bootstraps from V at the uncertain predicted state (paper
+    §3.2: ζ = 0), or a terminal without bootstrap, as MOReL's absorbing HALT state (the uncertain step keeps its
+    reward; the value beyond it is lost, so reaching model uncertainty costs what falling costs)"""
     eps_g_units: Literal["raw", "standardised"] = "raw"
     """units of ε_g: the dataset's raw state units (paper, authors' code) or each state dimension divided by its
     dataset std (an ablation: in raw Ant units the joint velocities dominate ε_g)"""
@@ -233,7 +237,7 @@ TRAINING_COLUMNS = ("iteration", "synthetic_steps", "wall_time_s", "sps", "mean_
 
 # Settings that change what MOMA-PPO learns (method_name spells out the ones a run changes).
 ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "lambda_r", "lambda_g", "uncertainty_threshold",
-                        "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
+                        "uncertainty_cut", "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
                         "learning_rate", "update_epochs", "minibatch_size", "gamma", "gae_lambda", "clip_coef",
                         "ent_coef", "vf_coef", "max_grad_norm", "init_log_std", "actor_std", "entropy_target",
                         "entropy_step", "action_penalty", "world_model_seed")
@@ -553,7 +557,7 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
     hist = start_histories(agents, layout, history_table, history_index, rows, args.start_history) \
         if args.use_history else None  # [n, b, H, d]
     buf = {key: [] for key in ("obs", "hist", "actions", "logp", "values", "rewards", "f", "zeta", "states",
-                               "eps_g")}
+                               "eps_g", "cut", "terminal")}
     alive = torch.ones(b, device=device)  # 1 while the rollout has not ended
     valid = []
     for j in range(k):
@@ -568,14 +572,19 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
                          clip=args.clip_to_dataset, generator=generator, termination_rule=args.termination_rule,
                          eps_g_units=args.eps_g_units)
         reward = penalised_reward(out, args)
-        not_terminal = 1.0 - out["terminals"]
-        # ζ = 0 at the last step, or where the unclamped ε_g reaches l_ε (adaptive rollout length)
+        predicted_terminal = out["terminals"]
+        not_terminal = 1.0 - predicted_terminal
+        # ζ = 0 at the last step, or where the unclamped ε_g reaches l_ε (adaptive rollout length); with
+        # uncertainty_cut="terminal" the cut ends the rollout as a terminal instead (f = 0: no bootstrap)
         zeta = torch.ones(b, device=device) if j < k - 1 else torch.zeros(b, device=device)
-        if args.adaptive_rollout:
-            zeta = zeta * (out["eps_g"] < args.uncertainty_threshold).float()
+        cut = (out["eps_g"] >= args.uncertainty_threshold).float() if args.adaptive_rollout else torch.zeros(b, device=device)
+        if args.uncertainty_cut == "terminal":
+            not_terminal = not_terminal * (1.0 - cut)
+        else:
+            zeta = zeta * (1.0 - cut)
         for key, value_ in (("obs", obs), ("hist", hist), ("actions", actions), ("logp", logp),
                             ("values", value), ("rewards", reward), ("f", not_terminal), ("zeta", zeta),
-                            ("states", state), ("eps_g", out["eps_g"])):
+                            ("states", state), ("eps_g", out["eps_g"]), ("cut", cut), ("terminal", predicted_terminal)):
             buf[key].append(value_)
         valid.append(alive.clone())
         alive = alive * not_terminal * zeta
@@ -607,11 +616,11 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
     agents.update_return_stats(batch["returns"])
     batch["value_targets"] = (batch["returns"] - agents.return_mean) / agents.return_std
     eps_g = torch.stack(buf["eps_g"])
-    terminal_steps = (torch.stack(buf["f"]) == 0) & valid
+    terminal_steps = (torch.stack(buf["terminal"]) > 0) & valid  # the model's terminals, not uncertainty cuts
     stats = {"mean_length": n_valid / b, "penalised_reward": float(torch.stack(buf["rewards"])[valid].mean()),
              "eps_g": float(eps_g[valid].mean()),
              # share of rollouts cut by the uncertainty before the horizon, and ended by a predicted terminal
-             "timeouts_by_uncertainty": float(((torch.stack(buf["zeta"]) == 0) & valid)[:-1].sum()) / b,
+             "timeouts_by_uncertainty": float(((torch.stack(buf["cut"]) > 0) & valid)[:-1].sum()) / b,
              "terminals": float(terminal_steps.sum()) / b,
              # where terminals fall relative to the cut: ε_g / l_ε at terminal steps (< 1: the cut did not see them)
              "eps_g_at_terminals_over_threshold": float(eps_g[terminal_steps].mean() / args.uncertainty_threshold)

@@ -189,6 +189,21 @@ def test_rollouts_penalty_timeouts_and_terminals():
     _, stats = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, aleatoric,
                                          torch.Generator().manual_seed(0))
     assert stats["penalised_reward"] == pytest.approx(1 - 0.5 * 2.5)
+    assert stats["timeouts_by_uncertainty"] == pytest.approx(2 / 8) and stats["terminals"] == pytest.approx(2 / 8)
+    # --uncertainty-cut terminal: the same rollouts end at the same steps, but the cut step does not bootstrap
+    # (its target is its own reward, as at a predicted terminal) where the timeout bootstraps from V(s')
+    for cut in ("timeout", "terminal"):
+        batch, stats = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index,
+                                                 _args(uncertainty_cut=cut), torch.Generator().manual_seed(0))
+        assert len(batch["returns"]) == sum(lengths.values())
+        assert stats["timeouts_by_uncertainty"] == pytest.approx(2 / 8) and stats["terminals"] == pytest.approx(2 / 8)
+        valid = torch.tensor([[j < lengths[r] for r in range(8)] for j in range(4)]).reshape(-1)
+        position = int(valid[: 2 * 8 + 3].sum())  # rollout 3's step 2 (0-based), where ε_g = 3 >= 2.5 cuts it
+        cut_reward = 1 - 0.05 - 0.2 * 2.5
+        if cut == "terminal":
+            assert batch["returns"][position].item() == pytest.approx(cut_reward, rel=1e-5)
+        else:
+            assert batch["returns"][position].item() != pytest.approx(cut_reward, rel=1e-3)
     # Without adaptive rollouts only the horizon and terminals end rollouts
     fixed = _args(adaptive_rollout=False)
     batch, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, fixed,
