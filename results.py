@@ -424,7 +424,7 @@ def diagnosis_figure(records: list, budget: str, refs: dict, plots_dir: pathlib.
             if y is None:
                 continue
             keep = np.isfinite(y)
-            label = f"{r.obs[:2].upper()} {r.method.replace('moma_ppo-', '').replace('moma_ppo', 'preset')}"
+            label = f"{'FO' if r.obs == 'full' else 'PO'} {r.method.replace('moma_ppo-', '').replace('moma_ppo', 'preset')}"
             ax.plot(log["synthetic_steps"][keep], y[keep], marker="." if column.startswith("eval") else None,
                     linewidth=1, label=label)
         if column == "eval_score":
@@ -553,7 +553,7 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     return lines
 
 
-DIAGNOSIS_TITLE = "Diagnosis: MOMA-PPO on ant partial medium, one run per hypothesis"
+DIAGNOSIS_TITLE = "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis"
 
 
 def diagnosis_table(records: list, staleness: Staleness) -> list:
