@@ -9,7 +9,7 @@ builds histories, evaluates and normalises scores in exactly the same way:
 * `build_dataset(env, dataset)`     (re)generates a project dataset locally; `python envs.py --help`.
 * `normalized_score(...)`           (R - ref_min) / (ref_max - ref_min), a fraction as in the paper.
 
-Benchmarks (paper §5, reference notes §1):
+Benchmarks (paper §5; docs/environments.md, docs/deviations.md §1-§3):
 
 * coordination - the Iterated Coordination Game (Fig. 3a): 2 agents, actions 0 = left, 1 = right,
   payoff 1 when both pick the same direction. An episode is `COORDINATION_ROUNDS` rounds; the state
@@ -112,7 +112,7 @@ def is_terminal_state(env: str, states):
     return not_finite | (z < ANT_HEALTHY_Z[0]) | (z > ANT_HEALTHY_Z[1])
 
 # --------------------------------------------------------------------------------------------------
-# Observation functions: per-agent index lists into the global state (issue 2, reference §1).
+# Observation functions: per-agent index lists into the global state (docs/environments.md, docs/deviations.md §1-§2).
 # --------------------------------------------------------------------------------------------------
 _REACHER_FIRST_ARM = [0, 2, 6]  # cos θ1, sin θ1, θ1 velocity
 _REACHER_SECOND_ARM = [1, 3, 7]  # cos θ2, sin θ2, θ2 velocity
@@ -137,7 +137,7 @@ OBS_INDICES: dict[tuple[str, str], list[list[int]]] = {
 # Ant: gymnasium's ant.xml lists its actuators as hip_4, ankle_4, hip_1, ankle_1, hip_2, ankle_2, hip_3,
 # ankle_3, so leg i (hip_i, ankle_i, observed at state indices above) is driven by these action indices.
 # The authors' code gave agent i action indices [2i, 2i+1], so its PO agents actuated a different leg
-# than they observed (reference §7 item 1). We follow the paper's text instead: each agent observes
+# than they observed (docs/deviations.md §1). We follow the paper's text instead: each agent observes
 # the limb it controls.
 ACTION_INDICES: dict[str, list[list[int]]] = {
     "coordination": [[0], [1]],
@@ -391,7 +391,7 @@ def make_env(env: str, obs: Optional[str] = None, seed: Optional[int] = None) ->
 
 # --------------------------------------------------------------------------------------------------
 # Histories: the previous HISTORY_LEN (observation_i, action_i) pairs of the episode, oldest first,
-# zero-padded at the episode start; the current observation is kept separate (reference §2(d)).
+# zero-padded at the episode start; the current observation is kept separate (docs/deviations.md §5).
 # --------------------------------------------------------------------------------------------------
 def history_action_features(env: str, actions_i: np.ndarray) -> np.ndarray:
     """How an agent's action enters its history: one-hot for the coordination game, else clipped."""
@@ -893,8 +893,9 @@ def _build_dataset_locked(env: str, dataset: str, n_transitions: Optional[int], 
         n_episodes = COORDINATION_EPISODES if n_transitions is None else max(1, n_transitions // COORDINATION_ROUNDS)
         build_coordination_dataset(dataset, n_episodes, seed)
         return
-    # MuJoCo datasets come from behaviour policies (issue 5): make_datasets.build(env, dataset, n_transitions, seed)
-    # must write the Minari dataset dataset_id(env, dataset) with ref_min_score / ref_max_score.
+    # MuJoCo datasets come from behaviour policies (docs/deviations.md §4):
+    # make_datasets.build(env, dataset, n_transitions, seed) must write the Minari dataset dataset_id(env, dataset)
+    # with ref_min_score / ref_max_score.
     try:
         import make_datasets
     except ModuleNotFoundError as e:
@@ -955,7 +956,7 @@ if __name__ == "__main__":
 
 
 # ==================================================================================================
-# Run records (results/, issue 13). Every algorithm script writes, next to its summary.json, the
+# Run records (results/, docs/reproduction.md). Every algorithm script writes, next to its summary.json, the
 # evaluation curve (curve.csv, appended as evaluations happen) and the exact command (command.txt), and
 # stamps its summary with the code and dataset fingerprints; with --results-dir it copies that small
 # record (kilobytes, no checkpoints) to <results-dir>/<env>__<obs>__<dataset>__<algorithm>__<seed>/,
@@ -1123,9 +1124,10 @@ def save_record(run_dir, results_dir, name: str) -> pathlib.Path:
 
 
 # ==================================================================================================
-# Run safety (issue 16): every algorithm script validates its arguments before any work, refuses to resume a
-# checkpoint of another configuration, stops on non-finite losses or weights before a summary is written, checks
-# the free disk space before training, and writes its files atomically under names no other process uses.
+# Run safety (docs/usage.md, "Run safety"): every algorithm script validates its arguments before any work,
+# refuses to resume a checkpoint of another configuration, stops on non-finite losses or weights before a summary
+# is written, checks the free disk space before training, and writes its files atomically under names no other
+# process uses.
 # ==================================================================================================
 import math as _math
 import tempfile as _tempfile

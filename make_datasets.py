@@ -5,8 +5,8 @@ machines, so the project makes its own, the way the paper and D4RL did:
 
 * reacher `expert-mix` (all-observant two-agent Reacher-v5): two experts that reach with opposite
   elbow-bend conventions, 500k sampled-action transitions each -> 1M transitions, 20k episodes of 50
-  steps (authors' code §2(a)). One is a MAPPO team (`mappo.py`) trained to bend counter-clockwise
-  (θ2 >= 0, via a training-only penalty on θ2 < 0); the other is its exact mirror image (see
+  steps (as the authors' mix, docs/deviations.md §4). One is a MAPPO team (`mappo.py`) trained to bend
+  counter-clockwise (θ2 >= 0, via a training-only penalty on θ2 < 0); the other is its exact mirror image (see
   REACHER_MIRROR_SIGNS), which bends clockwise. Why not two seeds: our unshaped MAPPO experts choose the
   bend from the target's side (58% / 42%), so seeds need not disagree and mirroring such an expert
   changes nothing; a one-convention expert and its mirror give the two conventions in equal shares,

@@ -1,17 +1,17 @@
 """Online MAPPO (CTDE) in the real environment: the learner the authors used for their reacher experts.
 
-Paper §5.3 / authors' code §5(f): the MOMA-PPO learner run online. Each agent i has its own Gaussian
+Paper §5.3 / docs/deviations.md §20: the MOMA-PPO learner run online. Each agent i has its own Gaussian
 policy π_i(a_i | o_i) and value V_i(o_i) (no parameter sharing, no agent id); a mixer turns them into
-the team value V_tot(s) = Σ_i w_i(s) V_i(o_i) + b(s) (authors' §4(c)); the PPO ratio is the *joint*
-one, ρ = Π_i π_i / π_i,old (one ratio for the team, §4(d)). Besides making the reacher expert of
+the team value V_tot(s) = Σ_i w_i(s) V_i(o_i) + b(s) (docs/deviations.md §14); the PPO ratio is the *joint*
+one, ρ = Π_i π_i / π_i,old (one ratio for the team, docs/deviations.md §15). Besides making the reacher expert of
 `make_datasets.py`, it is an online upper bound for the tables.
 
 Differences from the authors' online MAPPO, and why:
 * no 10-step history encoder: the experts are trained all-observant (the state is Markov), and
-  the encoder costs ~5x the MLPs on 2 CPU cores (machine-measurements §3(b)); the policies see o_i.
+  the encoder costs ~5x the MLPs on 2 CPU cores (docs/benchmarks.md, "The history encoder"); the policies see o_i.
 * learning rate 3e-4 instead of their general 5e-5, and many parallel environments with complete
   episodes per iteration (the authors: one env, 2000 steps): our budget is minutes, not days.
-* critic target and GAE are the authors' recursion (§4(e)) with f = 1 - terminal and ζ = 0 at every
+* critic target and GAE are the authors' recursion (docs/deviations.md §15) with f = 1 - terminal and ζ = 0 at every
   episode end or rollout end, bootstrapping from V_tot(s_{t+1}) there.
 
     python mappo.py --env reacher --total-steps 1500000
@@ -68,10 +68,10 @@ class Args:
     fingertip - target (~0.1), is tiny next to the joint velocities"""
     norm_reward: bool = True
     """divide rewards by the running std of the discounted return (gymnasium NormalizeReward); without it
-    reacher's returns (-50..-4) dwarf the value clip of 0.2 and learning drifts (the authors normalised
-    rewards for MOMA-PPO, §2(e))"""
+    reacher's returns (-50..-4) dwarf the value clip of 0.2 and learning drifts (the authors used raw
+    rewards, docs/deviations.md §18)"""
     gae_lambda: float = 0.98
-    """GAE λ (authors §4(f))"""
+    """GAE λ (the authors' default, docs/deviations.md §15)"""
     update_epochs: int = 10
     """PPO epochs per iteration (authors: 5 epochs of 256; with 2000 samples per iteration that is 35
     gradient steps, which learned reacher far too slowly in our budget; CleanRL does ~320)"""
@@ -80,13 +80,13 @@ class Args:
     vf_coef: float = 0.5
     max_grad_norm: float = 1.0
     """gradient-norm clip, applied to the policies and to the values + mixer separately (the authors clip
-    all jointly, §4(d) step 9, which lets a large value loss starve the policies of gradient)"""
+    all jointly, docs/deviations.md §15 and §20, which lets a large value loss starve the policies of gradient)"""
     entropy_lr: float = 1e-3
     """step size of the adaptive entropy weight α (0 disables the entropy term)"""
     entropy_target: float = -2.0
     """target joint entropy (authors' ppo_entropy_target)"""
     action_penalty_coef: float = 1.0
-    """penalty on mean actions outside [-1, 1] (authors §4(d) step 8)"""
+    """penalty on mean actions outside [-1, 1] (the authors', docs/deviations.md §15)"""
     hidden: int = 256
     eval_every: int = 50
     """iterations between greedy evaluations (10 episodes)"""
@@ -134,7 +134,7 @@ class AgentsMLP(nn.Module):
 
 class MAPPOAgents(nn.Module):
     """Per-agent Gaussian policies (state-dependent log-std in [-6, 0), heads x0.1, no squashing),
-    per-agent values V_i(o_i) and the mixer V_tot(s) = Σ w_i(s) V_i + b(s) (authors §4(c))."""
+    per-agent values V_i(o_i) and the mixer V_tot(s) = Σ w_i(s) V_i + b(s) (docs/deviations.md §14, §20)."""
 
     LOG_STD_MIN, LOG_STD_MAX = -6.0, 0.0
 
@@ -152,7 +152,7 @@ class MAPPOAgents(nn.Module):
         self.policy = AgentsMLP(n, [self.max_obs, hidden, hidden, 2 * action_dim], last_scale=0.1)
         self.value = AgentsMLP(n, [self.max_obs, hidden, hidden, 1])
         # QMIX-style non-negative mixing weights, here w(s) = n * softmax(.) (bounded, summing to n).
-        # The authors use raw linear w_i(s) (§4(c), §7); with lr 3e-4 that bilinear w_i * V_i blew up in
+        # The authors use raw linear w_i(s) (docs/deviations.md §14); with lr 3e-4 that bilinear w_i * V_i blew up in
         # our runs (value loss 1e9 within 300k reacher steps), bounded weights keep it well conditioned.
         self.mixer = nn.Sequential(nn.Linear(n * state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                    nn.Linear(hidden, n + 1))
@@ -357,7 +357,7 @@ def main(args: Args) -> dict:
                 disc_ret[b_end[t]] = 0.0
             rew_used = rew_used / np.sqrt(ret_stats["var"] + 1e-8)
 
-        # ---- old quantities, GAE and critic targets (authors §4(e)) ----
+        # ---- old quantities, GAE and critic targets (docs/deviations.md §15) ----
         N = T * E
         f_states = torch.as_tensor(b_states.reshape(N, S), device=device)
         f_next = torch.as_tensor(b_next.reshape(N, S), device=device)
@@ -381,7 +381,7 @@ def main(args: Args) -> dict:
         adv, ret = adv.reshape(N), ret.reshape(N)
         adv = (adv - adv.mean()) / (adv.std() + 1e-3)
 
-        # ---- PPO epochs (authors §4(d)) ----
+        # ---- PPO epochs (docs/deviations.md §15) ----
         for _ in range(args.update_epochs):
             perm = torch.randperm(N, device=device)
             for start in range(0, N - args.minibatch_size + 1, args.minibatch_size):  # remainder dropped
@@ -394,11 +394,11 @@ def main(args: Args) -> dict:
                 v_new = agents.v_tot(f_obs[:, mb], f_states[mb])
                 v_clip = v_old[mb] + (v_new - v_old[mb]).clamp(-args.clip_coef, args.clip_coef)
                 v_loss = torch.max(((v_clip - ret[mb]) ** 2).mean(), ((v_new - ret[mb]) ** 2).mean())
-                # Adaptive entropy (§4(d) step 7): α grows only while the joint entropy is below target.
+                # Adaptive entropy (docs/deviations.md §15): α grows only while the joint entropy is below target.
                 entropy = torch.min(-(ratio * logp).mean(), -(clipped * logp).mean())
                 if args.entropy_lr > 0:
                     alpha = max(0.0, alpha + args.entropy_lr * (args.entropy_target - entropy.item()))
-                # Action-bound penalty on the means (§4(d) step 8).
+                # Action-bound penalty on the means (docs/deviations.md §15).
                 excess = ((1 - d.mean.abs()) ** 2 * (d.mean.abs() > 1)).sum((0, 2))
                 penalty = torch.max((ratio * excess).mean(), (clipped * excess).mean())
                 loss = pg_loss + args.vf_coef * v_loss - alpha * entropy + args.action_penalty_coef * penalty

@@ -5,20 +5,20 @@
 
 What is modelled (paper §3.1). The agents interact only through this model, so it predicts the
 **global state** s' and the shared reward r from (s, a) with a the joint action. It works on the global
-state, not on the concatenated per-agent observations as the authors' code does (reference §7 item 9:
+state, not on the concatenated per-agent observations as the authors' code does (docs/deviations.md §7:
 that duplicates the state per agent and inflates ε_g), so one model serves every observation function
 of a dataset. Each of the N_m = 7 members predicts
   * a diagonal Gaussian over [s' - s, r] (the change of state is easier to learn than s'; s is added
     back at inference), trained with the Gaussian negative log-likelihood;
   * a Bernoulli "not terminal" mask f (1 = s' is not absorbing), trained with binary cross-entropy.
 Inputs [s, a] and targets [s' - s, r] are standardised with training-set statistics that are saved
-with the weights (the authors used absolute next states and no normalisation: reference §3).
+with the weights (the authors used absolute next states and no normalisation: docs/deviations.md §8).
 Discrete joint actions (the coordination game) are one-hot encoded per agent.
 
 The N = 5 members with the lowest held-out error of their mean prediction on [s' - s, r] (standardised,
 so every dimension counts the same) become the elites (paper: "the best N based on their average
 validation accuracy across the next states and rewards"; OfflineRL-Kit / MBPO do the same. The authors'
-code ranked members by the error of a Gaussian *sample*, reference §7 item 11, which adds noise).
+code ranked members by the error of a Gaussian *sample*, docs/deviations.md §9, which adds noise).
 The held-out split is whole episodes, so the report can also measure open-loop rollouts on unseen
 episodes. Training stops early when no member's held-out error improved by more than
 `min_improvement` (relative) for `patience` evaluations, and each member keeps its best weights
@@ -27,17 +27,18 @@ episodes. Training stops early when no member's held-out error improved by more 
 Inference (`WorldModel.step`, vectorised over a batch of states; uses the elites only):
   * next state  ŝ' = the Gaussian *mean* of one elite drawn uniformly per transition (paper: "sampled
                      uniformly amongst each ensemble member's next state"; the authors' code returns that
-                     member's mean, reference §3, and so do we: no extra Gaussian noise);
+                     member's mean, docs/deviations.md §10, and so do we: no extra Gaussian noise);
   * reward      r̄  = mean over the elites of their reward means (paper; the authors' code used the
-                     drawn member's reward instead, reference §7 item 3);
+                     drawn member's reward instead, docs/deviations.md §10);
   * terminal        = majority vote of the elites on f < 0.5 (paper; the authors' code thresholded one
-                     member, reference §7 item 4). A tie (even N) counts as not terminal;
+                     member, docs/deviations.md §10). A tie (even N) counts as not terminal;
                      **or** the env's own termination rule on ŝ' (`envs.is_terminal_state`: Ant's torso
                      height outside [0.2, 1.0], as MOPO's / OfflineRL-Kit's `termination_fn`). Deviation
-                     from the paper, measured on ant medium: every dataset terminal is a jump above z = 1
-                     (476 of 1M rows), the head votes terminal on 30% of them while the predicted z > 1 on
-                     89%, and MOMA-PPO learned to jump (it voted terminal on 6% of a policy's real
-                     terminations; its greedy episodes ended after 15-212 steps). `termination_rule=False`
+                     from the paper (docs/deviations.md §13), measured on ant medium: every dataset
+                     terminal is a jump above z = 1 (476 of 1M rows), the head votes terminal on 30% of
+                     them while the predicted z > 1 on 89%, and MOMA-PPO learned to jump (it voted
+                     terminal on 6% of a policy's real terminations; its greedy episodes ended after
+                     15-212 steps). `termination_rule=False`
                      (`moma_ppo.py --no-termination-rule`) gives the paper's head-only model;
   * ε_r = unbiased variance of the elites' rewards; ε_g = Frobenius norm of the unbiased covariance,
     across elites, of the concatenated [ŝ'_m, r̂_m] (paper §3.1), both on the *unclipped* predictions in
@@ -366,7 +367,7 @@ class WorldModel(nn.Module):
                 out["terminals"] = torch.maximum(out["terminals"], envs.is_terminal_state(self.env, out["next_states"]).float())
             out["aleatoric"] = aleatoric_uncertainty(pred["next_state_var"], pred["reward_var"])
             out["elite"] = self.elites[choice]
-            if clip:  # after the uncertainties, which use the unclipped predictions (reference §7 item 10)
+            if clip:  # after the uncertainties, which use the unclipped predictions (docs/deviations.md §11)
                 out["next_states"] = torch.maximum(torch.minimum(out["next_states"], self.state_max), self.state_min)
                 out["rewards"] = out["rewards"].clamp(self.reward_min, self.reward_max)
             outs.append(out)

@@ -1,13 +1,14 @@
-"""Reliability probe (issue 16): tries bad inputs and injects faults, one subprocess per case, and counts
-how many are handled.
+"""Reliability probe (docs/usage.md, "Run safety"): tries bad inputs and injects faults, one subprocess per
+case, and counts how many are handled.
 
     python tests/probe_reliability.py                # ~15 min on a busy 2-core machine
     python tests/probe_reliability.py --only resume  # the cases whose name contains "resume"
     python tests/probe_reliability.py --repo /tmp/old-checkout   # measure another checkout (e.g. before a fix)
 
 Not a pytest module (its name does not start with test_): it is the re-runnable measurement behind the
-figures of issue 16. Everything it writes (datasets, caches, run folders) lives in a temporary folder; a
-tiny random reacher dataset stands in for the real one so that the TD3 family runs in seconds.
+figures in docs/usage.md ("Run safety"). Everything it writes (datasets, caches, run folders) lives in a
+temporary folder; a tiny random reacher dataset stands in for the real one so that the TD3 family runs in
+seconds.
 
 * A bad input is handled when the script exits non-zero with a message (a one-line `error: ...`, or tyro's
   own parsing error), no Python traceback, and leaves no run folder behind.

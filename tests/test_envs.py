@@ -9,7 +9,7 @@ import torch
 
 import envs
 
-# The tables of issue 2 / paper §5, written out literally so that a change in envs.py cannot hide.
+# The tables of docs/environments.md / paper §5, written out literally so that a change in envs.py cannot hide.
 EXPECTED_OBS = {
     ("coordination", "full"): [[0], [0]],
     ("reacher", "all-observant"): [list(range(10))] * 2,

@@ -1,5 +1,6 @@
-"""Issue 16: no wrong result ever exits 0. One test per class of failure: a bad value, non-finite losses or weights,
-a resume of another configuration, a full disk, colliding run folders, a corrupt checkpoint.
+"""Run safety (docs/usage.md): no wrong result ever exits 0. One test per class of failure: a bad value,
+non-finite losses or weights, a resume of another configuration, a full disk, colliding run folders, a corrupt
+checkpoint.
 (`python tests/probe_reliability.py` measures the same classes end to end, one subprocess per case.)"""
 
 import dataclasses
