@@ -639,6 +639,18 @@ def evaluate(args: Args, act, n_episodes: int, seed: int, return_lengths: bool =
         torch.set_num_threads(threads)
 
 
+def build_agents(args: Args, layout: Layout, states_all: torch.Tensor) -> Agents:
+    """The agents of a run, with their fixed input normalisers from the dataset's states (padded dims: 0, 1)."""
+    obs_all = layout.observe(states_all)  # [n, N, obs_dim]
+    obs_mean, obs_std = obs_all.mean(1, keepdim=True), obs_all.std(1, keepdim=True)
+    obs_std = torch.where(obs_std < 1e-6, torch.ones_like(obs_std), obs_std)
+    state_std = states_all.std(0)
+    state_std = torch.where(state_std < 1e-6, torch.ones_like(state_std), state_std)
+    return Agents(layout.n, layout.obs_dim, layout.action_dim, layout.discrete, envs.STATE_DIM[args.env],
+                  args.hidden_dim, args.use_history, layout.history_dim, args.embed_dim, args.init_log_std,
+                  obs_mean, obs_std, states_all.mean(0), state_std, actor_std=args.actor_std)
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=envs.REPO_DIR, text=True,
@@ -702,15 +714,7 @@ def main(args: Args) -> dict:
     history_table = layout.dataset_history_table(data) if args.use_history else None
     history_index = torch.as_tensor(data.history_index, device=device) if args.use_history else None
 
-    obs_all = layout.observe(states_all)  # [n, N, obs_dim]
-    obs_mean, obs_std = obs_all.mean(1, keepdim=True), obs_all.std(1, keepdim=True)
-    obs_std = torch.where(obs_std < 1e-6, torch.ones_like(obs_std), obs_std)
-    state_std = states_all.std(0)
-    state_std = torch.where(state_std < 1e-6, torch.ones_like(state_std), state_std)
-    agents = Agents(layout.n, layout.obs_dim, layout.action_dim, layout.discrete, envs.STATE_DIM[args.env],
-                    args.hidden_dim, args.use_history, layout.history_dim, args.embed_dim, args.init_log_std,
-                    obs_mean, obs_std, states_all.mean(0), state_std, actor_std=args.actor_std).to(device)
-    del obs_all
+    agents = build_agents(args, layout, states_all).to(device)
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate, eps=1e-5)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 

@@ -44,15 +44,7 @@ def load_agents(run_dir: pathlib.Path):
         raise envs.MomaError(f"these probes read Ant's state layout; {run_dir} is a {args.env} run")
     data = envs.load_dataset(args.env, args.dataset, args.obs)
     layout = moma_ppo.Layout(args.env, args.obs, "cpu")
-    states_all = torch.as_tensor(data.states)
-    obs_all = layout.observe(states_all)
-    obs_mean, obs_std = obs_all.mean(1, keepdim=True), obs_all.std(1, keepdim=True)
-    obs_std = torch.where(obs_std < 1e-6, torch.ones_like(obs_std), obs_std)
-    state_std = states_all.std(0)
-    state_std = torch.where(state_std < 1e-6, torch.ones_like(state_std), state_std)
-    agents = moma_ppo.Agents(layout.n, layout.obs_dim, layout.action_dim, layout.discrete, envs.STATE_DIM[args.env],
-                             args.hidden_dim, args.use_history, layout.history_dim, args.embed_dim, args.init_log_std,
-                             obs_mean, obs_std, states_all.mean(0), state_std, actor_std=args.actor_std)
+    agents = moma_ppo.build_agents(args, layout, torch.as_tensor(data.states))
     agents.load_state_dict(ck["agents"])
     return agents, args, data, layout, int(ck["iteration"])
 
