@@ -299,3 +299,14 @@ def test_shipped_ant_policies_have_table2_shape(few_ref_episodes):
     share = 100 * medium_set / expert_set
     assert abs(share - md.ANT_MEDIUM_TARGET[0]) < 15, share
     assert md.episode_returns(expert, "ant", 3, seed=321, greedy=True)[0].mean() > 3000
+
+
+def test_partial_build_leaves_the_dataset_page_alone(monkeypatch, few_ref_episodes):
+    # `make_datasets.py --only ant/random` on a machine without the other four sets must not rewrite
+    # docs/datasets.md with one row (it did: the committed page lost four datasets' cards)
+    written = []
+    monkeypatch.setattr(md, "dataset_cards", lambda *a, **k: written.append(a))
+    md.main(md.Args(only="ant/random", n_transitions=300))
+    assert envs.dataset_exists("ant", "random")
+    assert not all(envs.dataset_exists(e, n) for e, n in md.MUJOCO_DATASETS)
+    assert written == []
