@@ -45,15 +45,15 @@ from envs import MomaError
 # no clipping, no penalty. `world_model` holds the training overrides used if the ensemble must be trained.
 PRESETS = {
     "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
-                         uncertainty_threshold=float("inf"), clip_to_dataset=False, minibatch_size=1024,
+                         uncertainty_threshold=float("inf"), uncertainty_cut="timeout", clip_to_dataset=False, minibatch_size=1024,
                          learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10,
                          world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250, lr_decays=0,
                                           patience=3)),
     "reacher": dict(rollout_horizon=10, rollout_batch=1000, iterations=400, lambda_r=0.05, lambda_g=0.1,
-                    uncertainty_threshold=2.0, clip_to_dataset=True, minibatch_size=2048, learning_rate=3e-4,
+                    uncertainty_threshold=2.0, uncertainty_cut="timeout", clip_to_dataset=True, minibatch_size=2048, learning_rate=3e-4,
                     hidden_dim=256, eval_every=20, eval_episodes_during=20, world_model={}),
     "ant": dict(rollout_horizon=10, rollout_batch=2000, iterations=500, lambda_r=0.05, lambda_g=0.1,
-                uncertainty_threshold=2.0, clip_to_dataset=True, minibatch_size=4096, learning_rate=3e-4,
+                uncertainty_threshold=2.0, uncertainty_cut="terminal", clip_to_dataset=True, minibatch_size=4096, learning_rate=3e-4,
                 hidden_dim=256, eval_every=25, eval_episodes_during=3, world_model={}),
 }
 
@@ -109,10 +109,13 @@ class Args:
     """clip next states and rewards to the dataset's bounding box (paper §3.1)"""
     adaptive_rollout: bool = True
     """end rollouts early where ε_g ≥ l_ε (paper §3.2)"""
-    uncertainty_cut: Literal["timeout", "terminal"] = "timeout"
+    uncertainty_cut: Optional[Literal["timeout", "terminal"]] = None
     """how a rollout cut by ε_g ≥ l_ε ends: a timeout that bootstraps from V at the uncertain predicted state (paper
     §3.2: ζ = 0), or a terminal without bootstrap, as MOReL's absorbing HALT state (the uncertain step keeps its
-    reward; the value beyond it is lost, so reaching model uncertainty costs what falling costs)"""
+    reward; the value beyond it is lost, so reaching model uncertainty costs what falling costs). None = the env's
+    preset: terminal on Ant (docs/diagnosis.md: the timeout lets the critic's extrapolation at uncertain states drive
+    the policy, 0.02 vs 0.73 with full observability), timeout on Reacher (its rewards are <= 0, so a terminal's
+    zero future would reward reaching uncertainty) and on the coordination game (no cut: l_ε = inf)"""
     eps_g_units: Literal["raw", "standardised"] = "raw"
     """units of ε_g: the dataset's raw state units (paper, authors' code) or each state dimension divided by its
     dataset std (an ablation: in raw Ant units the joint velocities dominate ε_g)"""
@@ -215,6 +218,8 @@ def method_name(args: Args) -> str:
         value, default = getattr(args, key), PRESETS[args.env].get(key, defaults[key])
         if key == "use_history":
             default = args.obs in ("independent", "leader-only", "partial")
+        if key == "uncertainty_cut" and (not args.adaptive_rollout or args.ground_truth):
+            continue  # no cut is ever made (no adaptive rollouts; the simulator's ε_g is 0): the same run either way
         if value != default:
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
     return "-".join(parts)

@@ -204,12 +204,20 @@ ablation() {  # §6.3: epistemic (the paper's) vs MOPO's aleatoric penalty, with
   done
 }
 
-diagnosis() {  # why MOMA-PPO loses on ant partial medium: one run per hypothesis (see docs/results.md, Diagnosis)
+diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/diagnosis.md)
   local it=(--iterations "${DIAG_ITERATIONS:-200}" --eval-every 10 --eval-episodes-during 5) seed=1
   # in order of what they can rule out first (JOBS=2 runs them in pairs)
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}"                              # the preset
+  # the preset (its uncertainty cut is a terminal since the rows below measured it) and the paper's timeout cut
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}"
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --uncertainty-cut timeout
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --ground-truth               # (b) the real simulator
   run diagnosis moma_ppo.py ant full medium $seed "${it[@]}"                                 # (a) full observability
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --uncertainty-cut timeout
+  run diagnosis moma_ppo.py ant full medium 2 "${it[@]}"                                     # the fix's seeds 2, 3
+  run diagnosis moma_ppo.py ant full medium 3 "${it[@]}"
+  run diagnosis moma_ppo.py ant full full-replay $seed "${it[@]}"                            # and another dataset
+  run diagnosis moma_ppo.py ant full full-replay 2 "${it[@]}"
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --use-history True              # the history encoder
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 256         # (c) 16x: CleanRL's ratio
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
   # (c) the authors' shape: 2,020 synthetic transitions per iteration, minibatches of 64 (155 updates each) at

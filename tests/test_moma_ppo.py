@@ -321,3 +321,15 @@ def test_history_actions_mean_puts_the_policy_mean_in_rollout_histories():
             assert matches_taken >= 0.7 and matches_mean < 0.1
         else:
             assert matches_mean >= 0.7 and matches_taken < 0.1
+
+
+def test_uncertainty_cut_preset_per_env():
+    # Ant: the cut ends a rollout as a terminal (docs/diagnosis.md); Reacher keeps the paper's timeout, since with
+    # rewards <= 0 a terminal's zero future would make reaching model uncertainty attractive; a flag overrides both
+    import tyro
+
+    resolved = lambda *flags: moma_ppo.resolve(tyro.cli(moma_ppo.Args, args=list(flags)))  # noqa: E731
+    assert resolved("--env", "ant", "--obs", "partial").uncertainty_cut == "terminal"
+    assert resolved("--env", "ant", "--obs", "full", "--uncertainty-cut", "timeout").uncertainty_cut == "timeout"
+    assert resolved("--env", "reacher", "--obs", "independent").uncertainty_cut == "timeout"
+    assert resolved("--env", "coordination").uncertainty_cut == "timeout"

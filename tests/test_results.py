@@ -139,7 +139,11 @@ def test_readme_result_section_holds_no_number_that_results_does_not():
     (["--no-adaptive-rollout"], "moma_ppo-no_adaptive_rollout"),
     (["--penalty", "aleatoric", "--no-adaptive-rollout"], "moma_ppo-aleatoric-no_adaptive_rollout"),
     (["--lambda-g", "1.0", "--iterations", "7"], "moma_ppo-lambda_g=1"),  # a diagnosis cell; the budget is not named
-    (["--start-history", "policy", "--history-actions", "mean"], "moma_ppo-start_history=policy-history_actions=mean")])
+    (["--start-history", "policy", "--history-actions", "mean"], "moma_ppo-start_history=policy-history_actions=mean"),
+    # Ant's preset cut is the terminal one: the paper's timeout is the named variant; where no cut can happen (no
+    # adaptive rollouts, or the simulator's ε_g = 0) the cut is not named
+    (["--uncertainty-cut", "terminal"], "moma_ppo"), (["--uncertainty-cut", "timeout"], "moma_ppo-uncertainty_cut=timeout"),
+    (["--ground-truth", "--uncertainty-cut", "timeout"], "moma_ppo-ground_truth")])
 def test_run_all_names_ablation_cells_as_moma_ppo_names_its_records(flags, expected, tmp_path):
     """run_all.sh decides a cell is done by its record's folder name, so both must agree."""
     import subprocess
