@@ -220,6 +220,9 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --use-history True              # the history encoder
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 256         # (c) 16x: CleanRL's ratio
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
+  run diagnosis moma_ppo.py ant partial medium 2 "${it[@]}" --minibatch-size 1024
+  run diagnosis moma_ppo.py ant partial medium 2 "${it[@]}"
+  for s in 1 2 3; do run diagnosis moma_ppo.py ant full medium $s "${it[@]}" --minibatch-size 1024; done
   # (c) the authors' shape: 2,020 synthetic transitions per iteration, minibatches of 64 (155 updates each) at
   # lr 5e-5, λ 0.98; 10x the iterations, so it sees as many synthetic transitions as the preset rows
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --iterations $((${DIAG_ITERATIONS:-200} * 10)) \
