@@ -478,8 +478,13 @@ def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device=
             raise MomaError(f"world model {path} is stale: {stale}; retrain it with `python world_model.py --env "
                             f"{env or payload['env']} --dataset {dataset} --force` (moma_ppo.py retrains it by itself)")
     try:
-        model = WorldModel(payload["env"], payload["dataset_id"], payload["state_dim"], payload["joint_action_dim"],
-                           **payload["hyper"])
+        # The weights come from the file, but constructing the network draws a random initialisation: from a forked
+        # generator, so that loading a model leaves the caller's global one as training it does (MOMA-PPO seeds it
+        # before the world model is ready: a run that loaded the model drew its agents from another state than one
+        # that trained it, 0.5 vs 1.0 on the neutral coordination game).
+        with torch.random.fork_rng(devices=[]):
+            model = WorldModel(payload["env"], payload["dataset_id"], payload["state_dim"], payload["joint_action_dim"],
+                               **payload["hyper"])
         state_dict = dict(payload["state_dict"])
         # Artifacts written before `can_terminate` existed: the terminal head decided alone, as before.
         state_dict.setdefault("can_terminate", torch.ones(()))
