@@ -285,3 +285,27 @@ def test_a_dataset_build_leaves_the_callers_generators_untouched(monkeypatch):
     assert random.getstate() == before[0] and (np.random.get_state()[1] == before[1]).all()
     assert torch.equal(torch.get_rng_state(), before[2])
 
+
+def test_a_world_model_of_another_dataset_or_seed_is_refused_not_called_stale(tmp_path, monkeypatch):
+    import shutil
+
+    import world_model
+
+    monkeypatch.setattr(envs, "CACHE_DIR", tmp_path / "cache")
+    small = dict(hidden_dim=16, n_hidden_layers=1, max_steps=60, eval_every=30, rollout_eval_starts=10)
+    world_model.load_or_train("coordination", "neutral", seed=4, **small)
+    source = world_model.artifact_path("coordination", "neutral", 4)
+    envs.load_dataset("coordination", "favorable")  # the other dataset exists: its fingerprint differs
+    swapped = world_model.artifact_path("coordination", "favorable", 4)
+    shutil.copy(source, swapped)
+    with pytest.raises(envs.MomaError, match=r"trained on dataset moma/coordination/neutral-v0, not "
+                                             r"moma/coordination/favorable-v0 \(a file copied from another model\?\)"):
+        world_model.load_or_train("coordination", "favorable", seed=4, **small)
+    assert swapped.read_bytes() == source.read_bytes()  # refused, not retrained over
+    # a file of another seed from an earlier build of the dataset: named as another seed's, not as stale
+    payload = torch.load(source, weights_only=True)
+    payload["dataset_fingerprint"] = "an-earlier-build"
+    other_seed = world_model.artifact_path("coordination", "neutral", 6)
+    torch.save(payload, other_seed)
+    with pytest.raises(envs.MomaError, match="trained with seed 4, not 6"):
+        world_model.load_or_train("coordination", "neutral", seed=6, **small)
