@@ -79,6 +79,21 @@ def test_run_dir_that_is_a_file_or_under_a_file(tmp_path):
             iql.main(_game(iql, run_dir))
 
 
+def test_unwritable_run_dir_is_refused_before_any_work(tmp_path):
+    import os
+    import pathlib
+
+    if os.geteuid() == 0:  # root writes into a read-only folder anyway; /proc refuses every new file
+        run_dir = pathlib.Path("/proc/moma-test-run")
+    else:
+        (tmp_path / "read_only").mkdir(mode=0o555)
+        run_dir = tmp_path / "read_only" / "run"
+    for module in (iql, moma_ppo):
+        args = _game(iql, run_dir) if module is iql else moma_ppo.Args(env="coordination", run_dir=str(run_dir))
+        with pytest.raises(envs.MomaError, match="cannot write in .*choose a writable --run-dir"):
+            module.main(args)
+        assert not run_dir.exists()
+
 def test_a_data_error_leaves_no_run_folder(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise envs.MomaError("dataset is broken")
@@ -227,6 +242,17 @@ def test_corrupt_checkpoint_is_a_clear_error(module, damage, tmp_path):
     with pytest.raises(envs.MomaError, match=message):
         module.main(_game(module, run, total_steps=100, resume=True))
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets: a dataset whose metadata.json was deleted is rebuilt, the same as before (it was a Minari traceback).
+# --------------------------------------------------------------------------------------------------
+def test_a_dataset_without_its_metadata_is_rebuilt():
+    before = envs.load_dataset("coordination", "neutral")
+    (envs.dataset_path("coordination", "neutral") / "data" / "metadata.json").unlink()
+    assert not envs.dataset_exists("coordination", "neutral")
+    after = envs.load_dataset("coordination", "neutral")
+    assert after.fingerprint == before.fingerprint and envs.dataset_exists("coordination", "neutral")
 
 # --------------------------------------------------------------------------------------------------
 # Reproducibility: a run's result depends on its arguments, not on what its process did before (training the world
