@@ -46,6 +46,7 @@ import json
 import math
 import os
 import pathlib
+import random
 import time
 from typing import Literal, Optional
 
@@ -815,11 +816,18 @@ def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small policies: extra threads only spin against other jobs
     t0, c0 = time.time(), time.process_time()
+    # A script whose dataset is missing builds it in its own process, after seeding: the build (loading the shipped
+    # policies draws network initialisations, training one re-seeds torch) must leave the caller's global
+    # generators as it found them, or the first run of a seed would differ from its reruns.
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        info = (build_reacher_expert_mix(n_transitions, seed) if env == "reacher"
-                else build_ant(dataset, n_transitions, seed, full_replay_source))
+        with torch.random.fork_rng(devices=[]):
+            info = (build_reacher_expert_mix(n_transitions, seed) if env == "reacher"
+                    else build_ant(dataset, n_transitions, seed, full_replay_source))
     finally:
         torch.set_num_threads(threads)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
     # wall time, and this process's CPU time (what the build costs on a machine shared with other jobs)
     info.update(build_time_s=round(time.time() - t0, 1), cpu_time_s=round(time.process_time() - c0, 1),
                 n_transitions=n_transitions, seed=seed)

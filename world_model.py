@@ -443,6 +443,24 @@ def _read_payload(path: pathlib.Path) -> dict:
     return payload
 
 
+def _check_identity(payload: dict, path: pathlib.Path, env: Optional[str], dataset: Optional[str],
+                    seed: Optional[int]) -> None:
+    """MomaError if the file holds the model of another seed, env or dataset (a file copied or swapped in): checked
+    before staleness, so such a file is named for what it is, never called stale and silently retrained over."""
+    if seed is not None and payload.get("seed") != seed:
+        raise MomaError(f"world model {path} was trained with seed {payload.get('seed')}, not {seed} (a file copied "
+                        f"from another seed?); delete it and retrain with `python world_model.py --seed {seed} --force`")
+    if env is not None and payload.get("env") != env:
+        raise MomaError(f"world model {path} was trained on env {payload.get('env')!r}, not {env!r} (a file copied "
+                        f"from another model?); delete it or train one with `python world_model.py --env {env}`")
+    if dataset is not None:
+        wanted = envs.dataset_id(env or payload["env"], dataset)
+        if payload.get("dataset_id") != wanted:
+            raise MomaError(f"world model {path} was trained on dataset {payload.get('dataset_id')}, not {wanted} (a "
+                            f"file copied from another model?); delete it or train one with `python world_model.py "
+                            f"--env {env or payload['env']} --dataset {dataset}`")
+
+
 def _stale_reason(payload: dict, env: str, dataset: str) -> Optional[str]:
     """Why a saved model no longer fits the local dataset (it was rebuilt since), or None. Models saved
     before fingerprints existed, and datasets that are not local, cannot be checked and pass."""
@@ -462,24 +480,20 @@ def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device=
     trained on an earlier build of the dataset, or is corrupt (non-finite weights included)."""
     path = pathlib.Path(path)
     payload = _read_payload(path)
-    if seed is not None and payload.get("seed") != seed:
-        raise MomaError(f"world model {path} was trained with seed {payload.get('seed')}, not {seed} (a file copied "
-                        f"from another seed?); delete it and retrain with `python world_model.py --seed {seed} --force`")
-    if env is not None and payload["env"] != env:
-        raise MomaError(f"world model {path} was trained on env {payload['env']!r}, not {env!r}; "
-                        f"use artifact_path({env!r}, ...) or train one with `python world_model.py --env {env}`")
+    _check_identity(payload, path, env, dataset, seed)
     if dataset is not None:
-        wanted = envs.dataset_id(env or payload["env"], dataset)
-        if payload["dataset_id"] != wanted:
-            raise MomaError(f"world model {path} was trained on dataset {payload['dataset_id']}, not {wanted}; "
-                            f"train one with `python world_model.py --env {env or payload['env']} --dataset {dataset}`")
         stale = _stale_reason(payload, env or payload["env"], dataset)
         if stale:
             raise MomaError(f"world model {path} is stale: {stale}; retrain it with `python world_model.py --env "
                             f"{env or payload['env']} --dataset {dataset} --force` (moma_ppo.py retrains it by itself)")
     try:
-        model = WorldModel(payload["env"], payload["dataset_id"], payload["state_dim"], payload["joint_action_dim"],
-                           **payload["hyper"])
+        # The weights come from the file, but constructing the network draws a random initialisation: from a forked
+        # generator, so that loading a model leaves the caller's global one as training it does (MOMA-PPO seeds it
+        # before the world model is ready: a run that loaded the model drew its agents from another state than one
+        # that trained it, 0.5 vs 1.0 on the neutral coordination game).
+        with torch.random.fork_rng(devices=[]):
+            model = WorldModel(payload["env"], payload["dataset_id"], payload["state_dim"], payload["joint_action_dim"],
+                               **payload["hyper"])
         state_dict = dict(payload["state_dict"])
         # Artifacts written before `can_terminate` existed: the terminal head decided alone, as before.
         state_dict.setdefault("can_terminate", torch.ones(()))
@@ -505,7 +519,9 @@ def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device
     envs.check_names(env, None, dataset)
     path = artifact_path(env, dataset, seed)
     if path.exists():
-        stale = _stale_reason(_read_payload(path), env, dataset)
+        payload = _read_payload(path)
+        _check_identity(payload, path, env, dataset, seed)  # another model's file is refused, not called stale
+        stale = _stale_reason(payload, env, dataset)
         if stale is None:
             return load(path, env, dataset, device, seed=seed)
         print(f"world model {path}: {stale}; training a new one")

@@ -500,6 +500,20 @@ def probe_faults() -> None:
         rc, _, err = run("moma_ppo.py", SMALL["moma_ppo.py"] + ["--world-model-seed", "5", "--run-dir", run_dir])
         record("fault", name, *fault_stopped_cleanly(rc, err, run_dir))
 
+    # A world model file of another dataset swapped in: refused as such, not called stale and trained over.
+    name = "world model of another dataset"
+    if wanted(name):
+        base_run("moma_ppo.py")
+        models = WORK / "cache" / "world_models"
+        source, swapped = models / "coordination__neutral__seed0.pt", models / "coordination__favorable__seed0.pt"
+        shutil.copy(source, swapped)
+        run_dir = WORK / "cases" / "other_dataset_world_model"
+        rc, _, err = run("moma_ppo.py", with_flags("moma_ppo.py", dataset="favorable")
+                         + ["--run-dir", run_dir])
+        ok, detail = fault_stopped_cleanly(rc, err, run_dir)
+        ok = ok and "stale" not in err and swapped.read_bytes() == source.read_bytes()
+        record("fault", name, ok, detail)
+
     # A stale temporary checkpoint left by a killed process: resume works and gives the same result.
     name = "stale checkpoint temp file"
     if wanted(name):

@@ -79,6 +79,21 @@ def test_run_dir_that_is_a_file_or_under_a_file(tmp_path):
             iql.main(_game(iql, run_dir))
 
 
+def test_unwritable_run_dir_is_refused_before_any_work(tmp_path):
+    import os
+    import pathlib
+
+    if os.geteuid() == 0:  # root writes into a read-only folder anyway; /proc refuses every new file
+        run_dir = pathlib.Path("/proc/moma-test-run")
+    else:
+        (tmp_path / "read_only").mkdir(mode=0o555)
+        run_dir = tmp_path / "read_only" / "run"
+    for module in (iql, moma_ppo):
+        args = _game(iql, run_dir) if module is iql else moma_ppo.Args(env="coordination", run_dir=str(run_dir))
+        with pytest.raises(envs.MomaError, match="cannot write in .*choose a writable --run-dir"):
+            module.main(args)
+        assert not run_dir.exists()
+
 def test_a_data_error_leaves_no_run_folder(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise envs.MomaError("dataset is broken")
@@ -226,3 +241,97 @@ def test_corrupt_checkpoint_is_a_clear_error(module, damage, tmp_path):
     message = "non-finite weights" if damage == "nan weights" else "is corrupt or not a checkpoint"
     with pytest.raises(envs.MomaError, match=message):
         module.main(_game(module, run, total_steps=100, resume=True))
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets: a dataset whose metadata.json was deleted is rebuilt, the same as before (it was a Minari traceback).
+# --------------------------------------------------------------------------------------------------
+def test_a_dataset_without_its_metadata_is_rebuilt():
+    before = envs.load_dataset("coordination", "neutral")
+    (envs.dataset_path("coordination", "neutral") / "data" / "metadata.json").unlink()
+    assert not envs.dataset_exists("coordination", "neutral")
+    after = envs.load_dataset("coordination", "neutral")
+    assert after.fingerprint == before.fingerprint and envs.dataset_exists("coordination", "neutral")
+
+# --------------------------------------------------------------------------------------------------
+# Reproducibility: a run's result depends on its arguments, not on what its process did before (training the world
+# model, loading it from the cache, building a dataset), nor on which file was placed at a model's path.
+# --------------------------------------------------------------------------------------------------
+SMALL_WORLD_MODEL = dict(hidden_dim=32, n_hidden_layers=2, max_steps=300, eval_every=100, patience=2,
+                         rollout_eval_starts=20)
+
+
+def test_moma_ppo_same_result_whether_its_world_model_was_trained_or_loaded(tmp_path, monkeypatch):
+    import world_model
+
+    monkeypatch.setattr(envs, "CACHE_DIR", tmp_path / "cache")  # no cached world model: the first run trains it
+    monkeypatch.setitem(moma_ppo.PRESETS["coordination"], "world_model", SMALL_WORLD_MODEL)
+    args = moma_ppo.Args(env="coordination", dataset="neutral", seed=3, iterations=2, rollout_batch=256,
+                         minibatch_size=256, eval_every=2, eval_episodes_during=2, eval_episodes=10, checkpoint_every=2,
+                         torch_threads=1)
+    path = world_model.artifact_path("coordination", "neutral", 0)
+    assert not path.exists()
+    trained = moma_ppo.main(dataclasses.replace(args, run_dir=str(tmp_path / "trained")))
+    assert path.exists()
+    # Loading a model leaves the caller's generator untouched, as training one does (constructing the network drew
+    # its throwaway initialisation from it: the agents of the second run started from other weights, 0.5 vs 1.0).
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    world_model.load(path, "coordination", "neutral", seed=0)
+    assert torch.equal(torch.get_rng_state(), before)
+    loaded = moma_ppo.main(dataclasses.replace(args, run_dir=str(tmp_path / "loaded")))
+    assert loaded["episode_returns"] == trained["episode_returns"]
+    a = torch.load(tmp_path / "trained" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "loaded" / "checkpoint.pt", weights_only=False)
+    for key, value in a["agents"].items():
+        assert torch.equal(value, b["agents"][key]), key
+    # extended by a resume, the wall time counts both processes' training, not only the last one's
+    extended = moma_ppo.main(dataclasses.replace(args, run_dir=str(tmp_path / "loaded"), iterations=3, resume=True))
+    assert extended["train_steps"] > loaded["train_steps"] and extended["wall_time_s"] > b["wall_s"]
+
+
+def test_a_dataset_build_leaves_the_callers_generators_untouched(monkeypatch):
+    import random
+
+    import numpy as np
+
+    import make_datasets
+
+    def build_drawing_from_global_generators(n_transitions, seed):  # as loading the shipped policies does
+        torch.manual_seed(seed)
+        torch.randn(10), np.random.rand(3), random.random()
+        return {}
+
+    monkeypatch.setattr(make_datasets, "build_reacher_expert_mix", build_drawing_from_global_generators)
+    monkeypatch.setattr(make_datasets, "_record_build", lambda env, dataset, info: None)
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    make_datasets.build("reacher", "expert-mix", n_transitions=10, seed=0)
+    assert random.getstate() == before[0] and (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.get_rng_state(), before[2])
+
+
+def test_a_world_model_of_another_dataset_or_seed_is_refused_not_called_stale(tmp_path, monkeypatch):
+    import shutil
+
+    import world_model
+
+    monkeypatch.setattr(envs, "CACHE_DIR", tmp_path / "cache")
+    small = dict(hidden_dim=16, n_hidden_layers=1, max_steps=60, eval_every=30, rollout_eval_starts=10)
+    world_model.load_or_train("coordination", "neutral", seed=4, **small)
+    source = world_model.artifact_path("coordination", "neutral", 4)
+    envs.load_dataset("coordination", "favorable")  # the other dataset exists: its fingerprint differs
+    swapped = world_model.artifact_path("coordination", "favorable", 4)
+    shutil.copy(source, swapped)
+    with pytest.raises(envs.MomaError, match=r"trained on dataset moma/coordination/neutral-v0, not "
+                                             r"moma/coordination/favorable-v0 \(a file copied from another model\?\)"):
+        world_model.load_or_train("coordination", "favorable", seed=4, **small)
+    assert swapped.read_bytes() == source.read_bytes()  # refused, not retrained over
+    # a file of another seed from an earlier build of the dataset: named as another seed's, not as stale
+    payload = torch.load(source, weights_only=True)
+    payload["dataset_fingerprint"] = "an-earlier-build"
+    other_seed = world_model.artifact_path("coordination", "neutral", 6)
+    torch.save(payload, other_seed)
+    with pytest.raises(envs.MomaError, match="trained with seed 4, not 6"):
+        world_model.load_or_train("coordination", "neutral", seed=6, **small)
