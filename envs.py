@@ -635,8 +635,10 @@ def _read_minari(env: str, dataset: str):
         ds = minari.load_dataset(did, download=False)
         meta = ds.storage.metadata
         parts = {k: [] for k in ("obs", "next_obs", "act", "rew", "term", "trunc", "ep")}
+        # a bar (a plain line a minute in logs) when the read takes a while: by transitions, not episodes (Ant's
+        # medium set is 1,107 episodes, but 1M transitions)
         for ep in progress_bar(ds.iterate_episodes(), total=ds.total_episodes, desc=f"reading {did}", leave=False,
-                               disable=None if ds.total_episodes > 2000 else True):
+                               disable=None if ds.total_steps > 200_000 else True):
             o = np.asarray(ep.observations, dtype=np.float32)
             T = len(ep.rewards)
             parts["obs"].append(o[:-1])
@@ -788,6 +790,9 @@ def write_minari_dataset(
         if (not other_host and not _pid_alive(int(pid))) or (other_host and week_old):
             shutil.rmtree(stale, ignore_errors=True)
     staging_root = DATA_DIR / ".staging" / f"{os.getpid()}-{time.time_ns()}-{host}"
+    t0 = time.time()
+    print(f"writing dataset {did}: {len(buffers)} episodes, {sum(len(b.rewards) for b in buffers)} transitions",
+          flush=True)
     previous_root = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(staging_root)  # Minari reads it at every call
     try:
@@ -815,6 +820,7 @@ def write_minari_dataset(
             os.replace(final, retired)
         os.replace(staging_root / did, final)
         shutil.rmtree(retired, ignore_errors=True)
+        print(f"wrote dataset {did} in {time.time() - t0:.0f} s", flush=True)
     finally:
         if previous_root is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)
