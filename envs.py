@@ -33,6 +33,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import socket
 import time
 import warnings
 from typing import Callable, Literal, Optional, Sequence
@@ -634,8 +635,10 @@ def _read_minari(env: str, dataset: str):
         ds = minari.load_dataset(did, download=False)
         meta = ds.storage.metadata
         parts = {k: [] for k in ("obs", "next_obs", "act", "rew", "term", "trunc", "ep")}
+        # a bar (a plain line a minute in logs) when the read takes a while: by transitions, not episodes (Ant's
+        # medium set is 1,107 episodes, but 1M transitions)
         for ep in progress_bar(ds.iterate_episodes(), total=ds.total_episodes, desc=f"reading {did}", leave=False,
-                               disable=None if ds.total_episodes > 2000 else True):
+                               disable=None if ds.total_steps > 200_000 else True):
             o = np.asarray(ep.observations, dtype=np.float32)
             T = len(ep.rewards)
             parts["obs"].append(o[:-1])
@@ -777,10 +780,19 @@ def write_minari_dataset(
     # Written into a private staging folder, then moved into place with one rename: a reader never sees a half
     # dataset (metadata.json used to appear before the hdf5 was complete), a killed build leaves only its staging
     # folder, and a concurrent build's cleanup can never delete another process's finished dataset.
+    # Named <pid>-<time>-<host>: on a cluster DATA_DIR is shared by nodes, and a pid says nothing about another
+    # node's processes, so only this host's dead builds are cleaned up (another host's after a week).
+    host = socket.gethostname()
     for stale in (DATA_DIR / ".staging").glob("*"):  # left by killed builds
-        if not _pid_alive(int(stale.name.split("-")[0])):
+        pid, _, rest = stale.name.partition("-")
+        other_host = rest.partition("-")[2] not in ("", host)
+        week_old = time.time() - stale.stat().st_mtime > 7 * 86400
+        if (not other_host and not _pid_alive(int(pid))) or (other_host and week_old):
             shutil.rmtree(stale, ignore_errors=True)
-    staging_root = DATA_DIR / ".staging" / f"{os.getpid()}-{time.time_ns()}"
+    staging_root = DATA_DIR / ".staging" / f"{os.getpid()}-{time.time_ns()}-{host}"
+    t0 = time.time()
+    print(f"writing dataset {did}: {len(buffers)} episodes, {sum(len(b.rewards) for b in buffers)} transitions",
+          flush=True)
     previous_root = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(staging_root)  # Minari reads it at every call
     try:
@@ -808,6 +820,7 @@ def write_minari_dataset(
             os.replace(final, retired)
         os.replace(staging_root / did, final)
         shutil.rmtree(retired, ignore_errors=True)
+        print(f"wrote dataset {did} in {time.time() - t0:.0f} s", flush=True)
     finally:
         if previous_root is None:
             os.environ.pop("MINARI_DATASETS_PATH", None)
@@ -860,19 +873,31 @@ def build_coordination_dataset(dataset: str, n_episodes: int = COORDINATION_EPIS
 
 
 @contextlib.contextmanager
-def _build_lock(env: str, dataset: str):
-    """An exclusive lock per dataset (fcntl, released if the process dies): two processes that find the same
-    dataset missing build it once; the second waits, then finds it built."""
+def file_lock(path: pathlib.Path, waiting: str = ""):
+    """An exclusive lock on `path` (fcntl, released if the process dies). If another process holds it, prints
+    `waiting` (what it is doing) once and blocks until it is done."""
     import fcntl
 
-    path = DATA_DIR / ".locks" / (dataset_id(env, dataset).replace("/", "__") + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            t0 = time.time()
+            print(f"waiting for another process {waiting or 'holding ' + str(path)}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            print(f"waited {time.time() - t0:.0f} s for {path.name}", flush=True)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_lock(env: str, dataset: str):
+    """An exclusive lock per dataset: two processes that find the same dataset missing build it once; the second
+    waits, then finds it built."""
+    return file_lock(DATA_DIR / ".locks" / (dataset_id(env, dataset).replace("/", "__") + ".lock"),
+                     f"building dataset {dataset_id(env, dataset)}")
 
 
 def build_dataset(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,

@@ -332,9 +332,12 @@ def main(args: Args) -> dict:
     # ---- training loop ----
     t_last, step_last, sps = time.time(), step, 0.0
     loss = torch.zeros(())  # a resumed run may have nothing left to train
+    # a plain progress line about once a minute (phase, step/total, rate, ETA), in batch logs and terminals alike
+    bar = envs.PlainProgress(total=offline_steps, initial=step, desc=f"IBC {args.env}/{obs_name}/{dataset}")
     while step < offline_steps:
         loss = update(learner, buffer.sample(args.batch_size, generator))["policy_loss"]
         step += 1
+        bar.update(1)
 
         if step % 1000 == 0 or step == offline_steps:
             sps = (step - step_last) / max(time.time() - t_last, 1e-9)
@@ -353,6 +356,7 @@ def main(args: Args) -> dict:
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_checkpoint()
     envs.check_losses(step, policy_loss=loss)
+    bar.close()
     save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----

@@ -474,9 +474,12 @@ def main(args: Args) -> dict:
     # ---- training loop ----
     t_last, step_last, sps, start_step = time.time(), step, 0.0, step
     actor_loss = torch.zeros(())
+    # a plain progress line about once a minute (phase, step/total, rate, ETA), in batch logs and terminals alike
+    bar = envs.PlainProgress(total=total_steps, initial=step, desc=f"ICQL {args.env}/{obs_name}/{dataset}")
     while step < total_steps:
         b = buffer.sample(args.batch_size, generator)
         step += 1
+        bar.update(1)
         losses = update(learner, b, step, args, generator)
         critic_loss, td_loss, cql_loss, q = (losses[k] for k in ("critic_loss", "td_loss", "cql_loss", "q"))
         actor_loss = losses.get("actor_loss", actor_loss)
@@ -504,6 +507,7 @@ def main(args: Args) -> dict:
             save_checkpoint()
     if step > start_step:  # this process trained: its last losses must be finite
         envs.check_losses(step, td_loss=td_loss, cql_loss=cql_loss, actor_loss=actor_loss)
+    bar.close()
     save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----

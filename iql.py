@@ -350,6 +350,8 @@ def main(args: Args) -> dict:
     # ---- training loop ----
     t_last, step_last, sps = time.time(), step, 0.0
     v_loss = q_loss = policy_loss = torch.zeros(())  # a resumed run may have nothing left to train
+    # a plain progress line about once a minute (phase, step/total, rate, ETA), in batch logs and terminals alike
+    bar = envs.PlainProgress(total=args.total_steps, initial=step, desc=f"IQL {args.env}/{obs_name}/{dataset}")
     while step < args.total_steps:
         rows = torch.randint(0, N, (args.batch_size,), device=device, generator=generator)
         hist = table[hist_index[rows]] if history_len > 0 else None
@@ -373,6 +375,7 @@ def main(args: Args) -> dict:
         if target_encoder is not None:
             soft_update(target_encoder, agent.encoder, args.tau)
         step += 1
+        bar.update(1)
 
         if step % 1000 == 0 or step == args.total_steps:
             sps = (step - step_last) / max(time.time() - t_last, 1e-9)
@@ -395,6 +398,7 @@ def main(args: Args) -> dict:
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_checkpoint()
     envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
+    bar.close()
     save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----

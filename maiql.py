@@ -628,6 +628,8 @@ def main(args: Args) -> dict:
     agents.train()
     t_last, step_last, sps = time.time(), step, 0.0
     v_loss = q_loss = policy_loss = torch.zeros(())  # a resumed run may have nothing left to train
+    # a plain progress line about once a minute (phase, step/total, rate, ETA), in batch logs and terminals alike
+    bar = envs.PlainProgress(total=total_steps, initial=step, desc=f"{exp_name} {args.env}/{obs_name}/{dataset}")
     while step < total_steps:
         if args.finetune and step >= offline_steps and (step - offline_steps) % args.populate_every == 0:
             populate()
@@ -635,6 +637,7 @@ def main(args: Args) -> dict:
         losses = update(learner, b, args)
         v_loss, q_loss, policy_loss, weights = (losses[k] for k in ("v_loss", "q_loss", "policy_loss", "awr_weights"))
         step += 1
+        bar.update(1)
 
         if step % 1000 == 0 or step == total_steps:
             sps = (step - step_last) / max(time.time() - t_last, 1e-9)
@@ -660,6 +663,7 @@ def main(args: Args) -> dict:
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_checkpoint()
     envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
+    bar.close()
     save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----

@@ -703,7 +703,9 @@ def reference_scores(env: str, seed: int = 0) -> tuple[float, float]:
         zero = policy_returns(env, ZeroPolicy(envs.JOINT_ACTION_DIM[env]), REF_EPISODES, seed=20202 + seed)
         table[key]["zero_action"] = float(zero.mean())
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
+        # a name of its own: two builds of different datasets (e.g. run_all.sh --slurm's prepare tasks) may both
+        # compute the scores at once; they write the same entry, and neither may move the other's half-written file
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.{time.time_ns()}.tmp")
         tmp.write_text(json.dumps(table, indent=1))
         os.replace(tmp, cache)
     return table[key]["ref_min"], table[key]["ref_max"]

@@ -314,6 +314,9 @@ def main(args: Args) -> dict:
     b_term = np.zeros((T, E), np.float32)
     b_timeout = np.zeros((T, E), np.float32)  # ζ = 0 (here: 1 in this array) at episode or rollout ends
     b_end = np.zeros((T, E), bool)  # episode ends (terminal or time limit)
+    # a plain progress line about once a minute (phase, step/total, rate, ETA), in batch logs and terminals alike
+    bar = envs.PlainProgress(total=min(args.total_steps, args.stop_steps or args.total_steps), initial=global_step,
+                             desc=f"MAPPO {args.env}/{obs_name}")
     while global_step < min(args.total_steps, args.stop_steps or args.total_steps):
         t_iter = time.time()
         if args.anneal_lr:
@@ -339,6 +342,7 @@ def main(args: Args) -> dict:
                     nxt = sim.reset()[1]
                 states[j] = nxt
         global_step += E * T
+        bar.update(E * T)
         iteration += 1
         t_collect = time.time() - t_iter
         rew_used = b_rew
@@ -423,6 +427,7 @@ def main(args: Args) -> dict:
                   f"SPS {sps:.0f} (collect {t_collect:.2f}s) | entropy {entropy.item():.2f} | α {alpha:.4f} | v_loss {v_loss.item():.3g}", flush=True)
         if iteration % args.checkpoint_every == 0:
             save_checkpoint()
+    bar.close()
     save_checkpoint()
 
     # ---- final greedy evaluation and summary ----

@@ -517,21 +517,29 @@ def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device
     """The ensemble of (env, dataset, seed): loaded from the cache, or trained (progress bar) and saved first."""
     dataset = envs.DEFAULT_DATASET[env] if dataset is None and env in envs.ENVS else dataset
     envs.check_names(env, None, dataset)
-    path = artifact_path(env, dataset, seed)
-    if path.exists():
-        payload = _read_payload(path)
-        _check_identity(payload, path, env, dataset, seed)  # another model's file is refused, not called stale
-        stale = _stale_reason(payload, env, dataset)
-        if stale is None:
-            return load(path, env, dataset, device, seed=seed)
-        print(f"world model {path}: {stale}; training a new one")
     fields = {f.name for f in dataclasses.fields(Args)}
     unknown = sorted(set(train_overrides) - fields)
     if unknown:
         raise MomaError(f"unknown world-model training options {unknown}; valid: {sorted(fields)}")
-    args = Args(env=env, dataset=dataset, seed=seed, **train_overrides)
-    model, _ = train_and_save(args, torch.device(device))
+    path = artifact_path(env, dataset, seed)
+    # Under the model's lock: of two processes that find it missing (or stale), one trains it and the other waits,
+    # then loads it (they would otherwise both train it, sharing one training checkpoint file).
+    with training_lock(path):
+        if path.exists():
+            payload = _read_payload(path)
+            _check_identity(payload, path, env, dataset, seed)  # another model's file is refused, not called stale
+            stale = _stale_reason(payload, env, dataset)
+            if stale is None:
+                return load(path, env, dataset, device, seed=seed)
+            print(f"world model {path}: {stale}; training a new one")
+        args = Args(env=env, dataset=dataset, seed=seed, **train_overrides)
+        model, _ = train_and_save(args, torch.device(device))
     return model.eval()
+
+
+def training_lock(path: pathlib.Path):
+    """The lock a world model is trained under (next to it in the cache)."""
+    return envs.file_lock(path.with_name(path.name + ".lock"), f"training world model {path.name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -870,12 +878,13 @@ def main(args: Args) -> None:
     dataset = envs.DEFAULT_DATASET[args.env] if args.dataset is None else args.dataset
     envs.check_names(args.env, None, dataset)
     path = artifact_path(args.env, dataset, args.seed)
-    if path.exists() and not args.force:
-        model = load(path, args.env, dataset, seed=args.seed)
-        print(format_report(model.metrics, model.dataset_id))
-        print(f"{path} exists; pass --force to retrain")
-        return
-    train_and_save(args, device)
+    with training_lock(path):
+        if path.exists() and not args.force:
+            model = load(path, args.env, dataset, seed=args.seed)
+            print(format_report(model.metrics, model.dataset_id))
+            print(f"{path} exists; pass --force to retrain")
+            return
+        train_and_save(args, device)
 
 
 if __name__ == "__main__":

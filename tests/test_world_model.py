@@ -360,3 +360,29 @@ def test_a_rebuilt_dataset_makes_its_world_model_stale():
         assert wm.load(path, "coordination", "neutral").dataset_fingerprint == second.dataset_fingerprint
     finally:
         envs.build_dataset("coordination", "neutral", seed=0)  # other tests expect the default build
+
+
+def test_concurrent_processes_train_a_missing_world_model_once(tmp_path):
+    """Two processes that find the same world model missing (two run_all.sh cells, two Slurm tasks): one trains it
+    under its lock, the other waits, then loads the very model the first saved."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), MOMA_CACHE_DIR=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1")
+    code = ("import torch, world_model as wm; torch.set_num_threads(1); m = wm.load_or_train('coordination', "
+            "'favorable', seed=9, hidden_dim=16, n_hidden_layers=1, max_steps=300, eval_every=100, "
+            "rollout_eval_starts=10); print('model', m.elites.tolist(), "
+            "sum(float(v.double().sum()) for k, v in m.state_dict().items() if k.startswith('network.')))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=envs.REPO_DIR, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=1200)[0] for p in procs]  # seconds on a free machine
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[-800:] for o in outs]
+    trained = [o for o in outs if "saved " in o]
+    assert len(trained) == 1, outs  # one trained and saved it; the other waited (or came after) and loaded it
+    assert outs[0].splitlines()[-1] == outs[1].splitlines()[-1]  # the same model
