@@ -1,4 +1,4 @@
-"""IBC: independent behavioural cloning, one policy per agent (paper §5.1, reference §5(d)).
+"""IBC: independent behavioural cloning, one policy per agent (paper §5.1, docs/deviations.md §19.4).
 
 Each agent i maximises the likelihood of its own dataset actions given its own observation and
 10-step (o_i, a_i) history, independently of the other agents:
@@ -12,8 +12,8 @@ The agents are trained as one batched module for speed only.
   Jacobian (ε = 1e-5), as the authors' `bc_only` IQL learner; greedy action tanh(mean).
   Coordination game: categorical π_i over {left, right}, greedy action = argmax (Table 3: IBC copies
   each agent's majority action, so it coordinates only when the dataset mostly does).
-* History encoder (MOMA-PPO's self-attention encoder, reference §4(c)) on partially observable
-  tasks only (`--history-len` None); never on the coordination game (authors, reference §1(a)).
+* History encoder (MOMA-PPO's self-attention encoder, docs/deviations.md §6) on partially observable
+  tasks only (`--history-len` None); never on the coordination game (authors, docs/deviations.md §17).
 * Rewards are not used.
 * One fused Adam kernel per step (torch's `fused=True`).
 
@@ -65,7 +65,7 @@ class Args:
     history_len: Optional[int] = None
     """history length (None = 10 on partially observable tasks, 0 on fully observable ones)"""
     history_dim: int = 128
-    """width of the history encoder (reference §4(c))"""
+    """width of the history encoder (docs/deviations.md §6)"""
     learning_rate: float = 3e-4
     eval_every: int = 5_000
     """gradient steps between greedy evaluations (10 episodes); 0 disables"""
@@ -111,11 +111,12 @@ class AgentsMLP(nn.Module):
 
 
 class AgentsHistoryEncoder(nn.Module):
-    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, docs/deviations.md §6), batched over agents.
 
     [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
     self-attention layer with residual + LayerNorm, then soft-attention pooling
-    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the authors'
+    code (docs/deviations.md §6).
     """
 
     def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
@@ -158,7 +159,7 @@ class BCAgents(nn.Module):
         self.policy = AgentsMLP(n, [x_dim, hidden, hidden, action_dim if discrete else 2 * action_dim])
 
     def features(self, obs: torch.Tensor, hist: Optional[torch.Tensor]) -> torch.Tensor:
-        """obs [n, B, o], hist [n, B, H, d] -> [n, B, (emb,) o] (embedding first, reference §4(c))."""
+        """obs [n, B, o], hist [n, B, H, d] -> [n, B, (emb,) o] (embedding first, docs/deviations.md §6)."""
         return obs if self.encoder is None else torch.cat([self.encoder(hist), obs], dim=-1)
 
     def log_prob(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -247,7 +248,7 @@ def update(learner: dict, b: dict) -> dict:
 def main(args: Args) -> dict:
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes"),
                     non_negative=("history_len", "eval_every", "checkpoint_every"), positive=("learning_rate",))
     given_run_dir = args.run_dir is not None

@@ -1,11 +1,11 @@
 """ICQL: independent CQL, a TD3 actor on a conservative (CQL) double critic per agent, paper §5.1.
 
-This is the paper's ICQL as the authors ran it (reference §5(e)): their `itd3` learner with the
+This is the paper's ICQL as the authors ran it (docs/deviations.md §19.5): their `itd3` learner with the
 CQL critic term of OMAR's code switched on (td3_omar_coeff > 0, td3_omar_cql_alpha = α), the plain TD3
 actor (td3_shortcut_omar, td3_bc_coeff = 0). Each agent i has its own (no parameter sharing, no agent
 id) deterministic tanh actor π_i(x_i), double critic Q1_i, Q2_i(x_i, a_i) and target copies; x_i is
 [history embedding, o_i] on partially observable tasks (the one-layer self-attention + soft-attention
-pooling encoder of MOMA-PPO, paper §3.2 / reference §4(c), with a target encoder soft-updated with τ),
+pooling encoder of MOMA-PPO, paper §3.2 / docs/deviations.md §6, with a target encoder soft-updated with τ),
 o_i otherwise. Every agent learns from the team reward r.
 
     critic:  L_Q = Σ_k E[(y - Qk_i(x_i, a_i))²] + α Σ_k E[ T·logsumexp_j((Qk_i(x_i, â_j) - log μ(â_j | x_i)) / T)
@@ -16,17 +16,17 @@ o_i otherwise. Every agent learns from the team reward r.
 The CQL(H) logsumexp is estimated by importance sampling (Kumar et al. 2020, appendix F) over 3 × 10
 actions per state: 10 uniform in [-1, 1]^d (log μ = d log 0.5), 10 noisy current-policy actions
 π_i(x_i) + N(0, 0.2²) and 10 noisy current-policy actions at the next step π_i(x'_i) + N(0, 0.2²),
-scored at x_i, all clipped to [-1, 1] (reference §5(e); the authors' sampler). Reference vs us: the
-authors' code (inherited from OMAR) subtracts the Gaussian *pdf* of the noise, not its log-density;
-we subtract the correct log-density log N(ε; 0, 0.2² I) = Σ_d log N(ε_d; 0, 0.2²) of the noise that
-was drawn, which is what the importance-sampling estimate needs (the clip to [-1, 1] moves some mass
-onto the bounds; like CQL and OMAR we ignore that). The constant log(30) of the sample mean is left out
+scored at x_i, all clipped to [-1, 1] (docs/deviations.md §19.5; the authors' sampler). The authors'
+code (inherited from OMAR) subtracts the Gaussian *pdf* of the noise, not its log-density; we subtract
+the correct log-density log N(ε; 0, 0.2² I) = Σ_d log N(ε_d; 0, 0.2²) of the noise that was drawn,
+which is what the importance-sampling estimate needs (the clip to [-1, 1] moves some mass onto the
+bounds; like CQL and OMAR we ignore that). The constant log(30) of the sample mean is left out
 (it shifts the term, not its gradients), as CQL does.
 
-Other choices (the issue is silent; a researcher comparing offline MARL methods would expect these):
+Other choices (not fixed by the paper; a researcher comparing offline MARL methods would expect these):
 * the history encoder is trained by the critic loss (TD + CQL); actors read its detached embedding,
   the target actor the target encoder's. Histories on for partially observable tasks only.
-* raw rewards (the authors' TD3 family did not normalise them, reference §2(e)); no state
+* raw rewards (the authors' TD3 family did not normalise them, docs/deviations.md §18); no state
   normalisation; no gradient clipping.
 * continuous actions only: the coordination game's discrete baselines are iql.py, maiql.py and ibc.py.
 * all agents' networks are stacks of per-agent weights [n, in, out] run with one bmm per layer; the
@@ -83,7 +83,7 @@ class Args:
     history_len: Optional[int] = None
     """history length (None = 10 on partially observable tasks, 0 on fully observable ones)"""
     history_dim: int = 128
-    """width of the history encoder (reference §4(c))"""
+    """width of the history encoder (docs/deviations.md §6)"""
     learning_rate: float = 3e-4
     gamma: float = 0.99
     tau: float = 0.005
@@ -146,11 +146,12 @@ class AgentsMLP(nn.Module):
 
 
 class AgentsHistoryEncoder(nn.Module):
-    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, docs/deviations.md §6), batched over agents.
 
     [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
     self-attention layer with residual + LayerNorm, then soft-attention pooling
-    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the authors'
+    code (docs/deviations.md §6).
     """
 
     def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
@@ -234,7 +235,7 @@ class TD3Agents(nn.Module):
 
 def cql_sample_actions(pi: torch.Tensor, pi_next: torch.Tensor, n_samples: int, noise: float,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """CQL's proposal actions (reference §5(e)): n_samples uniform in [-1, 1]^d, n_samples π(x) + ε and
+    """CQL's proposal actions (docs/deviations.md §19.5): n_samples uniform in [-1, 1]^d, n_samples π(x) + ε and
     n_samples π(x') + ε, ε ~ N(0, noise² I), clipped to [-1, 1].
 
     pi, pi_next [n, B, a] (no grad) -> actions [n, B, 3 n_samples, a] and their proposal log-densities
@@ -374,7 +375,7 @@ def main(args: Args) -> dict:
                              "discrete-action baselines are iql.py, maiql.py and ibc.py")
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes", "policy_freq",
                                         "cql_samples"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip", "cql_alpha"),

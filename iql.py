@@ -2,7 +2,7 @@
 
 The paper's upper bound for strategy agreement (paper §5.1, Tables 3-4): execution is centralised,
 one policy π(a | s) picks the joint action a = (a_1, ..., a_n), so there is nothing for the agents
-to agree on. IQL (Kostrikov et al. 2021) as in the authors' single-agent learner (reference §5(a)):
+to agree on. IQL (Kostrikov et al. 2021) as in the authors' single-agent learner (docs/deviations.md §19.1):
 
     V-step:  L_V = E[ |τ - 1(Q̂ < V)| (Q̂ - V(s))² ],       Q̂ = min(Q1', Q2')(s, a) (target networks)
     π-step:  L_π = -E[ min(exp(β (Q̂ - V(s))), 100) log π(a | s) ]
@@ -17,9 +17,10 @@ then a soft update (τ = 0.005) of the target Q networks (and of the target hist
   tanh(mean). Coordination game: the joint action is one of 4 = 2 x 2 categories, Q(s, ·) has one
   output per joint action, the greedy joint action is the argmax (paper Table 3's IQL).
 * Histories: off by default (the state is Markov); `--history-len 10` conditions every network on
-  the 10-step (s, a) history with MOMA-PPO's self-attention encoder (reference §5(a) did).
+  the 10-step (s, a) history with MOMA-PPO's self-attention encoder (as the authors did,
+  docs/deviations.md §19.1).
 * Ant rewards x 1000 / (max - min dataset episode return), as the authors did for the IQL family
-  (reference §2(e)); returns and scores are reported raw. No gradient clipping (as the authors).
+  (docs/deviations.md §18); returns and scores are reported raw. No gradient clipping (as the authors).
 * V, π and Q losses are summed and take one backward pass: they touch disjoint heads and every
   target is detached, so this is the three IQL steps with one shared forward pass.
 
@@ -71,7 +72,7 @@ class Args:
     history_len: int = 0
     """history length (0 = none: the global state is Markov)"""
     history_dim: int = 128
-    """width of the history encoder (reference §4(c))"""
+    """width of the history encoder (docs/deviations.md §6)"""
     learning_rate: float = 3e-4
     gamma: float = 0.99
     expectile: float = 0.7
@@ -125,11 +126,12 @@ class AgentsMLP(nn.Module):
 
 
 class AgentsHistoryEncoder(nn.Module):
-    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, docs/deviations.md §6), batched over agents.
 
     [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
     self-attention layer with residual + LayerNorm, then soft-attention pooling
-    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the authors'
+    code (docs/deviations.md §6).
     """
 
     def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
@@ -211,7 +213,7 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
 
 
 def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float = 100.0) -> torch.Tensor:
-    """Advantage-weighted regression weights min(exp(β A), max_weight) (IQL; reference §5(a))."""
+    """Advantage-weighted regression weights min(exp(β A), max_weight) (IQL; docs/deviations.md §19.1)."""
     return torch.exp(beta * advantage).clamp(max=max_weight)
 
 
@@ -234,7 +236,7 @@ def main(args: Args) -> dict:
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
     if args.total_steps is None:
         args = dataclasses.replace(args, total_steps=5_000 if args.env == "coordination" else 50_000)
-    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "gamma"),
                     positive=("learning_rate", "beta", "max_weight", "tau"),

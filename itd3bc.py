@@ -1,9 +1,9 @@
 """ITD3+BC: independent TD3+BC (Fujimoto & Gu 2021) per agent, and MATD3+BC (`--mixer`), paper §5.1.
 
 Each agent i has its own (no parameter sharing, no agent id) deterministic actor π_i(h_i, o_i) with a
-tanh output, double critic Q1_i, Q2_i(h_i, o_i, a_i), and target copies of both (reference §5(e)).
+tanh output, double critic Q1_i, Q2_i(h_i, o_i, a_i), and target copies of both (docs/deviations.md §19.5).
 h_i is agent i's 10-step (o_i, a_i) history, encoded by the one-layer self-attention +
-soft-attention-pooling encoder of MOMA-PPO (paper §3.2, reference §4(c)) on partially observable
+soft-attention-pooling encoder of MOMA-PPO (paper §3.2, docs/deviations.md §6) on partially observable
 tasks, with a target encoder soft-updated with τ. Every agent learns from the team reward r.
 
 ITD3+BC (default; the authors' `itd3` with td3_omar_coeff = 0, td3_bc_coeff = 2.5):
@@ -17,17 +17,17 @@ MATD3+BC (`--mixer`, Table 4a): centralised training with a QMIX-mixed critic,
 Q_tot(s, a) = Σ_i w_i(s) Q_i(x_i, a_i) + b(s), w_i = |MLP(s)_i| >= 0 (monotonic, so each agent's greedy
 action maximises Q_tot: QMIX's individual-global-max condition). The critic loss uses Q_tot (both heads
 share the mixer; target mixer for y), the actors jointly maximise Q1_tot(s, π_1(x_1), ..., π_n(x_n))
-with λ = α / E|Q1_tot|, plus each agent's BC term. Paper vs authors' code (reference §7 item 5): the
+with λ = α / E|Q1_tot|, plus each agent's BC term. Paper vs authors' code (docs/deviations.md §14): the
 authors' mixers left w unconstrained; the paper calls it QMIX decomposition, and we follow the paper.
 The mixer sees the global state only (QMIX); the actions enter through the Q_i, so ∂Q_tot/∂a_i flows
 through agent i's own critic.
 
-Other choices (the issue is silent; a researcher comparing offline MARL methods would expect these):
+Other choices (not fixed by the paper; a researcher comparing offline MARL methods would expect these):
 * the history encoder is trained by the critic loss only; actors read its (detached) embedding, and
   the target actor reads the target encoder's. Histories are on for partially observable tasks
   (`--history-len` None), off for fully observable ones where o_i = s is Markov.
-* rewards are raw (the authors' TD3 family did not normalise them, reference §2(e)); no state
-  normalisation (reference §5(e)); no gradient clipping.
+* rewards are raw (the authors' TD3 family did not normalise them, docs/deviations.md §18); no state
+  normalisation (docs/deviations.md §19.5); no gradient clipping.
 * continuous actions only: the coordination game's discrete baselines are iql.py, maiql.py and ibc.py.
 * all agents' networks are stacks of per-agent weights [n, in, out] run with one bmm per layer.
 * one fused Adam kernel per optimizer step (torch's `fused=True`) and one foreach lerp per soft target update.
@@ -83,7 +83,7 @@ class Args:
     history_len: Optional[int] = None
     """history length (None = 10 on partially observable tasks, 0 on fully observable ones)"""
     history_dim: int = 128
-    """width of the history encoder (reference §4(c))"""
+    """width of the history encoder (docs/deviations.md §6)"""
     learning_rate: float = 3e-4
     gamma: float = 0.99
     tau: float = 0.005
@@ -140,11 +140,12 @@ class AgentsMLP(nn.Module):
 
 
 class AgentsHistoryEncoder(nn.Module):
-    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, docs/deviations.md §6), batched over agents.
 
     [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
     self-attention layer with residual + LayerNorm, then soft-attention pooling
-    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the authors'
+    code (docs/deviations.md §6).
     """
 
     def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
@@ -177,7 +178,7 @@ class Mixer(nn.Module):
     """QMIX-style monotonic mixer: Q_tot = Σ_i |w_i(s)| Q_i + b(s), w and b from one 256-256 MLP of s.
 
     Paper §5.1 ("QMIX value decomposition"): |w| keeps ∂Q_tot/∂Q_i >= 0. The authors' code left w
-    unconstrained (reference §7 item 5); we follow the paper.
+    unconstrained (docs/deviations.md §14); we follow the paper.
     """
 
     def __init__(self, state_dim: int, n: int, hidden: int):
@@ -234,7 +235,7 @@ def td3bc_lambda(q: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def td3bc_actor_loss(q_pi: torch.Tensor, pi: torch.Tensor, data_actions: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per learner: -λ mean Q(s, π(s)) + mean Σ_dims (π(s) - a)² (Fujimoto & Gu 2021, reference §5(e)).
+    """Per learner: -λ mean Q(s, π(s)) + mean Σ_dims (π(s) - a)² (Fujimoto & Gu 2021, docs/deviations.md §19.5).
 
     q_pi [L, B] (L learners: the n agents, or 1 mixed team value), pi / data_actions [n, B, a];
     the BC term is summed over agents."""
@@ -362,7 +363,7 @@ def main(args: Args) -> dict:
                              "discrete-action baselines are iql.py, maiql.py and ibc.py")
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes", "policy_freq"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip"),
                     positive=("learning_rate", "tau", "alpha"), between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0)})

@@ -2,26 +2,26 @@
 
 Each agent i has its own (no parameter sharing, no agent id) double Q_i(h_i, o_i, a_i), value
 V_i(h_i, o_i) and policy π_i(a_i | h_i, o_i); h_i is agent i's 10-step (o_i, a_i) history, encoded by
-the same one-layer self-attention + soft-attention-pooling encoder as MOMA-PPO (paper §3.2, reference
-§4(c)). Two mixers turn the per-agent values into team values (centralised training, decentralised
+the same one-layer self-attention + soft-attention-pooling encoder as MOMA-PPO (paper §3.2, docs/deviations.md
+§6). Two mixers turn the per-agent values into team values (centralised training, decentralised
 execution):
 
-    Q_tot(s, a) = Σ_i w^Q_i(s, a) Q_i + b^Q(s, a)         (action-aware Q-mixer, reference §5(b))
+    Q_tot(s, a) = Σ_i w^Q_i(s, a) Q_i + b^Q(s, a)         (action-aware Q-mixer, docs/deviations.md §19.2)
     V_tot(s)    = Σ_i w^V_i(s)    V_i + b^V(s)
 
-IQL (Kostrikov et al. 2021) is then run on the team values (reference §5(b)):
+IQL (Kostrikov et al. 2021) is then run on the team values (docs/deviations.md §19.2):
 
     V-step:  L_V = E[ |τ - 1(Q̂_tot < V_tot)| (Q̂_tot - V_tot)² ],  Q̂_tot = target-mixer(min(Q1'_i, Q2'_i))
     π-step:  L_π = -E[ min(exp(β (Q̂_tot - V_tot)), 100) Σ_i log π_i(a_i | h_i, o_i) ]   (team AWR)
     Q-step:  L_Q = E[ (y - Q1_tot)² + (y - Q2_tot)² ],  y = r + γ (1 - terminal) V_tot(s')
 
-Paper vs authors' code (reference §7 item 5): the paper says "QMIX value decomposition", the authors'
+Paper vs authors' code (docs/deviations.md §14): the paper says "QMIX value decomposition", the authors'
 mixers output unconstrained-sign weights. We follow the paper: w_i = |MLP(.)_i| >= 0, so Q_tot and
 V_tot are monotonic in every Q_i / V_i (QMIX's individual-global-max condition). The mixers see the
 global state s (QMIX; the authors fed the concatenated agents' observations, which in partially
 observable tasks misses part of the state) and, for the Q-mixer, the joint action.
 
-MAIQL-ft (`--finetune`, paper §5.1, reference §5(c)): after `total_steps` offline steps, train the
+MAIQL-ft (`--finetune`, paper §5.1, docs/deviations.md §19.3): after `total_steps` offline steps, train the
 same number of steps again while adding real-simulator data: every `populate_every` steps, start
 short rollouts (`rollout_length` = 10 steps, sampled actions of the current policies, stopping at
 terminals) from dataset states put into the simulator with `envs.make_env(...).set_state`, and add
@@ -30,11 +30,11 @@ binomial mixing of n_data / (n_data + n_online) is exactly that). The number of 
 population is chosen so that at the end the buffer holds `online_ratio` (default 1: as many) online
 transitions per offline one, as the paper states.
 
-Other choices (the issue is silent; a researcher comparing offline MARL methods would expect these):
+Other choices (not fixed by the paper; a researcher comparing offline MARL methods would expect these):
 * history encoder on for partially observable tasks only (`--history-len` None); the coordination
-  game never has one (authors, reference §1(a)); FO tasks see the Markov state o_i = s.
+  game never has one (authors, docs/deviations.md §17); FO tasks see the Markov state o_i = s.
 * ant rewards are multiplied by 1000 / (max - min dataset episode return), as the authors did for
-  the IQL family (reference §2(e)); `--no-normalize-rewards` turns it off. Returns are reported raw.
+  the IQL family (docs/deviations.md §18); `--no-normalize-rewards` turns it off. Returns are reported raw.
 * one combined backward per step (V, π and Q losses touch disjoint heads, targets are detached), with
   each module's gradient clipped to norm 1.0 as the authors did for MAIQL.
 * one fused Adam kernel per step (torch's `fused=True`), one foreach lerp per soft target update, and one
@@ -46,9 +46,10 @@ Coordination game, unfavorable dataset (Table 3 reports 0 ± 0): with exact valu
 makes each agent's greedy action its weighted marginal, P(a1 = left) ≈ 0.53, P(a2 = right) ≈ 0.53,
 so the team never agrees. That margin is thin: a gap of ~0.04 between the learned Q_tot of the two
 coordinated joint actions (or a similar error on a rare uncoordinated one) tips one agent over and
-the team coordinates. At our small budgets (2k-10k steps, 64-wide nets) this happens in about half
-of the seeds (see the issue-6 report), i.e. the paper's "numerical errors break the symmetry" also
-shows on this dataset until the critic is very precise.
+the team coordinates. At small budgets (2k-10k steps, 64-wide nets) this happened in about half of the
+seeds of early runs that left no record; in the recorded Table 3 cells (1k steps, docs/results.md) in 1
+seed of 10. So the paper's "numerical errors break the symmetry" also shows on this dataset until the
+critic is very precise.
 
     python maiql.py --env coordination --dataset favorable --total-steps 5000
     python maiql.py --env reacher --obs leader-only --total-steps 50000
@@ -107,7 +108,7 @@ class Args:
     history_len: Optional[int] = None
     """history length (None = 10 on partially observable tasks, 0 on fully observable ones)"""
     history_dim: int = 128
-    """width of the history encoder (reference §4(c))"""
+    """width of the history encoder (docs/deviations.md §6)"""
     learning_rate: float = 3e-4
     gamma: float = 0.99
     expectile: float = 0.7
@@ -119,7 +120,7 @@ class Args:
     tau: float = 0.005
     """soft target-update coefficient"""
     monotonic_mixers: bool = True
-    """QMIX mixers with |w| >= 0 (paper); --no-monotonic-mixers = the authors' unconstrained weights (reference §7.5)"""
+    """QMIX mixers with |w| >= 0 (paper); --no-monotonic-mixers = the authors' unconstrained weights (docs/deviations.md §14)"""
     grad_clip: float = 1.0
     """per-module gradient-norm clip (authors' MAIQL); 0 disables"""
     normalize_rewards: bool = True
@@ -169,11 +170,12 @@ class AgentsMLP(nn.Module):
 
 
 class AgentsHistoryEncoder(nn.Module):
-    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, docs/deviations.md §6), batched over agents.
 
     [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
     self-attention layer with residual + LayerNorm, then soft-attention pooling
-    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the authors'
+    code (docs/deviations.md §6).
     """
 
     def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
@@ -206,7 +208,7 @@ class Mixer(nn.Module):
     """QMIX-style monotonic mixer: Q_tot = Σ_i |w_i(m)| Q_i + b(m), w and b from one 256-256 MLP of m.
 
     Paper §5.1 ("QMIX value decomposition"): |w| keeps ∂Q_tot/∂Q_i >= 0. The authors' code left w
-    unconstrained (reference §7 item 5); we follow the paper.
+    unconstrained (docs/deviations.md §14); we follow the paper.
     """
 
     def __init__(self, in_dim: int, n: int, hidden: int, monotonic: bool = True):
@@ -257,7 +259,7 @@ class MAIQLAgents(nn.Module):
         return q_net(torch.cat([x, actions], -1).repeat(2, 1, 1)).reshape(2, self.n, x.shape[1])
 
     def log_prob(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log π_i(a_i | x_i) -> [n, B]; continuous: tanh-squashed Gaussian (reference §5(a))."""
+        """log π_i(a_i | x_i) -> [n, B]; continuous: tanh-squashed Gaussian (docs/deviations.md §19.1)."""
         out = self.policy(x)
         if self.discrete:
             return torch.log_softmax(out, -1).gather(-1, actions[..., None]).squeeze(-1)
@@ -288,7 +290,7 @@ def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
 
 
 def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float = 100.0) -> torch.Tensor:
-    """Advantage-weighted regression weights min(exp(β A), max_weight) (IQL; reference §5(a))."""
+    """Advantage-weighted regression weights min(exp(β A), max_weight) (IQL; docs/deviations.md §19.1)."""
     return torch.exp(beta * advantage).clamp(max=max_weight)
 
 
@@ -450,7 +452,7 @@ def default_total_steps(env: str, history_len: int) -> int:
 def main(args: Args) -> dict:
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes",
                                         "populate_every", "rollout_length"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "online_ratio", "grad_clip"),
@@ -562,7 +564,7 @@ def main(args: Args) -> dict:
             a = agents.act(policy_inputs(observations, histories), greedy=True).cpu().numpy()
         return list(a)
 
-    # ---- MAIQL-ft: short real-simulator rollouts from dataset states (reference §5(c)) ----
+    # ---- MAIQL-ft: short real-simulator rollouts from dataset states (docs/deviations.md §19.3) ----
     populations = max(1, offline_steps // args.populate_every)
     rollouts_per_population = max(1, int(math.ceil(args.online_ratio * len(data) / (populations * args.rollout_length))))
     sims = [envs.make_env(args.env, obs_name) for _ in range(rollouts_per_population)] if args.finetune else []

@@ -10,11 +10,11 @@
    dataset, each with its real 10-step per-agent histories; k steps of the current decentralised policies
    inside the world model; reward r~ = r_bar - λ_r ε_r - λ_g ε_g; timeout ζ = 0 at the last step or where
    the *unclamped* ε_g ≥ l_ε (the authors' code clamped ε_g first, so its adaptive rollout length never fired:
-   reference §7 item 2); rollouts stop at predicted terminals f = 0.
+   docs/deviations.md §12); rollouts stop at predicted terminals f = 0.
 3. Train MAPPO on that data: per-agent policies and values (no parameter sharing), a QMIX-mixed team value
    V(s) = Σ_i w_i(s) V_i(h_i) + b(s) with w_i ≥ 0 (paper §3.2; the authors' mixer left w_i unconstrained,
-   reference §7 item 5), per-agent clipped ratios with the shared advantage (MAPPO; the authors used one
-   joint ratio, reference §7 item 6).
+   docs/deviations.md §14), per-agent clipped ratios with the shared advantage (MAPPO; the authors used one
+   joint ratio, docs/deviations.md §15).
 
 All agents are evaluated in one batched network: per-agent weights are stacked [n_agents, in, out] and
 applied with one bmm per layer; observations are zero-padded to a common width. Everything in the rollout
@@ -40,9 +40,9 @@ import envs
 from envs import MomaError
 
 # Per-env defaults chosen for a 2-core CPU. k = rollout horizon, λ_r / λ_g = penalty weights, l_ε = uncertainty
-# threshold (paper §3). λ and l_ε are the authors' code defaults (reference §4(b)); per-task values were not
-# released. The coordination game follows the authors' toy settings (reference §1(a)): k = 1, no history,
-# no clipping, no penalty. `world_model` holds the training overrides used if the ensemble must be trained.
+# threshold (paper §3). λ and l_ε are the authors' code defaults (docs/deviations.md §16); per-task values
+# were not released. The coordination game follows the authors' toy settings (docs/deviations.md §17): k = 1,
+# no history, no clipping, no penalty. `world_model` holds the training overrides used if the ensemble must be trained.
 PRESETS = {
     "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
                          uncertainty_threshold=float("inf"), uncertainty_cut="timeout", clip_to_dataset=False, minibatch_size=1024,
@@ -191,7 +191,7 @@ def resolve(args: Args) -> Args:
     if args.use_history is None:  # the state is Markov under full observability: histories only cost time
         filled["use_history"] = obs in ("independent", "leader-only", "partial")
     if args.env == "coordination" and (args.use_history or filled.get("use_history")):
-        raise MomaError("the coordination game runs without histories (reference §1(a)); drop --use-history")
+        raise MomaError("the coordination game runs without histories (docs/deviations.md §17); drop --use-history")
     if args.ground_truth and args.env == "coordination":
         raise MomaError("--ground-truth needs a MuJoCo env (reacher or ant)")
     return dataclasses.replace(args, obs=obs, dataset=dataset, **filled)
@@ -272,7 +272,7 @@ def agent_mlp(n_agents: int, in_dim: int, hidden: int, out_dim: int, out_std: fl
 class HistoryEncoder(nn.Module):
     """Paper §3.2: one self-attention layer, then soft-attention pooling, over the 10-step history.
 
-    Per agent (reference §4(c)): embed each (o, a) pair, add a sinusoidal position code (0 = oldest), one
+    Per agent (docs/deviations.md §6): embed each (o, a) pair, add a sinusoidal position code (0 = oldest), one
     single-head self-attention with a residual and LayerNorm, then pool with scores q·tanh(W_k h_s).
     """
 
@@ -398,7 +398,7 @@ def compute_gae(rewards, values, not_terminal, not_timeout, gamma: float, gae_la
     Steps after a rollout's end are garbage but never leak into valid ones: the end step has f ζ = 0, and the
     masks select (torch.where) instead of multiplying, so a non-finite garbage value (a diverged model state
     after a terminal, reachable without clipping) cannot turn a valid advantage into NaN (0 * inf = NaN).
-    (The authors regressed V on a Monte-Carlo return bootstrapped only at timeouts, reference §4(e); we use
+    (The authors regressed V on a Monte-Carlo return bootstrapped only at timeouts, docs/deviations.md §15; we use
     the standard λ-return, which has lower variance.)
     """
     k = rewards.shape[0]
@@ -666,7 +666,7 @@ def git_commit() -> str:
 
 def main(args: Args) -> dict:
     args = resolve(args)
-    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("iterations", "rollout_batch", "rollout_horizon", "minibatch_size", "hidden_dim",
                                         "embed_dim", "update_epochs", "eval_every", "eval_episodes_during",
                                         "eval_episodes", "checkpoint_every"),

@@ -3,11 +3,11 @@
 OMAR = a CQL critic + an actor that, besides maximising Q, imitates the best action a zeroth-order
 (CEM-like) search finds on its own critic, which pulls it out of the bad local optima of the
 conservative Q landscape. This is the authors' `itd3` learner with td3_omar_coeff = 0.9,
-td3_omar_cql_alpha = 1, td3_shortcut_omar off and td3_bc_coeff = 0 (reference §5(e)). Each agent i has
+td3_omar_cql_alpha = 1, td3_shortcut_omar off and td3_bc_coeff = 0 (docs/deviations.md §19.5). Each agent i has
 its own (no parameter sharing, no agent id) deterministic tanh actor π_i(x_i), double critic
 Q1_i, Q2_i(x_i, a_i) and target copies; x_i is [history embedding, o_i] on partially observable tasks
-(the one-layer self-attention + soft-attention pooling encoder of MOMA-PPO, paper §3.2 / reference
-§4(c), with a target encoder soft-updated with τ), o_i otherwise. Every agent learns from the team reward.
+(the one-layer self-attention + soft-attention pooling encoder of MOMA-PPO, paper §3.2 / docs/deviations.md
+§6, with a target encoder soft-updated with τ), o_i otherwise. Every agent learns from the team reward.
 
     critic:  TD3 target + CQL(H) term, exactly as icql.py (importance-sampled logsumexp over 10 uniform,
              10 noisy π(x) and 10 noisy π(x') actions; α = 1; we subtract the correct log-density of the
@@ -19,11 +19,11 @@ Q1_i, Q2_i(x_i, a_i) and target copies; x_i is [history embedding, o_i] on parti
     actor:   L_π = (1 - c) (-E[Q1_i(x_i, π_i(x_i))]) + c MSE(π_i(x_i), â_i) + 1e-3 E[π_i(x_i)²],
              c = 0.9, every 2 critic steps, with the soft target updates (τ = 0.005).
 
-Other choices (the issue is silent; a researcher comparing offline MARL methods would expect these):
+Other choices (not fixed by the paper; a researcher comparing offline MARL methods would expect these):
 * the history encoder is trained by the critic loss (TD + CQL); actors read its detached embedding,
   the target actor the target encoder's. Histories on for partially observable tasks only.
 * the MSE is F.mse_loss (a mean over batch and action dimensions), as in OMAR's code.
-* raw rewards (the authors' TD3 family did not normalise them, reference §2(e)); no state
+* raw rewards (the authors' TD3 family did not normalise them, docs/deviations.md §18); no state
   normalisation; no gradient clipping; the search runs on the CPU as well (the authors' needed CUDA).
 * continuous actions only: the coordination game's discrete baselines are iql.py, maiql.py and ibc.py.
 * all agents' networks are stacks of per-agent weights [n, in, out] run with one bmm per layer; the
@@ -80,7 +80,7 @@ class Args:
     history_len: Optional[int] = None
     """history length (None = 10 on partially observable tasks, 0 on fully observable ones)"""
     history_dim: int = 128
-    """width of the history encoder (reference §4(c))"""
+    """width of the history encoder (docs/deviations.md §6)"""
     learning_rate: float = 3e-4
     gamma: float = 0.99
     tau: float = 0.005
@@ -153,11 +153,12 @@ class AgentsMLP(nn.Module):
 
 
 class AgentsHistoryEncoder(nn.Module):
-    """Per-agent history encoder of MOMA-PPO (paper §3.2, reference §4(c)), batched over agents.
+    """Per-agent history encoder of MOMA-PPO (paper §3.2, docs/deviations.md §6), batched over agents.
 
     [n, B, H, in] -> [n, B, d]: linear embedding + sinusoidal positions (0 = oldest), one single-head
     self-attention layer with residual + LayerNorm, then soft-attention pooling
-    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the reference.
+    Σ_s softmax_s(qᵀ tanh(W_k H_s)) H_s. Padded (all-zero) steps are not masked, as in the authors'
+    code (docs/deviations.md §6).
     """
 
     def __init__(self, n: int, in_dim: int, length: int, d: int = 128):
@@ -241,7 +242,7 @@ class TD3Agents(nn.Module):
 
 def cql_sample_actions(pi: torch.Tensor, pi_next: torch.Tensor, n_samples: int, noise: float,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """CQL's proposal actions (reference §5(e)): n_samples uniform in [-1, 1]^d, n_samples π(x) + ε and
+    """CQL's proposal actions (docs/deviations.md §19.5): n_samples uniform in [-1, 1]^d, n_samples π(x) + ε and
     n_samples π(x') + ε, ε ~ N(0, noise² I), clipped to [-1, 1].
 
     pi, pi_next [n, B, a] (no grad) -> actions [n, B, 3 n_samples, a] and their proposal log-densities
@@ -286,7 +287,7 @@ def omar_choose_target(pi: torch.Tensor, q_pi: torch.Tensor, best: torch.Tensor,
 
 def omar_search(q1, pi: torch.Tensor, q_pi: torch.Tensor, iters: int, n_samples: int, n_elites: int, init_mu: float,
                 init_sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """OMAR's zeroth-order action search on Q1 (reference §5(e)), batched over agents and states.
+    """OMAR's zeroth-order action search on Q1 (docs/deviations.md §19.5), batched over agents and states.
 
     q1(actions [n, B, S, a]) -> [n, B, S]; pi [n, B, a], q_pi = Q1(x, π(x)) [n, B]. Returns the target
     action [n, B, a] (no grad)."""
@@ -422,7 +423,7 @@ def main(args: Args) -> dict:
                              "discrete-action baselines are iql.py, maiql.py and ibc.py")
     obs_name = envs.check_names(args.env, args.obs, args.dataset)
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
-    # Every argument is checked before any folder is made or any data is loaded (issue 16).
+    # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes", "policy_freq",
                                         "cql_samples", "omar_iters", "omar_samples", "omar_elites"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip", "cql_alpha",

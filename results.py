@@ -127,12 +127,13 @@ def paper_cell(table: str, obs: str, dataset: str, method: str) -> Optional[tupl
 # --------------------------------------------------------------------------------------------------
 # Cost estimates for run_all.sh's plan: seconds per gradient step (model-free) or per iteration (MOMA-PPO) with
 # 1 torch thread (MOMA-PPO: its default 2), plus a fixed cost per run (loading, the 100-episode evaluation).
-# Where measured: the project's 2-core CPU, usually shared with one other training (README "Results measured
-# here" runs, the scripts' --total-steps docstrings, and the coordination cells timed for issue 13).
+# Where measured: the project's 2-core CPU, usually shared with one other training (the hand runs of
+# results/legacy.md, the scripts' --total-steps docstrings, and coordination cells timed when the run records
+# were introduced; docs/reproduction.md, "Budgets").
 # "PO" = partially observable task, where the 10-step history encoder dominates the cost.
 # --------------------------------------------------------------------------------------------------
 SECONDS_PER_STEP = {
-    # coordination game (5,000-step cells and MOMA-PPO's 20 iterations timed for issue 13, 1 thread, other core
+    # coordination game (5,000-step cells and MOMA-PPO's 20 iterations timed then, 1 thread, other core
     # busy: IQL 62 s, MAIQL 178 s, IBC 34 s, MOMA-PPO 17 s of which ~15 s loading its world model)
     ("coordination", "FO", "moma_ppo"): 0.6, ("coordination", "FO", "iql"): 0.0115,
     ("coordination", "FO", "maiql"): 0.035, ("coordination", "FO", "ibc"): 0.0058,

@@ -11,8 +11,8 @@
 #   ./run_all.sh plots      # only draw the learning curves docs/plots/*.png from results/ (and rewrite docs/results.md)
 #
 # Budgets: BUDGET=quick (default: a few CPU hours per table on a 2-core machine, except Table 4b, see the plan),
-# BUDGET=default (the scripts' own defaults, as the README's earlier hand runs) or BUDGET=paper (the paper's
-# protocol: 1M gradient steps as the authors' code, MOMA-PPO at its presets). The flags of each budget are in
+# BUDGET=default (the scripts' own defaults, as the earlier hand runs of results/legacy.md) or BUDGET=paper
+# (the paper's protocol: 1M gradient steps as the authors' code, MOMA-PPO at its presets). The flags of each budget are in
 # budget_flags below; the plan printed before anything runs gives the cells, what is done and the estimated
 # CPU hours (speeds measured here, results.py SECONDS_PER_STEP).
 #

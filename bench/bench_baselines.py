@@ -38,7 +38,7 @@ import envs  # noqa: E402
 
 SCRIPTS = ("itd3bc", "icql", "omar", "ibc", "maiql")
 # The commit that gave every script a module-level make_learner/update with the computations of before the
-# speed-up work (issue 14): the "old" side of the A/B.
+# speed-up work (commits f01d479, cb8d7ba: fused Adam, foreach target updates): the "old" side of the A/B.
 BASELINE = "253f79c"
 
 

@@ -19,7 +19,7 @@ import omar
 SUMMARY_KEYS = {"algorithm", "env", "obs", "dataset_id", "seed", "config", "eval_episodes", "normalized_score_mean",
                 "normalized_score_std", "episode_returns", "episode_normalized_scores", "train_steps", "wall_time_s",
                 "git_commit",
-                # the run record (issue 13): checked against the current code and dataset by results.py
+                # the run record (docs/reproduction.md): checked against the current code and dataset by results.py
                 "method", "budget", "dataset_fingerprint", "code_fingerprint", "episode_lengths"}
 
 
