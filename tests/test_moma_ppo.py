@@ -226,9 +226,11 @@ def test_unknown_names_and_bad_flags_give_clear_errors():
 
 def test_solves_the_unfavorable_coordination_game(monkeypatch, tmp_path):
     # The paper's Table 3: MOMA-PPO coordinates on the dataset where the behaviour agents mostly disagree.
+    # At the preset's 20 iterations: with 12 this seed scored 0.9 on an AMD EPYC and 1.0 on an Intel Xeon (the same
+    # code; float summation order differs between the CPUs' kernels), so 12 was a budget that barely sufficed.
     monkeypatch.setitem(moma_ppo.PRESETS["coordination"], "world_model",
                         dict(hidden_dim=32, n_hidden_layers=2, max_steps=600, eval_every=200, patience=2))
-    args = moma_ppo.Args(env="coordination", dataset="unfavorable", seed=3, iterations=12, rollout_batch=1024,
+    args = moma_ppo.Args(env="coordination", dataset="unfavorable", seed=3, iterations=20, rollout_batch=1024,
                          eval_every=100, eval_episodes=20, run_dir=str(tmp_path / "run"))
     summary = moma_ppo.main(args)
     assert summary["normalized_score_mean"] == 1.0  # every round of every greedy episode coordinated
