@@ -560,10 +560,11 @@ DIAGNOSIS_TITLE = "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis"
 def diagnosis_table(records: list, staleness: Staleness) -> list:
     """One row per diagnosis run (`./run_all.sh diagnosis`): what it changed, its final score, how many greedy episodes
     reach the end (Ant episodes that fall end early), its learning curve in short, cost and command."""
-    lines = ["| run (settings changed from the preset) | obs | seed | score (mean ± std over episodes) | episodes reaching "
+    lines = ["| run (settings changed from the preset) | obs, dataset | seed | score (mean ± std over episodes) | episodes reaching "
              "1000 steps | in-training evaluations (first → best → last) | synthetic steps | wall time | command |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r.obs != "partial", r.method != "moma_ppo", r.method, r.summary.get("seed", 0))):
+    for r in sorted(records, key=lambda r: (r.obs != "partial", r.dataset != "medium", r.dataset, r.method != "moma_ppo",
+                                            r.method, r.summary.get("seed", 0))):
         s = r.summary
         lengths = np.asarray(s.get("episode_lengths") or [], dtype=np.float64)
         reach = f"{100 * np.mean(lengths >= envs.EPISODE_STEPS[r.env]):.0f}%" if len(lengths) else "n/a"
@@ -571,7 +572,7 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
         curve = f"{scores[0]:.2f} → {max(scores):.2f} → {scores[-1]:.2f}" if scores else "n/a"
         reasons, _ = staleness.check(r)
         name = r.method.replace("moma_ppo-", "").replace("moma_ppo", "(the preset)") + (" †" if reasons else "")
-        lines.append(f"| {name} | {r.obs} | {s.get('seed')} | {r.score:.3f} ± {s.get('normalized_score_std', float('nan')):.3f} | "
+        lines.append(f"| {name} | {r.obs}, {r.dataset} | {s.get('seed')} | {r.score:.3f} ± {s.get('normalized_score_std', float('nan')):.3f} | "
                      f"{reach} | {curve} | {s.get('train_steps', 0):,} | {fmt_seconds(s.get('wall_time_s', float('nan')))} | "
                      f"`results/diagnosis/{r.folder.name}/command.txt` |")
     return lines + ["", "† stale: made with other code or another build of the dataset.", ""]
