@@ -418,16 +418,23 @@ def diagnosis_figure(records: list, budget: str, refs: dict, plots_dir: pathlib.
     logs = [(r, log) for r, log in logs if log]
     if not logs:
         return None
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 7))
+    # One colour per (observability, method, dataset), its seeds in the same colour; full observability dashed.
+    groups = sorted({(r.obs, r.method, r.dataset) for r, _ in logs}, key=lambda g: (g[0] != "partial", g[2], g[1]))
+    colours = {g: plt.get_cmap("tab20")(i % 20) for i, g in enumerate(groups)}
     for ax, (column, title) in zip(axes.flat, DIAGNOSIS_PANELS):
+        labelled = set()
         for r, log in logs:
             y = log.get(column)
             if y is None:
                 continue
             keep = np.isfinite(y)
-            label = f"{'FO' if r.obs == 'full' else 'PO'} {r.method.replace('moma_ppo-', '').replace('moma_ppo', 'preset')}"
+            group = (r.obs, r.method, r.dataset)
+            label = (f"{'FO' if r.obs == 'full' else 'PO'} {r.method.replace('moma_ppo-', '').replace('moma_ppo', 'preset')}"
+                     f"{'' if r.dataset == 'medium' else ', ' + r.dataset}") if group not in labelled else None
+            labelled.add(group)
             ax.plot(log["synthetic_steps"][keep], y[keep], marker="." if column.startswith("eval") else None,
-                    linewidth=1, label=label)
+                    linewidth=1, label=label, color=colours[group], linestyle="--" if r.obs == "full" else "-")
         if column == "eval_score":
             for label, value in refs.items():
                 if value is not None:
@@ -436,8 +443,10 @@ def diagnosis_figure(records: list, budget: str, refs: dict, plots_dir: pathlib.
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("synthetic steps", fontsize=7)
         ax.tick_params(labelsize=7)
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, title="one colour per run type, its seeds alike",
+               title_fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     path = diagnosis_plot_path(budget, plots_dir)
     fig.savefig(path, dpi=90)
     plt.close(fig)
