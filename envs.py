@@ -1145,6 +1145,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def per_env_default(presets: dict, key: str):
+    """tyro marker of an Args field that defaults to None and is filled per env from a `PRESETS` table (the script's
+    resolve()): `--help` shows the table's values, e.g. "(default per env: coordination 1, reacher 10, ant 10)".
+    Use: `rollout_horizon: Annotated[Optional[int], envs.per_env_default(PRESETS, "rollout_horizon")] = None`."""
+    import tyro
+
+    shown = ", ".join(f"{env} {p[key]:g}" if isinstance(p[key], float) else f"{env} {p[key]}"
+                      for env, p in presets.items())
+    return tyro.conf.arg(help_behavior_hint=f"(default per env: {shown})")
+
+
 def check_args(args, *, at_least_one=(), non_negative=(), positive=(), finite=(), between=None, examples=None) -> None:
     """Validate arguments right after parsing, before any folder or data is touched (MomaError naming the flag and a
     valid value). at_least_one: counts >= 1; non_negative: numbers >= 0; positive: finite numbers > 0; finite: any

@@ -29,7 +29,7 @@ import pathlib
 import random
 import subprocess
 import time
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -42,19 +42,18 @@ from envs import MomaError
 # Per-env defaults chosen for a 2-core CPU. k = rollout horizon, λ_r / λ_g = penalty weights, l_ε = uncertainty
 # threshold (paper §3). λ and l_ε are the authors' code defaults (docs/deviations.md §16); per-task values
 # were not released. The coordination game follows the authors' toy settings (docs/deviations.md §17): k = 1,
-# no history, no clipping, no penalty. `world_model` holds the training overrides used if the ensemble must be trained.
+# no history, no clipping, no penalty. Each Args field that defaults to None takes its env's value here (resolve;
+# `--help` shows them). A missing world model is trained with world_model.py's own per-env settings (its PRESETS).
 PRESETS = {
     "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
                          uncertainty_threshold=float("inf"), clip_to_dataset=False, minibatch_size=1024,
-                         learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10,
-                         world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250, lr_decays=0,
-                                          patience=3)),
+                         learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10),
     "reacher": dict(rollout_horizon=10, rollout_batch=1000, iterations=400, lambda_r=0.05, lambda_g=0.1,
                     uncertainty_threshold=2.0, clip_to_dataset=True, minibatch_size=2048, learning_rate=3e-4,
-                    hidden_dim=256, eval_every=20, eval_episodes_during=20, world_model={}),
+                    hidden_dim=256, eval_every=20, eval_episodes_during=20),
     "ant": dict(rollout_horizon=10, rollout_batch=2000, iterations=500, lambda_r=0.05, lambda_g=0.1,
                 uncertainty_threshold=2.0, clip_to_dataset=True, minibatch_size=4096, learning_rate=3e-4,
-                hidden_dim=256, eval_every=25, eval_episodes_during=3, world_model={}),
+                hidden_dim=256, eval_every=25, eval_episodes_during=3),
 }
 
 
@@ -85,17 +84,17 @@ class Args:
     """torch CPU threads (2 on this 2-core machine: the batched rollouts and large minibatches use both)"""
 
     # Synthetic rollouts (Algorithm 1); None = the env's preset.
-    iterations: Optional[int] = None
+    iterations: Annotated[Optional[int], envs.per_env_default(PRESETS, "iterations")] = None
     """PPO iterations (each: one batch of synthetic rollouts, then the updates)"""
-    rollout_batch: Optional[int] = None
+    rollout_batch: Annotated[Optional[int], envs.per_env_default(PRESETS, "rollout_batch")] = None
     """b, rollouts started from dataset states per iteration"""
-    rollout_horizon: Optional[int] = None
+    rollout_horizon: Annotated[Optional[int], envs.per_env_default(PRESETS, "rollout_horizon")] = None
     """k, maximum model steps per rollout"""
-    lambda_r: Optional[float] = None
+    lambda_r: Annotated[Optional[float], envs.per_env_default(PRESETS, "lambda_r")] = None
     """λ_r, weight of the reward-variance penalty ε_r"""
-    lambda_g: Optional[float] = None
+    lambda_g: Annotated[Optional[float], envs.per_env_default(PRESETS, "lambda_g")] = None
     """λ_g, weight of the ensemble-covariance penalty ε_g"""
-    uncertainty_threshold: Optional[float] = None
+    uncertainty_threshold: Annotated[Optional[float], envs.per_env_default(PRESETS, "uncertainty_threshold")] = None
     """l_ε: penalties are capped at it, and a rollout times out where the unclamped ε_g ≥ l_ε"""
     world_model_seed: int = 0
     """which cached ensemble to use (one per dataset and seed, shared by MOMA-PPO seeds as the authors did)"""
@@ -105,7 +104,7 @@ class Args:
     """epistemic: λ_r ε_r + λ_g ε_g (paper); aleatoric: MOPO's λ_a max_m ||σ²_m||"""
     lambda_aleatoric: float = 1.0
     """λ_a of the aleatoric ablation (MOPO's search used 1 and 5)"""
-    clip_to_dataset: Optional[bool] = None
+    clip_to_dataset: Annotated[Optional[bool], envs.per_env_default(PRESETS, "clip_to_dataset")] = None
     """clip next states and rewards to the dataset's bounding box (paper §3.1)"""
     adaptive_rollout: bool = True
     """end rollouts early where ε_g ≥ l_ε (paper §3.2)"""
@@ -133,15 +132,15 @@ class Args:
     history_actions: Literal["sampled", "mean"] = "sampled"
     """actions appended to the histories during training rollouts: the sampled ones (paper), or the policy's mean,
     as in the greedy evaluation's histories"""
-    hidden_dim: Optional[int] = None
+    hidden_dim: Annotated[Optional[int], envs.per_env_default(PRESETS, "hidden_dim")] = None
     """width of the 2 hidden layers of every policy, value and the mixer"""
     embed_dim: int = 64
     """width of the self-attention history encoder (the authors: 128)"""
-    learning_rate: Optional[float] = None
+    learning_rate: Annotated[Optional[float], envs.per_env_default(PRESETS, "learning_rate")] = None
     """Adam learning rate of every network"""
     update_epochs: int = 5
     """PPO epochs per iteration (the authors: 5)"""
-    minibatch_size: Optional[int] = None
+    minibatch_size: Annotated[Optional[int], envs.per_env_default(PRESETS, "minibatch_size")] = None
     """transitions per minibatch"""
     gamma: float = 0.99
     """discount factor"""
@@ -169,9 +168,9 @@ class Args:
     """the authors' action-bound penalty Σ (1 - |μ|)² 1[|μ| > 1] on the mean actions (their weight: 1.0)"""
 
     # Evaluation and checkpoints.
-    eval_every: Optional[int] = None
+    eval_every: Annotated[Optional[int], envs.per_env_default(PRESETS, "eval_every")] = None
     """iterations between greedy evaluations in the real environment"""
-    eval_episodes_during: Optional[int] = None
+    eval_episodes_during: Annotated[Optional[int], envs.per_env_default(PRESETS, "eval_episodes_during")] = None
     """episodes of each evaluation during training"""
     eval_episodes: int = 100
     """greedy episodes of the final evaluation (paper: 100)"""
@@ -184,7 +183,7 @@ def resolve(args: Args) -> Args:
     obs = envs.check_names(args.env, args.obs, args.dataset)
     dataset = envs.DEFAULT_DATASET[args.env] if args.dataset is None else args.dataset
     preset = PRESETS[args.env]
-    filled = {k: preset[k] for k in preset if k != "world_model" and getattr(args, k) is None}
+    filled = {k: preset[k] for k in preset if getattr(args, k) is None}
     if args.use_history is None:  # the state is Markov under full observability: histories only cost time
         filled["use_history"] = obs in ("independent", "leader-only", "partial")
     if args.env == "coordination" and (args.use_history or filled.get("use_history")):
@@ -707,8 +706,7 @@ def main(args: Args) -> dict:
     else:
         import world_model
 
-        model = world_model.load_or_train(args.env, args.dataset, seed=args.world_model_seed, device=device,
-                                          **PRESETS[args.env]["world_model"])
+        model = world_model.load_or_train(args.env, args.dataset, seed=args.world_model_seed, device=device)
     layout = Layout(args.env, args.obs, device)
     states_all = torch.as_tensor(data.states, device=device)
     history_table = layout.dataset_history_table(data) if args.use_history else None
