@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import random
 import subprocess
@@ -69,8 +70,9 @@ class Args:
     """seed of the agents, the rollouts and the evaluation"""
     cuda: bool = False
     """run on the GPU"""
-    exp_name: str = "moma_ppo"
-    """name of the run"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
+    file's name, so a copy of the script never mixes its results with the original's"""
     run_dir: Optional[str] = None
     """run folder (default runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<time>); give it to --resume"""
     resume: bool = False
@@ -185,7 +187,7 @@ def resolve(args: Args) -> Args:
     preset = PRESETS[args.env]
     filled = {k: preset[k] for k in preset if getattr(args, k) is None}
     if args.use_history is None:  # the state is Markov under full observability: histories only cost time
-        filled["use_history"] = obs in ("independent", "leader-only", "partial")
+        filled["use_history"] = (args.env, obs) in envs.PARTIALLY_OBSERVABLE
     if args.env == "coordination" and (args.use_history or filled.get("use_history")):
         raise MomaError("the coordination game runs without histories (docs/deviations.md §17); drop --use-history")
     if args.ground_truth and args.env == "coordination":
@@ -196,7 +198,7 @@ def resolve(args: Args) -> Args:
 def method_name(args: Args) -> str:
     """The run's method as the tables name it: moma_ppo, or moma_ppo with its §6.3 ablation switches appended
     (e.g. moma_ppo-aleatoric-no_adaptive_rollout), so an ablation's record never lands in a MOMA-PPO cell."""
-    parts = ["moma_ppo"]
+    parts = [pathlib.Path(__file__).stem]  # this file's name: a copy of the script files its records under its own name
     if args.penalty == "aleatoric":  # MOPO's search tried λ_a = 1 and 5: a λ_a other than 1 is its own method
         parts.append("aleatoric" if args.lambda_aleatoric == 1.0 else f"aleatoric_{args.lambda_aleatoric:g}")
     if not args.adaptive_rollout:
@@ -213,7 +215,7 @@ def method_name(args: Args) -> str:
     for key in ALGORITHMIC_SETTINGS:
         value, default = getattr(args, key), PRESETS[args.env].get(key, defaults[key])
         if key == "use_history":
-            default = args.obs in ("independent", "leader-only", "partial")
+            default = (args.env, args.obs) in envs.PARTIALLY_OBSERVABLE
         if value != default:
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
     return "-".join(parts)
@@ -683,7 +685,7 @@ def main(args: Args) -> dict:
 
     given_run_dir = args.run_dir is not None
     run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
-        envs.REPO_DIR / "runs", f"{args.env}__{args.obs}__{args.dataset.replace('/', '_')}__{args.exp_name}__{args.seed}")
+        args.env, args.obs, args.dataset, args.exp_name, args.seed, base=envs.REPO_DIR / "runs")
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume and not checkpoint_path.exists():
         raise MomaError(f"nothing to resume: {checkpoint_path} does not exist")
@@ -694,7 +696,7 @@ def main(args: Args) -> dict:
     method = method_name(args)
     record = envs.record_name(args.env, args.obs, args.dataset, method, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
-    code = envs.code_fingerprint("moma_ppo.py")  # hashed before training: the code that runs, even if edited meanwhile
+    code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
 
     # ---------------------------------------------------------------- data and world model
     data = envs.load_dataset(args.env, args.dataset, args.obs)
@@ -834,7 +836,7 @@ def main(args: Args) -> dict:
     returns_eval, lengths = evaluate(args, act, args.eval_episodes, eval_seed, return_lengths=True)
     scores = data.normalized_score(returns_eval)
     summary = {
-        "algorithm": "moma_ppo", "env": args.env, "obs": args.obs, "dataset_id": data.dataset_id, "seed": args.seed,
+        "algorithm": pathlib.Path(__file__).stem, "env": args.env, "obs": args.obs, "dataset_id": data.dataset_id, "seed": args.seed,
         "config": dataclasses.asdict(args), "eval_episodes": args.eval_episodes,
         "normalized_score_mean": float(scores.mean()), "normalized_score_std": float(scores.std()),
         "episode_returns": returns_eval.tolist(), "episode_normalized_scores": scores.tolist(),

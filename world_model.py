@@ -120,8 +120,8 @@ class Args:
     """train on the GPU"""
     torch_threads: int = 2
     """torch CPU threads (CLI only; moma_ppo.py trains a missing model with its own setting)"""
-    exp_name: str = "world_model"
-    """name of the TensorBoard run"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the TensorBoard run (default: this file's name)"""
     ensemble_size: int = 7
     """N_m, members trained (paper §3.1)"""
     n_elites: int = 5
@@ -840,8 +840,8 @@ def train_and_save(args: Args, device: torch.device, progress: bool = True) -> t
     args = resolve(dataclasses.replace(args, dataset=dataset))
     data = envs.load_dataset(args.env, dataset)
     path = artifact_path(args.env, dataset, args.seed)
-    run_name = f"{args.env}__{dataset.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
+    # TensorBoard folder named as every script's runs ("state": the model sees the global state, not an obs function)
+    writer = SummaryWriter(str(envs.default_run_dir(args.env, "state", dataset, args.exp_name, args.seed)))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
     ckpt = path.with_name(path.name + ".ckpt")
