@@ -83,6 +83,9 @@ OBS_FUNCTIONS = {
     "ant": ("full", "partial"),
 }
 DEFAULT_OBS = {"coordination": "full", "reacher": "all-observant", "ant": "full"}
+# The (env, obs) tasks where an agent does not see the whole state: there the observation is not Markov and the
+# decentralised learners condition on the 10-step history encoder (docs/deviations.md §6).
+PARTIALLY_OBSERVABLE = frozenset({("reacher", "independent"), ("reacher", "leader-only"), ("ant", "partial")})
 DATASETS = {
     "coordination": ("favorable", "neutral", "unfavorable"),
     "reacher": ("expert-mix",),
@@ -1027,10 +1030,13 @@ def file_hash(path) -> str:
     return _hashlib.sha256(text).hexdigest()[:16]
 
 
-def code_fingerprint(script: str) -> dict:
-    """{file: content hash} of the code a run of `script` (e.g. 'iql.py') depends on."""
-    files = CODE_DEPENDENCIES.get(script, (script, "envs.py"))
-    return {name: file_hash(REPO_DIR / name) for name in files}
+def code_fingerprint(script) -> dict:
+    """{file: content hash} of the code a run of `script` depends on: the script (its path, e.g. its __file__, or
+    a file name in the repository such as 'iql.py') and the modules it uses (CODE_DEPENDENCIES, else envs.py)."""
+    script = pathlib.Path(script)
+    files = CODE_DEPENDENCIES.get(script.name, (script.name, "envs.py"))
+    paths = {script.name: script if script.is_absolute() else REPO_DIR / script}
+    return {name: file_hash(paths.get(name, REPO_DIR / name)) for name in files}
 
 
 def record_name(env: str, obs: str, dataset: str, algorithm: str, seed: int) -> str:
@@ -1170,6 +1176,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def per_env_default(presets: dict, key: str):
+    """tyro marker of an Args field that defaults to None and is filled per env from a `PRESETS` table (the script's
+    resolve()): `--help` shows the table's values, e.g. "(default per env: coordination 1, reacher 10, ant 10)".
+    Use: `rollout_horizon: Annotated[Optional[int], envs.per_env_default(PRESETS, "rollout_horizon")] = None`."""
+    import tyro
+
+    shown = ", ".join(f"{env} {p[key]:g}" if isinstance(p[key], float) else f"{env} {p[key]}"
+                      for env, p in presets.items())
+    return tyro.conf.arg(help_behavior_hint=f"(default per env: {shown})")
+
+
 def check_args(args, *, at_least_one=(), non_negative=(), positive=(), finite=(), between=None, examples=None) -> None:
     """Validate arguments right after parsing, before any folder or data is touched (MomaError naming the flag and a
     valid value). at_least_one: counts >= 1; non_negative: numbers >= 0; positive: finite numbers > 0; finite: any
@@ -1219,9 +1236,11 @@ def check_run_dir(run_dir: pathlib.Path) -> None:
         raise MomaError(f"--run-dir {run_dir}: cannot write in {place} ({e.strerror}); choose a writable --run-dir") from None
 
 
-def default_run_dir(base, name: str) -> pathlib.Path:
-    """runs/<name>__<unix time in µs>_<pid>: two runs started in the same second (or µs) never share a folder."""
-    return pathlib.Path(base) / f"{name}__{time.time_ns() // 1000}_{os.getpid()}"
+def default_run_dir(env: str, obs: str, dataset: str, exp_name: str, seed: int, base="runs") -> pathlib.Path:
+    """The run folder of every script when no --run-dir is given (CleanRL's runs/<run name>):
+    <base>/<env>__<obs>__<dataset>__<exp_name>__<seed>__<unix time in µs>_<pid>, the record's name (record_name)
+    plus a stamp, so that two runs started in the same second (or µs) never share a folder."""
+    return pathlib.Path(base) / f"{record_name(env, obs, dataset, exp_name, seed)}__{time.time_ns() // 1000}_{os.getpid()}"
 
 
 def make_run_dir(run_dir: pathlib.Path, given: bool) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import subprocess
 import time
@@ -48,7 +49,9 @@ class Args:
     """observation function (None = the env's default)"""
     dataset: Optional[str] = None
     """dataset name of the env (None = the env's default)"""
-    exp_name: str = "ibc"
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
+    file's name, so a copy of the script never mixes its results with the original's"""
     seed: int = 1
     cuda: bool = False
     """use the GPU (CPU by default)"""
@@ -82,9 +85,6 @@ class Args:
     <results-dir>/<env>__<obs>__<dataset>__<algorithm>__<seed>/ (run_all.sh passes results/<table>)"""
     budget: Optional[str] = None
     """name of the budget the run belongs to (run_all.sh's BUDGET); recorded in summary.json"""
-
-
-PARTIALLY_OBSERVABLE = {("reacher", "independent"), ("reacher", "leader-only"), ("ant", "partial")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,12 +192,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def pad_stack(arrays: list, width: int) -> torch.Tensor:
-    """Per-agent [..., d_i] -> zero-padded [n, ..., width] float32 tensor."""
-    return torch.stack([F.pad(torch.as_tensor(np.asarray(a), dtype=torch.float32), (0, width - a.shape[-1]))
-                        for a in arrays])
-
-
 def default_total_steps(env: str, history_len: int) -> int:
     """Gradient steps when --total-steps is not given: 5k on the coordination game (solved or failed for
     good after ~1k; Table 3 needs 30 runs per method), 50k without histories, 10k with the history encoder."""
@@ -251,9 +245,10 @@ def main(args: Args) -> dict:
     # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes"),
                     non_negative=("history_len", "eval_every", "checkpoint_every"), positive=("learning_rate",))
+    algorithm = pathlib.Path(__file__).stem  # the method its records are filed under: this file's name
     given_run_dir = args.run_dir is not None
     run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
-        "runs", f"{args.env}__{obs_name}__{dataset}__{args.exp_name}__{args.seed}")
+        args.env, obs_name, dataset, args.exp_name, args.seed)
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -269,7 +264,7 @@ def main(args: Args) -> dict:
 
     history_len = args.history_len
     if history_len is None:
-        history_len = envs.HISTORY_LEN if (args.env, obs_name) in PARTIALLY_OBSERVABLE else 0
+        history_len = envs.HISTORY_LEN if (args.env, obs_name) in envs.PARTIALLY_OBSERVABLE else 0
     if args.env == "coordination":
         history_len = 0  # the round index is the whole state (authors force memory_len = 0 here)
     offline_steps = args.total_steps if args.total_steps is not None else default_total_steps(args.env, history_len)
@@ -309,9 +304,9 @@ def main(args: Args) -> dict:
     envs.check_free_space(run_dir, 3 * envs.tensor_bytes(agents))  # weights and 2 Adam moments
     envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
-    record = envs.record_name(args.env, obs_name, dataset, "ibc", args.seed)
+    record = envs.record_name(args.env, obs_name, dataset, algorithm, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
-    code = envs.code_fingerprint("ibc.py")  # hashed before training: the code that runs, even if edited meanwhile
+    code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, step if args.resume else None)
     writer = SummaryWriter(str(run_dir))
@@ -365,12 +360,12 @@ def main(args: Args) -> dict:
                                      history_len=history_len, return_lengths=True)
     scores = data.normalized_score(returns)
     wall = wall_before + time.time() - t0
-    summary = dict(algorithm="ibc", env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
+    summary = dict(algorithm=algorithm, env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
                    config=vars(args), eval_episodes=args.eval_episodes,
                    normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
                    episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
                    train_steps=step, wall_time_s=wall, git_commit=git_commit())
-    summary.update(method="ibc", **envs.record_fields(code, data, args.budget, lengths))
+    summary.update(method=algorithm, **envs.record_fields(code, data, args.budget, lengths))
     curve.add(step, step * args.batch_size, wall, summary["normalized_score_mean"], len(returns))
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)

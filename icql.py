@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import pathlib
 import subprocess
 import time
@@ -64,7 +65,9 @@ class Args:
     """observation function (None = the env's default)"""
     dataset: Optional[str] = None
     """dataset name of the env (None = the env's default)"""
-    exp_name: str = "icql"
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
+    file's name, so a copy of the script never mixes its results with the original's"""
     seed: int = 1
     cuda: bool = False
     """use the GPU (CPU by default)"""
@@ -116,9 +119,6 @@ class Args:
     <results-dir>/<env>__<obs>__<dataset>__<algorithm>__<seed>/ (run_all.sh passes results/<table>)"""
     budget: Optional[str] = None
     """name of the budget the run belongs to (run_all.sh's BUDGET); recorded in summary.json"""
-
-
-PARTIALLY_OBSERVABLE = {("reacher", "independent"), ("reacher", "leader-only"), ("ant", "partial")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,10 +381,11 @@ def main(args: Args) -> dict:
                     non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip", "cql_alpha"),
                     positive=("learning_rate", "tau", "cql_noise", "cql_temperature"),
                     between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0)})
-    algorithm, exp_name = "icql", args.exp_name
+    # the method its records are filed under: this file's name
+    algorithm, exp_name = pathlib.Path(__file__).stem, args.exp_name
     given_run_dir = args.run_dir is not None
     run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
-        "runs", f"{args.env}__{obs_name}__{dataset}__{exp_name}__{args.seed}")
+        args.env, obs_name, dataset, exp_name, args.seed)
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -400,7 +401,7 @@ def main(args: Args) -> dict:
 
     history_len = args.history_len
     if history_len is None:
-        history_len = envs.HISTORY_LEN if (args.env, obs_name) in PARTIALLY_OBSERVABLE else 0
+        history_len = envs.HISTORY_LEN if (args.env, obs_name) in envs.PARTIALLY_OBSERVABLE else 0
     total_steps = args.total_steps if args.total_steps is not None else (10_000 if history_len == 0 else 5_000)
     ck = None
     if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
@@ -448,7 +449,7 @@ def main(args: Args) -> dict:
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     record = envs.record_name(args.env, obs_name, dataset, algorithm, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
-    code = envs.code_fingerprint("icql.py")  # hashed before training: the code that runs, even if edited meanwhile
+    code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, step if args.resume else None)
     writer = SummaryWriter(str(run_dir))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import pathlib
 import subprocess
 import time
@@ -56,7 +57,9 @@ class Args:
     """task's observation function (recorded only: centralised IQL always sees the global state)"""
     dataset: Optional[str] = None
     """dataset name of the env (None = the env's default)"""
-    exp_name: str = "iql"
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
+    file's name, so a copy of the script never mixes its results with the original's"""
     seed: int = 1
     cuda: bool = False
     """use the GPU (CPU by default)"""
@@ -241,9 +244,10 @@ def main(args: Args) -> dict:
                     non_negative=("history_len", "eval_every", "checkpoint_every", "gamma"),
                     positive=("learning_rate", "beta", "max_weight", "tau"),
                     between={"gamma": (0.0, 1.0), "expectile": (0.0, 1.0), "tau": (0.0, 1.0)})
+    algorithm = pathlib.Path(__file__).stem  # the method its records are filed under: this file's name
     given_run_dir = args.run_dir is not None
     run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
-        "runs", f"{args.env}__{obs_name}__{dataset}__{args.exp_name}__{args.seed}")
+        args.env, obs_name, dataset, args.exp_name, args.seed)
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -318,9 +322,9 @@ def main(args: Args) -> dict:
     envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agent))  # weights, 2 Adam moments, targets
     envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
-    record = envs.record_name(args.env, obs_name, dataset, "iql", args.seed)
+    record = envs.record_name(args.env, obs_name, dataset, algorithm, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
-    code = envs.code_fingerprint("iql.py")  # hashed before training: the code that runs, even if edited meanwhile
+    code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, step if args.resume else None)
     writer = SummaryWriter(str(run_dir))
@@ -408,12 +412,12 @@ def main(args: Args) -> dict:
                                      history_len=history_len, return_lengths=True)
     scores = data.normalized_score(returns)
     wall = wall_before + time.time() - t0
-    summary = dict(algorithm="iql", env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
+    summary = dict(algorithm=algorithm, env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
                    config=vars(args), eval_episodes=args.eval_episodes,
                    normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
                    episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
                    train_steps=step, wall_time_s=wall, git_commit=git_commit())
-    summary.update(method="iql", **envs.record_fields(code, data, args.budget, lengths))
+    summary.update(method=algorithm, **envs.record_fields(code, data, args.budget, lengths))
     curve.add(step, step * args.batch_size, wall, summary["normalized_score_mean"], len(returns))
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import pathlib
 import subprocess
 import time
@@ -65,7 +66,9 @@ class Args:
     """dataset name of the env (None = the env's default)"""
     mixer: bool = False
     """MATD3+BC: centralised critic training with a monotonic QMIX mixer over the agents' Q_i"""
-    exp_name: str = "itd3bc"
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
+    file's name, so a copy of the script never mixes its results with the original's"""
     seed: int = 1
     cuda: bool = False
     """use the GPU (CPU by default)"""
@@ -110,9 +113,6 @@ class Args:
     <results-dir>/<env>__<obs>__<dataset>__<algorithm>__<seed>/ (run_all.sh passes results/<table>)"""
     budget: Optional[str] = None
     """name of the budget the run belongs to (run_all.sh's BUDGET); recorded in summary.json"""
-
-
-PARTIALLY_OBSERVABLE = {("reacher", "independent"), ("reacher", "leader-only"), ("ant", "partial")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,11 +367,13 @@ def main(args: Args) -> dict:
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes", "policy_freq"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip"),
                     positive=("learning_rate", "tau", "alpha"), between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0)})
-    algorithm = "matd3bc" if args.mixer else "itd3bc"
-    exp_name = algorithm if args.exp_name == "itd3bc" else args.exp_name
+    name = pathlib.Path(__file__).stem  # the method its records are filed under: this file's name
+    # --mixer: MATD3+BC, the multi-agent (mixed-critic) version of the independent learners (itd3bc -> matd3bc)
+    algorithm = "ma" + name.removeprefix("i") if args.mixer else name
+    exp_name = algorithm if args.exp_name == name else args.exp_name
     given_run_dir = args.run_dir is not None
     run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
-        "runs", f"{args.env}__{obs_name}__{dataset}__{exp_name}__{args.seed}")
+        args.env, obs_name, dataset, exp_name, args.seed)
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -387,7 +389,7 @@ def main(args: Args) -> dict:
 
     history_len = args.history_len
     if history_len is None:
-        history_len = envs.HISTORY_LEN if (args.env, obs_name) in PARTIALLY_OBSERVABLE else 0
+        history_len = envs.HISTORY_LEN if (args.env, obs_name) in envs.PARTIALLY_OBSERVABLE else 0
     total_steps = args.total_steps if args.total_steps is not None else (50_000 if history_len == 0 else 10_000)
     ck = None
     if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
@@ -439,7 +441,7 @@ def main(args: Args) -> dict:
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     record = envs.record_name(args.env, obs_name, dataset, algorithm, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
-    code = envs.code_fingerprint("itd3bc.py")  # hashed before training: the code that runs, even if edited meanwhile
+    code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, step if args.resume else None)
     writer = SummaryWriter(str(run_dir))

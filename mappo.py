@@ -44,7 +44,9 @@ class Args:
     """observation function (None = the env's default, all-observant / full)"""
     dataset: Optional[str] = None
     """dataset whose ref scores normalise the final evaluation (None = the env's default); never built here"""
-    exp_name: str = "mappo"
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
+    file's name, so a copy of the script never mixes its results with the original's"""
     seed: int = 1
     cuda: bool = False
     """use the GPU (CPU by default)"""
@@ -257,7 +259,8 @@ def main(args: Args) -> dict:
     envs.check_names(args.env, obs_name, dataset)
     if args.resume and args.run_dir is None:
         raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
-    run_dir = pathlib.Path(args.run_dir or f"runs/{args.env}__{obs_name}__online__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = pathlib.Path(args.run_dir) if args.run_dir else envs.default_run_dir(
+        args.env, obs_name, "online", args.exp_name, args.seed)
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
@@ -440,7 +443,7 @@ def main(args: Args) -> dict:
         pass
     scores = envs.normalized_score(returns, ref_min, ref_max) if ref_min is not None and ref_max is not None else None
     wall = wall_before + time.time() - t0
-    summary = dict(algorithm="mappo", env=args.env, obs=obs_name, dataset_id=envs.dataset_id(args.env, dataset),
+    summary = dict(algorithm=pathlib.Path(__file__).stem, env=args.env, obs=obs_name, dataset_id=envs.dataset_id(args.env, dataset),
                    seed=args.seed, config=vars(args), eval_episodes=args.eval_episodes,
                    normalized_score_mean=None if scores is None else float(scores.mean()),
                    normalized_score_std=None if scores is None else float(scores.std()),

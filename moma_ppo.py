@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import random
 import subprocess
 import time
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -42,19 +43,18 @@ from envs import MomaError
 # Per-env defaults chosen for a 2-core CPU. k = rollout horizon, λ_r / λ_g = penalty weights, l_ε = uncertainty
 # threshold (paper §3). λ and l_ε are the authors' code defaults (docs/deviations.md §16); per-task values
 # were not released. The coordination game follows the authors' toy settings (docs/deviations.md §17): k = 1,
-# no history, no clipping, no penalty. `world_model` holds the training overrides used if the ensemble must be trained.
+# no history, no clipping, no penalty. Each Args field that defaults to None takes its env's value here (resolve;
+# `--help` shows them). A missing world model is trained with world_model.py's own per-env settings (its PRESETS).
 PRESETS = {
     "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
                          uncertainty_threshold=float("inf"), uncertainty_cut="timeout", clip_to_dataset=False, minibatch_size=1024,
-                         learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10,
-                         world_model=dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250, lr_decays=0,
-                                          patience=3)),
+                         learning_rate=3e-3, hidden_dim=64, eval_every=10, eval_episodes_during=10),
     "reacher": dict(rollout_horizon=10, rollout_batch=1000, iterations=400, lambda_r=0.05, lambda_g=0.1,
                     uncertainty_threshold=2.0, uncertainty_cut="timeout", clip_to_dataset=True, minibatch_size=2048, learning_rate=3e-4,
-                    hidden_dim=256, eval_every=20, eval_episodes_during=20, world_model={}),
+                    hidden_dim=256, eval_every=20, eval_episodes_during=20),
     "ant": dict(rollout_horizon=10, rollout_batch=2000, iterations=500, lambda_r=0.05, lambda_g=0.1,
                 uncertainty_threshold=2.0, uncertainty_cut="terminal", clip_to_dataset=True, minibatch_size=4096, learning_rate=3e-4,
-                hidden_dim=256, eval_every=25, eval_episodes_during=3, world_model={}),
+                hidden_dim=256, eval_every=25, eval_episodes_during=3),
 }
 
 
@@ -70,8 +70,9 @@ class Args:
     """seed of the agents, the rollouts and the evaluation"""
     cuda: bool = False
     """run on the GPU"""
-    exp_name: str = "moma_ppo"
-    """name of the run"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
+    file's name, so a copy of the script never mixes its results with the original's"""
     run_dir: Optional[str] = None
     """run folder (default runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<time>); give it to --resume"""
     resume: bool = False
@@ -85,17 +86,17 @@ class Args:
     """torch CPU threads (2 on this 2-core machine: the batched rollouts and large minibatches use both)"""
 
     # Synthetic rollouts (Algorithm 1); None = the env's preset.
-    iterations: Optional[int] = None
+    iterations: Annotated[Optional[int], envs.per_env_default(PRESETS, "iterations")] = None
     """PPO iterations (each: one batch of synthetic rollouts, then the updates)"""
-    rollout_batch: Optional[int] = None
+    rollout_batch: Annotated[Optional[int], envs.per_env_default(PRESETS, "rollout_batch")] = None
     """b, rollouts started from dataset states per iteration"""
-    rollout_horizon: Optional[int] = None
+    rollout_horizon: Annotated[Optional[int], envs.per_env_default(PRESETS, "rollout_horizon")] = None
     """k, maximum model steps per rollout"""
-    lambda_r: Optional[float] = None
+    lambda_r: Annotated[Optional[float], envs.per_env_default(PRESETS, "lambda_r")] = None
     """λ_r, weight of the reward-variance penalty ε_r"""
-    lambda_g: Optional[float] = None
+    lambda_g: Annotated[Optional[float], envs.per_env_default(PRESETS, "lambda_g")] = None
     """λ_g, weight of the ensemble-covariance penalty ε_g"""
-    uncertainty_threshold: Optional[float] = None
+    uncertainty_threshold: Annotated[Optional[float], envs.per_env_default(PRESETS, "uncertainty_threshold")] = None
     """l_ε: penalties are capped at it, and a rollout times out where the unclamped ε_g ≥ l_ε"""
     world_model_seed: int = 0
     """which cached ensemble to use (one per dataset and seed, shared by MOMA-PPO seeds as the authors did)"""
@@ -105,11 +106,11 @@ class Args:
     """epistemic: λ_r ε_r + λ_g ε_g (paper); aleatoric: MOPO's λ_a max_m ||σ²_m||"""
     lambda_aleatoric: float = 1.0
     """λ_a of the aleatoric ablation (MOPO's search used 1 and 5)"""
-    clip_to_dataset: Optional[bool] = None
+    clip_to_dataset: Annotated[Optional[bool], envs.per_env_default(PRESETS, "clip_to_dataset")] = None
     """clip next states and rewards to the dataset's bounding box (paper §3.1)"""
     adaptive_rollout: bool = True
     """end rollouts early where ε_g ≥ l_ε (paper §3.2)"""
-    uncertainty_cut: Optional[Literal["timeout", "terminal"]] = None
+    uncertainty_cut: Annotated[Optional[Literal["timeout", "terminal"]], envs.per_env_default(PRESETS, "uncertainty_cut")] = None
     """how a rollout cut by ε_g ≥ l_ε ends: a timeout that bootstraps from V at the uncertain predicted state (paper
     §3.2: ζ = 0), or a terminal without bootstrap, as MOReL's absorbing HALT state (the uncertain step keeps its
     reward; the value beyond it is lost, so reaching model uncertainty costs what falling costs). None = the env's
@@ -136,15 +137,15 @@ class Args:
     history_actions: Literal["sampled", "mean"] = "sampled"
     """actions appended to the histories during training rollouts: the sampled ones (paper), or the policy's mean,
     as in the greedy evaluation's histories"""
-    hidden_dim: Optional[int] = None
+    hidden_dim: Annotated[Optional[int], envs.per_env_default(PRESETS, "hidden_dim")] = None
     """width of the 2 hidden layers of every policy, value and the mixer"""
     embed_dim: int = 64
     """width of the self-attention history encoder (the authors: 128)"""
-    learning_rate: Optional[float] = None
+    learning_rate: Annotated[Optional[float], envs.per_env_default(PRESETS, "learning_rate")] = None
     """Adam learning rate of every network"""
     update_epochs: int = 5
     """PPO epochs per iteration (the authors: 5)"""
-    minibatch_size: Optional[int] = None
+    minibatch_size: Annotated[Optional[int], envs.per_env_default(PRESETS, "minibatch_size")] = None
     """transitions per minibatch"""
     gamma: float = 0.99
     """discount factor"""
@@ -172,9 +173,9 @@ class Args:
     """the authors' action-bound penalty Σ (1 - |μ|)² 1[|μ| > 1] on the mean actions (their weight: 1.0)"""
 
     # Evaluation and checkpoints.
-    eval_every: Optional[int] = None
+    eval_every: Annotated[Optional[int], envs.per_env_default(PRESETS, "eval_every")] = None
     """iterations between greedy evaluations in the real environment"""
-    eval_episodes_during: Optional[int] = None
+    eval_episodes_during: Annotated[Optional[int], envs.per_env_default(PRESETS, "eval_episodes_during")] = None
     """episodes of each evaluation during training"""
     eval_episodes: int = 100
     """greedy episodes of the final evaluation (paper: 100)"""
@@ -187,9 +188,9 @@ def resolve(args: Args) -> Args:
     obs = envs.check_names(args.env, args.obs, args.dataset)
     dataset = envs.DEFAULT_DATASET[args.env] if args.dataset is None else args.dataset
     preset = PRESETS[args.env]
-    filled = {k: preset[k] for k in preset if k != "world_model" and getattr(args, k) is None}
+    filled = {k: preset[k] for k in preset if getattr(args, k) is None}
     if args.use_history is None:  # the state is Markov under full observability: histories only cost time
-        filled["use_history"] = obs in ("independent", "leader-only", "partial")
+        filled["use_history"] = (args.env, obs) in envs.PARTIALLY_OBSERVABLE
     if args.env == "coordination" and (args.use_history or filled.get("use_history")):
         raise MomaError("the coordination game runs without histories (docs/deviations.md §17); drop --use-history")
     if args.ground_truth and args.env == "coordination":
@@ -200,7 +201,7 @@ def resolve(args: Args) -> Args:
 def method_name(args: Args) -> str:
     """The run's method as the tables name it: moma_ppo, or moma_ppo with its §6.3 ablation switches appended
     (e.g. moma_ppo-aleatoric-no_adaptive_rollout), so an ablation's record never lands in a MOMA-PPO cell."""
-    parts = ["moma_ppo"]
+    parts = [pathlib.Path(__file__).stem]  # this file's name: a copy of the script files its records under its own name
     if args.penalty == "aleatoric":  # MOPO's search tried λ_a = 1 and 5: a λ_a other than 1 is its own method
         parts.append("aleatoric" if args.lambda_aleatoric == 1.0 else f"aleatoric_{args.lambda_aleatoric:g}")
     if not args.adaptive_rollout:
@@ -217,7 +218,7 @@ def method_name(args: Args) -> str:
     for key in ALGORITHMIC_SETTINGS:
         value, default = getattr(args, key), PRESETS[args.env].get(key, defaults[key])
         if key == "use_history":
-            default = args.obs in ("independent", "leader-only", "partial")
+            default = (args.env, args.obs) in envs.PARTIALLY_OBSERVABLE
         if key == "uncertainty_cut" and (not args.adaptive_rollout or args.ground_truth):
             continue  # no cut is ever made (no adaptive rollouts; the simulator's ε_g is 0): the same run either way
         if value != default:
@@ -689,7 +690,7 @@ def main(args: Args) -> dict:
 
     given_run_dir = args.run_dir is not None
     run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
-        envs.REPO_DIR / "runs", f"{args.env}__{args.obs}__{args.dataset.replace('/', '_')}__{args.exp_name}__{args.seed}")
+        args.env, args.obs, args.dataset, args.exp_name, args.seed, base=envs.REPO_DIR / "runs")
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume and not checkpoint_path.exists():
         raise MomaError(f"nothing to resume: {checkpoint_path} does not exist")
@@ -700,7 +701,7 @@ def main(args: Args) -> dict:
     method = method_name(args)
     record = envs.record_name(args.env, args.obs, args.dataset, method, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
-    code = envs.code_fingerprint("moma_ppo.py")  # hashed before training: the code that runs, even if edited meanwhile
+    code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
 
     # ---------------------------------------------------------------- data and world model
     data = envs.load_dataset(args.env, args.dataset, args.obs)
@@ -712,8 +713,7 @@ def main(args: Args) -> dict:
     else:
         import world_model
 
-        model = world_model.load_or_train(args.env, args.dataset, seed=args.world_model_seed, device=device,
-                                          **PRESETS[args.env]["world_model"])
+        model = world_model.load_or_train(args.env, args.dataset, seed=args.world_model_seed, device=device)
     layout = Layout(args.env, args.obs, device)
     states_all = torch.as_tensor(data.states, device=device)
     history_table = layout.dataset_history_table(data) if args.use_history else None
@@ -841,7 +841,7 @@ def main(args: Args) -> dict:
     returns_eval, lengths = evaluate(args, act, args.eval_episodes, eval_seed, return_lengths=True)
     scores = data.normalized_score(returns_eval)
     summary = {
-        "algorithm": "moma_ppo", "env": args.env, "obs": args.obs, "dataset_id": data.dataset_id, "seed": args.seed,
+        "algorithm": pathlib.Path(__file__).stem, "env": args.env, "obs": args.obs, "dataset_id": data.dataset_id, "seed": args.seed,
         "config": dataclasses.asdict(args), "eval_episodes": args.eval_episodes,
         "normalized_score_mean": float(scores.mean()), "normalized_score_std": float(scores.std()),
         "episode_returns": returns_eval.tolist(), "episode_normalized_scores": scores.tolist(),

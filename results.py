@@ -159,7 +159,7 @@ SECONDS_PER_STEP = {
     ("ant", "PO", "omar"): 1.85, ("ant", "PO", "moma_ppo"): 14.2,
 }
 SECONDS_PER_RUN = {"coordination": 5, "reacher": 40, "ant": 150}  # load, world model from cache, final evaluation
-PARTIAL_OBS = {"independent", "leader-only", "partial"}
+PARTIAL_OBS = {obs for _, obs in envs.PARTIALLY_OBSERVABLE}  # observation functions of the PO tasks
 
 
 def seconds_per_step(env: str, obs: str, method: str) -> float:

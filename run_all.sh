@@ -83,7 +83,8 @@ budget_flags() {
 method_of() {
   local script=$1 method=${1%.py} env=$2 obs=$3
   shift 3
-  for flag in "$@"; do case $flag in --finetune) method=maiql_ft ;; --mixer) method=matd3bc ;; esac; done
+  # MAIQL-ft and MATD3+BC (maiql.py --finetune, itd3bc.py --mixer), named as the scripts name them
+  for flag in "$@"; do case $flag in --finetune) method=${method}_ft ;; --mixer) method=ma${method#i} ;; esac; done
   if [ "$method" = moma_ppo ]; then
     local other=0
     for flag in "$@"; do case $flag in --penalty | aleatoric | --no-adaptive-rollout) ;; *) other=1 ;; esac; done

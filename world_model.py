@@ -60,7 +60,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
@@ -88,6 +88,17 @@ STATE_GROUPS = {
 }
 
 
+# Per-env training settings: the Args fields below that default to None take these values (resolve). `moma_ppo.py`
+# trains a missing ensemble through load_or_train with the same Args, so `python world_model.py --env X` and
+# `python moma_ppo.py --env X` make the same model. The game (40 states x 4 joint actions) needs no Ant-sized
+# network: 2 x 64, a short training without learning-rate decay.
+PRESETS = {
+    "coordination": dict(hidden_dim=64, n_hidden_layers=2, max_steps=3000, eval_every=250, lr_decays=0, patience=3),
+    "reacher": dict(hidden_dim=200, n_hidden_layers=4, max_steps=60_000, eval_every=1000, lr_decays=2, patience=5),
+    "ant": dict(hidden_dim=200, n_hidden_layers=4, max_steps=60_000, eval_every=1000, lr_decays=2, patience=5),
+}
+
+
 def state_groups(env: str, state_dim: int) -> dict:
     """Named groups of state dimensions for the report; one group "state" for data of another shape."""
     if env in STATE_GROUPS and envs.STATE_DIM.get(env) == state_dim:
@@ -109,15 +120,15 @@ class Args:
     """train on the GPU"""
     torch_threads: int = 2
     """torch CPU threads (CLI only; moma_ppo.py trains a missing model with its own setting)"""
-    exp_name: str = "world_model"
-    """name of the TensorBoard run"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the TensorBoard run (default: this file's name)"""
     ensemble_size: int = 7
     """N_m, members trained (paper §3.1)"""
     n_elites: int = 5
     """N, members kept (paper §3.1)"""
-    hidden_dim: int = 200
+    hidden_dim: Annotated[Optional[int], envs.per_env_default(PRESETS, "hidden_dim")] = None
     """width of every hidden layer (MBPO / OfflineRL-Kit: 200; the authors: 1024)"""
-    n_hidden_layers: int = 4
+    n_hidden_layers: Annotated[Optional[int], envs.per_env_default(PRESETS, "n_hidden_layers")] = None
     """hidden layers per member"""
     learning_rate: float = 1e-3
     """Adam learning rate (MBPO / OfflineRL-Kit; the authors used 3e-5 on unnormalised data)"""
@@ -127,17 +138,17 @@ class Args:
     """weight of the penalty that tightens the learnable log-variance bounds (MBPO)"""
     batch_size: int = 256
     """transitions per member and step; every member draws its own minibatch (as the authors)"""
-    max_steps: int = 60_000
+    max_steps: Annotated[Optional[int], envs.per_env_default(PRESETS, "max_steps")] = None
     """cap on gradient steps (each step updates all members)"""
-    lr_decays: int = 2
+    lr_decays: Annotated[Optional[int], envs.per_env_default(PRESETS, "lr_decays")] = None
     """on a held-out plateau (patience evaluations without progress) multiply the learning rate by lr_decay_factor
     and go on, this many times, before stopping: a constant 1e-3 left the Ant model still improving slowly at 40k
     steps (its minibatch noise floor); decaying on plateaus reaches held-out convergence sooner"""
     lr_decay_factor: float = 0.3
     """learning-rate multiplier at each plateau"""
-    eval_every: int = 1000
+    eval_every: Annotated[Optional[int], envs.per_env_default(PRESETS, "eval_every")] = None
     """gradient steps between held-out evaluations (early stopping, snapshots)"""
-    patience: int = 5
+    patience: Annotated[Optional[int], envs.per_env_default(PRESETS, "patience")] = None
     """stop after this many evaluations in a row in which no member improved"""
     min_improvement: float = 0.01
     """relative held-out improvement that counts as progress"""
@@ -155,6 +166,11 @@ class Args:
     """resume an interrupted training of the same artifact from its checkpoint"""
     force: bool = False
     """(CLI) retrain even if the artifact exists; otherwise the CLI prints the saved report"""
+
+
+def resolve(args: Args) -> Args:
+    """Fill the fields left None with the env's PRESETS values."""
+    return dataclasses.replace(args, **{k: v for k, v in PRESETS[args.env].items() if getattr(args, k) is None})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,6 +665,7 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
     """Train an ensemble on `data` (an envs.OfflineData, or any object with env, dataset_id, states,
     next_states, joint_actions, rewards, terminals, episode_ids). Returns the model and its metrics."""
     t0 = time.time()
+    args = resolve(args)
     env = data.env
     state_dim = data.states.shape[1]
     joint_action_dim = data.joint_actions.shape[1]
@@ -844,11 +861,11 @@ def train_and_save(args: Args, device: torch.device, progress: bool = True) -> t
     from torch.utils.tensorboard import SummaryWriter
 
     dataset = envs.DEFAULT_DATASET[args.env] if args.dataset is None else args.dataset
-    args = dataclasses.replace(args, dataset=dataset)
+    args = resolve(dataclasses.replace(args, dataset=dataset))
     data = envs.load_dataset(args.env, dataset)
     path = artifact_path(args.env, dataset, args.seed)
-    run_name = f"{args.env}__{dataset.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
+    # TensorBoard folder named as every script's runs ("state": the model sees the global state, not an obs function)
+    writer = SummaryWriter(str(envs.default_run_dir(args.env, "state", dataset, args.exp_name, args.seed)))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
     ckpt = path.with_name(path.name + ".ckpt")

@@ -220,7 +220,7 @@ def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path)
     weights = ck["agent" if module is iql else "agents"]
     uses_history = any(k.startswith("encoder.") for k in weights)
     # The 10-step history encoder conditions the decentralised agents on partially observable tasks.
-    assert uses_history == (module is not iql and (env, obs) in maiql.PARTIALLY_OBSERVABLE)
+    assert uses_history == (module is not iql and (env, obs) in envs.PARTIALLY_OBSERVABLE)
 
 
 def test_maiql_finetune_adds_online_data_and_resumes(tiny_mujoco_datasets, tmp_path):
@@ -240,6 +240,29 @@ def test_maiql_finetune_adds_online_data_and_resumes(tiny_mujoco_datasets, tmp_p
     assert (index >= n_offline).any() and (index < n_offline).any()  # rollout steps after a dataset history
     resumed = maiql.main(maiql.Args(total_steps=10, finetune=True, checkpoint_every=0, resume=True, **common))
     assert resumed["train_steps"] == 20
+
+
+def test_a_copied_script_files_its_runs_under_its_own_name(tmp_path, monkeypatch):
+    """exp_name, the summary's algorithm and method, the record's folder and the code fingerprint come from the
+    script's file name (CleanRL's convention): a copy never files its results under the original's name."""
+    import importlib.util
+    import shutil
+    import sys
+
+    copy = tmp_path / "ibc_v2.py"
+    shutil.copy(ibc.__file__, copy)
+    spec = importlib.util.spec_from_file_location("ibc_v2", copy)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ibc_v2", module)
+    spec.loader.exec_module(module)
+    assert module.Args().exp_name == "ibc_v2" and ibc.Args().exp_name == "ibc"
+    summary = module.main(module.Args(env="coordination", dataset="favorable", seed=1, total_steps=20, hidden=16,
+                                      eval_every=0, eval_episodes=2, checkpoint_every=0, run_dir=str(tmp_path / "run"),
+                                      results_dir=str(tmp_path / "results")))
+    assert summary["algorithm"] == summary["method"] == "ibc_v2"
+    assert set(summary["code_fingerprint"]) == {"ibc_v2.py", "envs.py"}
+    assert summary["code_fingerprint"]["ibc_v2.py"] == envs.file_hash(copy)
+    assert (tmp_path / "results" / "coordination__full__favorable__ibc_v2__1" / "summary.json").exists()
 
 
 def test_bad_input_is_a_moma_error(tmp_path):

@@ -11,6 +11,7 @@ import torch
 import envs
 from conftest import random_episodes
 import moma_ppo
+import world_model
 
 
 def test_gae_against_hand_computed_values():
@@ -224,12 +225,58 @@ def test_unknown_names_and_bad_flags_give_clear_errors():
         moma_ppo.main(moma_ppo.Args(env="coordination", resume=True))
 
 
+def _help(module) -> str:
+    import contextlib
+    import io
+
+    import tyro
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        tyro.cli(module.Args, args=["--help"])
+    return " ".join(out.getvalue().replace("│", " ").split())  # the help box's borders and line breaks out
+
+
+def test_help_shows_the_per_env_defaults_of_the_presets():
+    text = _help(moma_ppo)
+    assert "(default per env: coordination 1, reacher 10, ant 10)" in text  # k
+    assert "(default per env: coordination 2048, reacher 1000, ant 2000)" in text  # b
+    assert "(default per env: coordination inf, reacher 2, ant 2)" in text  # l_ε
+    for key in moma_ppo.PRESETS["ant"]:  # every preset field shows its table's values, none shows None
+        shown = ", ".join(f"{env} {p[key]:g}" if isinstance(p[key], float) else f"{env} {p[key]}"
+                          for env, p in moma_ppo.PRESETS.items())
+        assert f"(default per env: {shown})" in text, key
+    assert moma_ppo.resolve(moma_ppo.Args(env="reacher")).rollout_batch == 1000
+
+
+def test_trains_the_same_world_model_as_world_model_py(monkeypatch, tmp_path):
+    """A missing world model is trained with the settings `python world_model.py --env X` uses (its PRESETS), not
+    with settings of MOMA-PPO's own: the same artifact whichever script makes it."""
+    import tyro
+
+    asked = []
+
+    def stop(args, device, progress=True):
+        asked.append(args)
+        raise KeyboardInterrupt  # nothing to train here: only the settings it would have used
+
+    monkeypatch.setattr(world_model, "train_and_save", stop)
+    with pytest.raises(KeyboardInterrupt):
+        moma_ppo.main(moma_ppo.Args(env="coordination", dataset="neutral", world_model_seed=321,
+                                    run_dir=str(tmp_path / "run")))
+    cli = tyro.cli(world_model.Args, args=["--env", "coordination", "--dataset", "neutral", "--seed", "321"])
+    free = ("torch_threads", "cuda", "force")  # how, not what, it trains
+    same = lambda a: {k: v for k, v in dataclasses.asdict(world_model.resolve(a)).items() if k not in free}  # noqa: E731
+    assert same(asked[0]) == same(cli)
+    assert (same(cli)["hidden_dim"], same(cli)["n_hidden_layers"], same(cli)["max_steps"]) == (64, 2, 3000)
+
+
 def test_solves_the_unfavorable_coordination_game(monkeypatch, tmp_path):
     # The paper's Table 3: MOMA-PPO coordinates on the dataset where the behaviour agents mostly disagree.
     # At the preset's 20 iterations: with 12 this seed scored 0.9 on an AMD EPYC and 1.0 on an Intel Xeon (the same
     # code; float summation order differs between the CPUs' kernels), so 12 was a budget that barely sufficed.
-    monkeypatch.setitem(moma_ppo.PRESETS["coordination"], "world_model",
-                        dict(hidden_dim=32, n_hidden_layers=2, max_steps=600, eval_every=200, patience=2))
+    monkeypatch.setitem(world_model.PRESETS, "coordination",
+                        dict(hidden_dim=32, n_hidden_layers=2, max_steps=600, eval_every=200, lr_decays=2, patience=2))
     args = moma_ppo.Args(env="coordination", dataset="unfavorable", seed=3, iterations=20, rollout_batch=1024,
                          eval_every=100, eval_episodes=20, run_dir=str(tmp_path / "run"))
     summary = moma_ppo.main(args)
@@ -257,8 +304,8 @@ def _random_dataset(env: str, name: str, n_episodes: int, steps: int):
 ])
 def test_runs_end_to_end_on_mujoco(monkeypatch, tmp_path, env, obs, dataset, extra):
     _random_dataset(env, dataset, n_episodes=4, steps=60 if env == "ant" else 50)
-    monkeypatch.setitem(moma_ppo.PRESETS[env], "world_model",
-                        dict(hidden_dim=16, n_hidden_layers=1, max_steps=20, eval_every=10, rollout_eval_starts=5))
+    monkeypatch.setitem(world_model.PRESETS, env,
+                        dict(hidden_dim=16, n_hidden_layers=1, max_steps=20, eval_every=10, lr_decays=2, patience=5))
     summary = moma_ppo.main(moma_ppo.Args(
         env=env, obs=obs, dataset=dataset, iterations=2, rollout_batch=16, rollout_horizon=3, minibatch_size=16,
         hidden_dim=16, embed_dim=8, eval_every=2, eval_episodes_during=1, eval_episodes=1, checkpoint_every=1,

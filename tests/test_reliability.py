@@ -6,6 +6,7 @@ checkpoint.
 import dataclasses
 import errno
 import json
+import pathlib
 
 import pytest
 import torch
@@ -207,10 +208,13 @@ def test_default_run_dirs_never_collide(tmp_path, monkeypatch):
     import time
 
     monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000_123_456_789)  # the same instant
-    first = envs.default_run_dir(tmp_path, "coordination__full__neutral__iql__1")
+    first = envs.default_run_dir("coordination", "full", "neutral", "iql", 1, base=tmp_path)
     monkeypatch.setattr(os, "getpid", lambda: 999_999)  # another process
-    second = envs.default_run_dir(tmp_path, "coordination__full__neutral__iql__1")
+    second = envs.default_run_dir("coordination", "full", "neutral", "iql", 1, base=tmp_path)
     assert first != second
+    # every script names its default run folder alike: the record's name, then the time stamp
+    assert first.name.startswith("coordination__full__neutral__iql__1__") and first.parent == tmp_path
+    assert envs.default_run_dir("ant", "full", "D4RL/ant/medium", "iql", 1).parent == pathlib.Path("runs")  # no sub-folders
     envs.make_run_dir(first, given=False)
     with pytest.raises(envs.MomaError, match="already exists"):  # a default folder is never shared
         envs.make_run_dir(first, given=False)

@@ -161,6 +161,21 @@ def test_run_all_names_ablation_cells_as_moma_ppo_names_its_records(flags, expec
     assert out.stdout.strip() == expected
 
 
+@pytest.mark.parametrize("script, flags, expected", [
+    ("iql.py", [], "iql"), ("itd3bc.py", [], "itd3bc"), ("itd3bc.py", ["--mixer"], "matd3bc"),
+    ("maiql.py", [], "maiql"), ("maiql.py", ["--finetune"], "maiql_ft")])
+def test_run_all_names_variant_cells_as_the_scripts_name_their_records(script, flags, expected):
+    """The model-free scripts file their records under their file name, with the variants' suffixes; run_all.sh
+    names the cells alike (tests/test_*_family.py check the scripts' side)."""
+    import subprocess
+
+    script_text = (REPO / "run_all.sh").read_text()
+    method_of = script_text[script_text.index("method_of() {"):script_text.index("\n}\n", script_text.index("method_of() {")) + 3]
+    out = subprocess.run(["bash", "-c", method_of + 'method_of "$@"', "_", script, "reacher", "leader-only"] + flags,
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == expected
+
+
 def test_code_fingerprint_ignores_comments_and_docs_but_not_code(tmp_path):
     """Records go stale when the code that made them changes, not when a comment or a help text does."""
     original = 'class Args:\n    lr: float = 1e-3\n    """learning rate"""\n\n\ndef f(x):\n    """Doc."""\n    return x * 2\n'

@@ -277,7 +277,7 @@ def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path)
     assert np.isfinite(summary["normalized_score_mean"]) and len(summary["episode_returns"]) == 1
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     uses_history = any(k.startswith("encoder.") for k in ck["agents"])
-    assert uses_history == ((env, obs) in module.PARTIALLY_OBSERVABLE)  # the 10-step encoder on PO tasks only
+    assert uses_history == ((env, obs) in envs.PARTIALLY_OBSERVABLE)  # the 10-step encoder on PO tasks only
     assert (ck["target_encoder"] is not None) == uses_history
 
 

@@ -341,6 +341,23 @@ def test_load_or_train_caches_the_artifact_and_rejects_unknown_options():
     assert dataclasses.asdict(wm.Args())["n_elites"] == 5 and dataclasses.asdict(wm.Args())["ensemble_size"] == 7
 
 
+def test_help_shows_the_per_env_defaults_and_resolve_fills_them():
+    import contextlib
+    import io
+
+    import tyro
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        tyro.cli(wm.Args, args=["--help"])
+    text = " ".join(out.getvalue().replace("│", " ").split())
+    assert "(default per env: coordination 64, reacher 200, ant 200)" in text  # hidden_dim
+    assert "(default per env: coordination 3000, reacher 60000, ant 60000)" in text  # max_steps
+    for env, preset in wm.PRESETS.items():
+        assert {k: getattr(wm.resolve(wm.Args(env=env)), k) for k in preset} == preset
+    assert wm.resolve(wm.Args(env="coordination", hidden_dim=8)).hidden_dim == 8  # a given value wins
+
+
 def test_a_rebuilt_dataset_makes_its_world_model_stale():
     """A world model records the content hash of its training data: after the dataset is rebuilt with other
     content, `load` refuses the old model and `load_or_train` trains a new one instead of pairing them."""
