@@ -270,7 +270,9 @@ def test_moma_ppo_same_result_whether_its_world_model_was_trained_or_loaded(tmp_
     import world_model
 
     monkeypatch.setattr(envs, "CACHE_DIR", tmp_path / "cache")  # no cached world model: the first run trains it
-    monkeypatch.setitem(moma_ppo.PRESETS["coordination"], "world_model", SMALL_WORLD_MODEL)
+    # the world model's per-env training settings live in world_model.PRESETS (both scripts train the same model)
+    monkeypatch.setitem(world_model.PRESETS, "coordination",
+                        {k: v for k, v in SMALL_WORLD_MODEL.items() if k in world_model.PRESETS["coordination"]})
     args = moma_ppo.Args(env="coordination", dataset="neutral", seed=3, iterations=2, rollout_batch=256,
                          minibatch_size=256, eval_every=2, eval_episodes_during=2, eval_episodes=10, checkpoint_every=2,
                          torch_threads=1)
