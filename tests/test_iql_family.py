@@ -166,11 +166,22 @@ def test_maiql_soft_update_is_lerp_with_tau():
     assert target.weight.tolist() == [[1.5, 1.0]] and target.bias.tolist() == [3.0]
 
 
-def test_iql_coordination_joint_action_is_one_of_four():
+def test_iql_coordination_heads_score_the_joint_action_taken():
+    """Centralised IQL on the game has one output per joint action (4 = 2 x 2): q_values reads each Q head at the
+    joint action taken, the greedy joint action is the policy's argmax, log π is the log-softmax at the action."""
     agent = iql.IQLAgent(state_dim=1, action_dim=4, discrete=True, hidden=8, history_len=0, history_in=5, history_dim=8)
+    q1, q2 = torch.tensor([0.1, 0.7, -0.3, 0.2]), torch.tensor([0.5, -0.2, 0.9, 0.0])
+    logits = torch.tensor([0.2, -1.0, 1.5, 0.3])
+    with torch.no_grad():  # outputs that do not depend on the state: last layers' weights 0, biases as above
+        agent.q.weights[-1].zero_()
+        agent.q.biases[-1].copy_(torch.stack([q1, q2])[:, None, :])
+        agent.policy.weights[-1].zero_()
+        agent.policy.biases[-1].copy_(logits[None, None, :])
     x = agent.features(torch.rand(6, 1), None)
-    assert agent.greedy(x).shape == (6,)
-    assert agent.q_values(x, torch.tensor([0, 1, 2, 3, 0, 3])).shape == (2, 6)
+    taken = torch.tensor([0, 1, 2, 3, 2, 0])
+    assert torch.allclose(agent.q_values(x, taken), torch.stack([q1[taken], q2[taken]]))
+    assert agent.greedy(x).tolist() == [2] * 6  # both agents right: the largest logit
+    assert torch.allclose(agent.log_prob(x, taken), torch.log_softmax(logits, -1)[taken])
 
 
 # --------------------------------------------------------------------------------------------------

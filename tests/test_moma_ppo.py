@@ -283,9 +283,40 @@ def test_solves_the_unfavorable_coordination_game(monkeypatch, tmp_path):
     assert summary["normalized_score_mean"] == 1.0  # every round of every greedy episode coordinated
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["episode_normalized_scores"] == [1.0] * 20 and saved["dataset_id"] == "moma/coordination/unfavorable-v0"
-    # and the checkpoint resumes: nothing left to train, the same final policy
-    resumed = moma_ppo.main(dataclasses.replace(args, resume=True))
-    assert resumed["normalized_score_mean"] == 1.0
+
+
+def test_resume_continues_from_the_checkpoint_instead_of_training_again(monkeypatch, tmp_path):
+    """--resume trains only the iterations after the checkpoint, starting from its weights: a finished run resumed
+    with the same length trains nothing, one extended by 2 iterations runs 2 (not all 6), with the checkpoint's
+    weights when it starts, and the rows the first run wrote to training.csv stay as they were (a retrain from
+    scratch would rewrite them with other wall times). A fresh retrain reaches the same score, so the score alone
+    cannot tell."""
+    monkeypatch.setitem(world_model.PRESETS, "coordination",
+                        dict(hidden_dim=32, n_hidden_layers=2, max_steps=600, eval_every=200, lr_decays=2, patience=2))
+    run = tmp_path / "run"
+    args = moma_ppo.Args(env="coordination", dataset="unfavorable", seed=3, iterations=4, rollout_batch=256,
+                         minibatch_size=256, eval_every=2, eval_episodes_during=2, eval_episodes=4, checkpoint_every=2,
+                         run_dir=str(run))
+    moma_ppo.main(args)
+    rows_before = (run / "training.csv").read_text().splitlines()
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["iteration"] == 4 and len(rows_before) == 1 + 4
+    started_from = []  # the agents' weights at each iteration's rollouts
+
+    def collect_rollouts(agents, *rest, **kwargs):
+        started_from.append({k: v.detach().clone() for k, v in agents.state_dict().items()})
+        return real_collect_rollouts(agents, *rest, **kwargs)
+
+    real_collect_rollouts = moma_ppo.collect_rollouts
+    monkeypatch.setattr(moma_ppo, "collect_rollouts", collect_rollouts)
+    moma_ppo.main(dataclasses.replace(args, resume=True))
+    assert started_from == []  # finished: nothing left to train
+    moma_ppo.main(dataclasses.replace(args, resume=True, iterations=6))
+    assert len(started_from) == 2  # iterations 5 and 6 only
+    for key, value in checkpoint["agents"].items():
+        assert torch.equal(started_from[0][key], value), key
+    rows = (run / "training.csv").read_text().splitlines()
+    assert rows[:len(rows_before)] == rows_before and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
 
 
 def _random_dataset(env: str, name: str, n_episodes: int, steps: int):
