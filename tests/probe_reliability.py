@@ -1,7 +1,7 @@
 """Reliability probe (docs/usage.md, "Run safety"): tries bad inputs and injects faults, one subprocess per
 case, and counts how many are handled.
 
-    python tests/probe_reliability.py                # ~15 min on a busy 2-core machine
+    python tests/probe_reliability.py                # 8-80 min on a shared 2-core machine
     python tests/probe_reliability.py --only resume  # the cases whose name contains "resume"
     python tests/probe_reliability.py --repo /tmp/old-checkout   # measure another checkout (e.g. before a fix)
 
