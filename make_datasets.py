@@ -1,54 +1,46 @@
 """The MuJoCo datasets of moma-ppo (paper §5.3, Table 2), made here from small behaviour policies.
 
+    python make_datasets.py                                              # build all five MuJoCo datasets
+    python make_datasets.py build --only ant/medium --n-transitions 100000
+    python make_datasets.py cards                                        # only regenerate docs/datasets.md
+    python make_datasets.py update-refs                                  # new reference scores into the metadata
+
 Neither the authors' reacher dataset nor D4RL's ant datasets can be downloaded on the project
-machines, so the project makes its own, the way the paper and D4RL did:
+machines, so the project makes its own, the way the paper and D4RL did (docs/deviations.md §4):
 
 * reacher `expert-mix` (all-observant two-agent Reacher-v5): two experts that reach with opposite
   elbow-bend conventions, 500k sampled-action transitions each -> 1M transitions, 20k episodes of 50
-  steps (as the authors' mix, docs/deviations.md §4). One is a MAPPO team (`mappo.py`) trained to bend
-  counter-clockwise (θ2 >= 0, via a training-only penalty on θ2 < 0); the other is its exact mirror image (see
+  steps (as the authors' mix). One is a MAPPO team (`mappo.py`) trained to bend counter-clockwise
+  (θ2 >= 0, via a training-only penalty on θ2 < 0); the other is its exact mirror image (see
   REACHER_MIRROR_SIGNS), which bends clockwise. Why not two seeds: our unshaped MAPPO experts choose the
   bend from the target's side (58% / 42%), so seeds need not disagree and mirroring such an expert
   changes nothing; a one-convention expert and its mirror give the two conventions in equal shares,
   with equal skill.
 * ant `random` / `medium` / `full-replay` / `expert` (Ant-v5, 27-dim state): uniform random actions; a
   snapshot of the behaviour learner at 1/3-1/2 of the expert's return; every transition the learner
-  collected on its way to the expert (evenly subsampled, whole episodes, to 1M); the final policy.
-  The Ant behaviour learner is single-agent TD3 (Fujimoto et al. 2018) on the joint action, trained
-  below (`train_ant_td3`); its replay buffer is full-replay, as D4RL's was its SAC learner's. Why TD3,
-  not MAPPO or PPO: the datasets store only the joint action, so a single-agent learner is what D4RL
-  used too; and two CleanRL-style PPO runs here (8 envs, 2x256, observation normalisation, reward
-  scaling; 1.5M and 2.7M steps) plateaued at 2,000-2,500 greedy return with collapses (greedy returns
-  of 900-2,500 between consecutive 100k-step snapshots, exploration std shrinking to 0.05), short of
-  the 3,000 the expert needs; off-policy TD3 reaches it in a few hundred thousand steps. TD3 runs
-  ~190 env steps/s on one core (batch 100, fused Adam), i.e. about 30-45 min for such a run.
+  collected on its way to the expert (re-enacted from its shipped snapshots, whole episodes, to 1M); the
+  final policy. The learner is single-agent TD3 on the joint action, `td3_ant.py`.
 
 Reference scores (stored in each dataset's Minari metadata): ref_min = mean return of the uniform
 random policy, ref_max = mean greedy return of the expert, 100 episodes each, so normalised scores
 are fractions as in the paper.
 
-The small behaviour policies are shipped in `behaviour_policies/`, so
-
-    python make_datasets.py                               # all five MuJoCo datasets
-    python make_datasets.py --only ant/medium --n-transitions 100000
-    python make_datasets.py --retrain                     # retrain the behaviour policies first
-    python make_datasets.py --train-ant [--resume]        # (re)start / resume the Ant TD3 learner only
-
+The small behaviour policies are shipped in `behaviour_policies/` (made by `mappo.py` and `td3_ant.py`:
+docs/usage.md) and read here (load_policy) without importing the scripts that trained them.
 `envs.build_dataset` (and so every algorithm script) calls `build(env, dataset, n_transitions, seed)`
 when a dataset is missing.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import random
+import string
 import time
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -60,33 +52,13 @@ REPO_DIR = pathlib.Path(__file__).resolve().parent
 POLICY_DIR = REPO_DIR / "behaviour_policies"
 # Training state (resumable checkpoints, replay chunks, snapshots) lives in the ignored data/ folder.
 TRAIN_DIR = pathlib.Path(os.environ.get("MOMA_BEHAVIOUR_DIR", str(REPO_DIR / "data" / "behaviour")))
-ANT_TRAIN_DIR = TRAIN_DIR / "ant_td3"
+ANT_TRAIN_DIR = TRAIN_DIR / "ant_td3"  # td3_ant.py's run; `build --full-replay-source buffer` reads its replay
+CARD_TEMPLATE = REPO_DIR / "docs" / "datasets.md.tmpl"  # the text of docs/datasets.md; dataset_cards fills it in
 
 
-def _atomic_torch_save(obj, path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _to_dtype(obj, dtype):
-    """Floating tensors of more than one element inside nested dicts/lists cast to dtype (scalars such as Adam's step
-    count and RNG states stay as they are)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() and obj.numel() > 1 else obj
-    if isinstance(obj, dict):
-        return {k: _to_dtype(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_dtype(v, dtype) for v in obj)
-    return obj
-
-
-def _atomic_npz(path: pathlib.Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+# ==================================================================================================
+# The shipped behaviour policies' file formats, read without importing the scripts that trained them
+# ==================================================================================================
 
 
 def _layer(i, o, std=np.sqrt(2), bias=0.0):
@@ -150,10 +122,6 @@ def episode_returns(policy, env: str, n_episodes: int, seed: int, greedy: bool =
     return returns, lengths
 
 
-def _greedy_returns(policy: GaussianMLPPolicy, env: str, n_episodes: int, seed: int) -> np.ndarray:
-    return episode_returns(policy, env, n_episodes, seed, greedy=True)[0]
-
-
 def export_gaussian_policy(actor: GaussianMLPPolicy, meta: dict) -> dict:
     """A small, self-describing policy file (float32 weights + obs normaliser + how it was made)."""
     return dict(kind="gaussian_mlp", obs_dim=actor.obs_mean.numel(), act_dim=actor.log_std.numel(),
@@ -169,269 +137,43 @@ def load_gaussian_policy(blob: dict) -> GaussianMLPPolicy:
     return policy
 
 
-# ==================================================================================================
-# Ant behaviour learner: TD3 (Fujimoto et al. 2018), one Ant-v5 env, one update per env step
-# ==================================================================================================
-@dataclasses.dataclass
-class AntTD3Config:
-    """TD3's published defaults (Fujimoto et al. 2018; CleanRL td3_continuous_action), 2x256 ReLU nets,
-    batch 100 as in the TD3 paper (the authors' later code uses 256): 2.5x less compute per update,
-    which is what bounds this learner on a CPU core (~94 updates/s at 256)."""
+class MAPPOTeamPolicy:
+    """A MAPPO team saved by `mappo.py` (file kind "mappo", mappo.save_policy_file: the reacher expert), read here
+    without importing the training script: per-agent MLPs stacked as [n, in, out] weights (ReLU, one bmm per
+    layer) on each agent's observation, normalised with the saved state statistics, clipped to [-10, 10] and
+    zero-padded to the widest; head = [mean, raw], log σ = max(-softplus(-(raw + 2)), -6), as mappo.MAPPOAgents.
+    `act(states [B, S], greedy, generator)` -> joint actions [B, A] (clipped to [-1, 1])."""
 
-    total_steps: int = 1_100_000
-    """environment steps (one gradient step each after learning_starts): D4RL's full-replay is ~1M transitions
-    of its learner, so the expert is picked among the policies at >= expert_min_step (export_ant_policies)"""
-    learning_starts: int = 25_000
-    """uniform random actions first; the observation normaliser is fixed from these states"""
-    batch_size: int = 100
-    learning_rate: float = 3e-4
-    gamma: float = 0.99
-    tau: float = 0.005
-    exploration_noise: float = 0.1
-    """std of the Gaussian noise on the actor's action while collecting (also the shipped policies' noise)"""
-    policy_noise: float = 0.2
-    noise_clip: float = 0.5
-    policy_freq: int = 2
-    hidden: int = 256
-    seed: int = 1
-    checkpoint_every_s: float = 300.0
-    """seconds between atomic checkpoints (with the replay chunk collected since the last one)"""
-    snapshot_every: int = 20_000
-    """steps between small policy snapshots (candidates for `medium`), each greedily evaluated"""
-    snapshot_eval_episodes: int = 10
-    stop_above: Optional[float] = None
-    """stop once a snapshot's greedy return reaches this on a 10-episode check (None: run total_steps)"""
+    LOG_STD_MIN = -6.0
 
+    def __init__(self, blob: dict):
+        self.env, self.obs, self.action_dim = blob["env"], blob["obs"], blob["action_dim"]
+        self.max_obs = max(blob["obs_dims"])
+        state = blob["policy_state"]
+        self.weights = [state[f"weights.{k}"].float() for k in range(3)]
+        self.biases = [state[f"biases.{k}"].float() for k in range(3)]
+        S = envs.STATE_DIM[self.env]
+        self.state_mean = blob["state_mean"].float() if "state_mean" in blob else torch.zeros(S)
+        self.state_var = blob["state_var"].float() if "state_var" in blob else torch.ones(S)
+        self.obs_index = envs.obs_indices(self.env, self.obs)
+        self.meta = blob.get("meta", {})
 
-class TwinQ(nn.Module):
-    """TD3's two critics as one stack of weights [2, in, out]: one bmm per layer for both."""
-
-    def __init__(self, in_dim: int, hidden: int):
-        super().__init__()
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
-        for i, o in zip([in_dim, hidden, hidden], [hidden, hidden, 1]):
-            layers = [nn.Linear(i, o) for _ in range(2)]
-            self.weights.append(nn.Parameter(torch.stack([l.weight.detach().T for l in layers])))
-            self.biases.append(nn.Parameter(torch.stack([l.bias.detach() for l in layers])[:, None, :]))
-
-    def forward(self, x: torch.Tensor, first_only: bool = False) -> torch.Tensor:
-        """x [B, in] -> [2, B] (or [1, B] = Q1 with detached weights, for the actor's loss)."""
-        k = 1 if first_only else 2
-        h = x.expand(k, *x.shape)
-        for j, (w, b) in enumerate(zip(self.weights, self.biases)):
-            w, b = (w[:1].detach(), b[:1].detach()) if first_only else (w, b)
-            h = torch.baddbmm(b, h, w)
-            if j < 2:
-                h = torch.relu(h)
-        return h.squeeze(-1)
-
-
-def _td3_chunk(buf: dict, lo: int, hi: int, current_obs: np.ndarray) -> dict:
-    """Replay rows [lo, hi) in the replay-chunk layout of replay_episodes (one environment stream)."""
-    ends = np.flatnonzero(buf["term"][lo:hi] | buf["trunc"][lo:hi])
-    return dict(obs=buf["obs"][lo:hi, None], act=buf["act"][lo:hi, None], rew=buf["rew"][lo:hi, None],
-                term=buf["term"][lo:hi, None], trunc=buf["trunc"][lo:hi, None],
-                final_idx=np.stack([ends, np.zeros_like(ends)], 1).astype(np.int64).reshape(-1, 2),
-                final_obs=buf["next_obs"][lo:hi][ends].reshape(-1, buf["obs"].shape[1]),
-                obs_last=current_obs[None].astype(np.float32))
-
-
-def load_td3_replay(out_dir: pathlib.Path, up_to_step: int) -> dict:
-    """The TD3 learner's replay buffer rows [0, up_to_step), rebuilt from its replay chunks: next_obs[t] is
-    obs[t + 1] inside an episode, the stored final state at an episode end, `obs_last` at a chunk's end."""
-    files = sorted(f for f in (out_dir / "replay").glob("chunk_*.npz") if int(f.stem.split("_")[1]) <= up_to_step)
-    parts = {k: [] for k in ("obs", "next_obs", "act", "rew", "term", "trunc")}
-    for f in files:
-        z = np.load(f)
-        for k in ("obs", "act", "rew", "term", "trunc"):
-            parts[k].append(z[k][:, 0])
-        nxt = np.concatenate([z["obs"][1:, 0], z["obs_last"]])
-        nxt[z["final_idx"][:, 0]] = z["final_obs"]
-        parts["next_obs"].append(nxt)
-    out = {k: np.concatenate(v) for k, v in parts.items()} if files else {}
-    if not files or len(out["rew"]) != up_to_step:
-        raise envs.MomaError(f"the replay chunks in {out_dir / 'replay'} hold {len(out.get('rew', []))} rows, not "
-                             f"{up_to_step}; delete {out_dir} and retrain")
-    return out
-
-
-def train_ant_td3(cfg: AntTD3Config, resume: bool = False, out_dir: pathlib.Path = ANT_TRAIN_DIR,
-                  max_wall_s: Optional[float] = None, log=print) -> pathlib.Path:
-    """Train the Ant behaviour policy with TD3; every transition is kept (replay chunks) for full-replay.
-
-    Resumable: `out_dir/checkpoint.pt` holds the networks, optimisers, normaliser, RNG states and step;
-    `out_dir/replay/chunk_<step>.npz` every transition up to it (the replay buffer is rebuilt from them);
-    `out_dir/snapshots/step_<step>.pt` small greedily-evaluated policies. Returns out_dir.
-    """
-    torch.set_num_threads(1)
-    from torch.utils.tensorboard import SummaryWriter
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "replay").mkdir(exist_ok=True)
-    (out_dir / "snapshots").mkdir(exist_ok=True)
-    ckpt_path = out_dir / "checkpoint.pt"
-    S, A, N = envs.STATE_DIM["ant"], envs.JOINT_ACTION_DIM["ant"], cfg.total_steps
-    actor = GaussianMLPPolicy(S, A, cfg.hidden, activation="relu", squash=True)
-    with torch.no_grad():  # the shipped policy samples N(π(s), exploration_noise²), as TD3 collected
-        actor.log_std.fill_(math.log(cfg.exploration_noise))
-    actor.log_std.requires_grad_(False)
-    critic = TwinQ(S + A, cfg.hidden)
-    target_actor, target_critic = copy.deepcopy(actor), copy.deepcopy(critic)
-    # fused Adam: one kernel per step instead of one per parameter (~1.25x on small-batch updates on CPU)
-    actor_opt = torch.optim.Adam(actor.mean_net.parameters(), lr=cfg.learning_rate, fused=True)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.learning_rate, fused=True)
-    buf = dict(obs=np.zeros((N, S), np.float32), next_obs=np.zeros((N, S), np.float32), act=np.zeros((N, A), np.float32),
-               rew=np.zeros(N, np.float32), term=np.zeros(N, bool), trunc=np.zeros(N, bool))
-    step, n_resumes, wall_before, next_snapshot, saved = 0, 0, 0.0, cfg.snapshot_every, 0
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["config"] != dataclasses.asdict(cfg):
-            log(f"resuming with changed settings: {ck['config']} -> {dataclasses.asdict(cfg)}")
-        for module, key in ((actor, "actor"), (critic, "critic"), (target_actor, "target_actor"),
-                            (target_critic, "target_critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
-            module.load_state_dict(ck[key])
-        step, n_resumes, wall_before, next_snapshot = ck["step"], ck["n_resumes"] + 1, ck["wall_s"], ck["next_snapshot"]
-        torch.set_rng_state(ck["torch_rng"])
-        gen.set_state(ck["gen"])
-        rng.bit_generator.state = ck["numpy_rng"]
-        for f in (out_dir / "replay").glob("chunk_*.npz"):  # rows written after the checkpoint are dropped
-            if int(f.stem.split("_")[1]) > step:
-                f.unlink()
-        for k, v in load_td3_replay(out_dir, step).items():
-            buf[k][:step] = v
-        saved = step
-        log(f"resumed {ckpt_path} at step {step} (resume #{n_resumes})")
-    elif resume and ANT_TD3_RESUME.exists():
-        # Another machine: the learner's state is shipped (small), its 1M transitions are not (260 MB), so the replay
-        # buffer is re-enacted from the shipped snapshots (as full-replay is) and training goes on from there.
-        ck = _to_dtype(torch.load(ANT_TD3_RESUME, weights_only=False), torch.float32)
-        for module, key in ((actor, "actor"), (critic, "critic"), (target_actor, "target_actor"),
-                            (target_critic, "target_critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
-            module.load_state_dict(ck[key])
-        step, n_resumes, wall_before, next_snapshot = ck["step"], ck["n_resumes"] + 1, ck["wall_s"], ck["next_snapshot"]
-        torch.set_rng_state(ck["torch_rng"])
-        gen.set_state(ck["gen"])
-        rng.bit_generator.state = ck["numpy_rng"]
-        row = 0
-        for ep in _snapshot_replay(step, seed=cfg.seed):
-            t = len(ep["rewards"])
-            buf["obs"][row:row + t], buf["next_obs"][row:row + t] = ep["observations"][:-1], ep["observations"][1:]
-            buf["act"][row:row + t], buf["rew"][row:row + t] = ep["actions"], ep["rewards"]
-            buf["term"][row:row + t], buf["trunc"][row:row + t] = ep["terminations"], ep["truncations"]
-            row += t
-        log(f"resumed the shipped learner state {ANT_TD3_RESUME} at step {step} (resume #{n_resumes}); its replay "
-            f"buffer was re-enacted from the shipped snapshots")
-    elif ckpt_path.exists():
-        raise envs.MomaError(f"{ckpt_path} exists; pass --resume to continue it, or delete {out_dir} to restart")
-    writer = SummaryWriter(str(out_dir / "tb"))
-    sim = envs.make_single_agent_env("ant")
-    # Environment states cannot be checkpointed: a resumed run starts a fresh episode.
-    obs = sim.reset(seed=cfg.seed * 100_003 + n_resumes)[0].astype(np.float32)
-    ep_ret, recent = 0.0, []
-    t_start, t_ckpt, t_log, step_log = time.time(), time.time(), time.time(), step
-    torch_buf = {k: torch.from_numpy(v) for k, v in buf.items()}  # shares memory with the numpy buffer
-
-    def save_checkpoint():
-        nonlocal saved
-        if step > saved:
-            _atomic_npz(out_dir / "replay" / f"chunk_{step:010d}.npz", **_td3_chunk(buf, saved, step, obs))
-            saved = step
-        _atomic_torch_save(dict(actor=actor.state_dict(), critic=critic.state_dict(), target_actor=target_actor.state_dict(),
-                                target_critic=target_critic.state_dict(), actor_opt=actor_opt.state_dict(),
-                                critic_opt=critic_opt.state_dict(), step=step, n_resumes=n_resumes,
-                                wall_s=wall_before + time.time() - t_start, next_snapshot=next_snapshot,
-                                torch_rng=torch.get_rng_state(), gen=gen.get_state(), numpy_rng=rng.bit_generator.state,
-                                config=dataclasses.asdict(cfg)), ckpt_path)
-
-    stop = False
-    critic_loss = actor_loss = torch.zeros(())
-    while step < N and not stop:
-        if max_wall_s is not None and time.time() - t_start > max_wall_s:
-            break
-        if step < cfg.learning_starts:
-            action = rng.uniform(-1.0, 1.0, A).astype(np.float32)
-        else:
-            with torch.no_grad():
-                action = actor(torch.as_tensor(obs)[None])[0].numpy()
-            action = np.clip(action + rng.normal(0.0, cfg.exploration_noise, A), -1.0, 1.0).astype(np.float32)
-        nxt, r, term, trunc, _ = sim.step(action)
-        buf["obs"][step], buf["act"][step], buf["rew"][step] = obs, action, r
-        buf["term"][step], buf["trunc"][step], buf["next_obs"][step] = term, trunc, nxt
-        ep_ret += r
-        step += 1
-        obs = nxt.astype(np.float32)
-        if term or trunc:
-            recent.append(ep_ret)
-            writer.add_scalar("charts/episodic_return", ep_ret, step)
-            ep_ret = 0.0
-            obs = sim.reset()[0].astype(np.float32)
-        if step == cfg.learning_starts:  # fix the observation normaliser from the random warm-up states
-            with torch.no_grad():
-                for net in (actor, target_actor):
-                    net.obs_mean.copy_(torch.as_tensor(buf["obs"][:step].mean(0)))
-                    net.obs_var.copy_(torch.as_tensor(buf["obs"][:step].var(0)))
-        if step >= cfg.learning_starts:
-            idx = torch.randint(0, step, (cfg.batch_size,), generator=gen)
-            # the fixed normaliser lives in the actor's buffers (the target actor holds the same values)
-            o, o2 = actor.normalize(torch_buf["obs"][idx]), actor.normalize(torch_buf["next_obs"][idx])
-            a, rew, done = torch_buf["act"][idx], torch_buf["rew"][idx], torch_buf["term"][idx].float()
-            with torch.no_grad():  # target policy smoothing, clipped double-Q (TD3)
-                noise = (torch.randn(a.shape, generator=gen) * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
-                a2 = (torch.tanh(target_actor.mean_net(o2)) + noise).clamp(-1.0, 1.0)
-                y = rew + cfg.gamma * (1.0 - done) * target_critic(torch.cat([o2, a2], 1)).min(0).values
-            critic_loss = (critic(torch.cat([o, a], 1)) - y).pow(2).mean(1).sum()
-            critic_opt.zero_grad(set_to_none=True)
-            critic_loss.backward()
-            critic_opt.step()
-            if step % cfg.policy_freq == 0:  # delayed policy and target updates
-                actor_loss = -critic(torch.cat([o, torch.tanh(actor.mean_net(o))], 1), first_only=True).mean()
-                actor_opt.zero_grad(set_to_none=True)
-                actor_loss.backward()
-                actor_opt.step()
-                with torch.no_grad():
-                    for t, src in ((target_actor.mean_net, actor.mean_net), (target_critic, critic)):
-                        for tp, sp in zip(t.parameters(), src.parameters()):
-                            tp.lerp_(sp, cfg.tau)
-        if step % 5000 == 0:
-            sps = (step - step_log) / max(time.time() - t_log, 1e-9)
-            t_log, step_log = time.time(), step
-            writer.add_scalar("charts/SPS", sps, step)
-            writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
-            writer.add_scalar("losses/actor_loss", actor_loss.item(), step)
-            last10 = float(np.mean(recent[-10:])) if recent else float("nan")
-            log(f"step {step} | train return (last 10 eps) {last10:.1f} | SPS {sps:.0f} | critic_loss "
-                f"{critic_loss.item():.3f} | wall {wall_before + time.time() - t_start:.0f}s")
-        if step >= next_snapshot and step >= cfg.learning_starts:
-            rets = _greedy_returns(actor, "ant", cfg.snapshot_eval_episodes, seed=777)
-            if cfg.stop_above is not None and rets.mean() >= cfg.stop_above:
-                if len(rets) < 10:  # confirm on 10 episodes before stopping
-                    rets = np.concatenate([rets, _greedy_returns(actor, "ant", 10 - len(rets), seed=778)])
-                stop = rets.mean() >= cfg.stop_above
-            snap = export_gaussian_policy(actor, dict(step=step, greedy_return_mean=float(rets.mean()),
-                                                      greedy_return_episodes=len(rets)))
-            _atomic_torch_save(snap, out_dir / "snapshots" / f"step_{step:010d}.pt")
-            writer.add_scalar("eval/greedy_return", rets.mean(), step)
-            log(f"snapshot at step {step}: greedy return {rets.mean():.1f} +- {rets.std():.1f} ({len(rets)} episodes), "
-                f"wall {wall_before + time.time() - t_start:.0f}s" + (" -> stopping" if stop else ""))
-            next_snapshot += cfg.snapshot_every
-        if time.time() - t_ckpt > cfg.checkpoint_every_s:
-            save_checkpoint()
-            t_ckpt = time.time()
-    save_checkpoint()
-    writer.close()
-    return out_dir
-
-
-def list_snapshots(out_dir: pathlib.Path = ANT_TRAIN_DIR) -> list[tuple[int, float, pathlib.Path]]:
-    """(step, greedy return of its quick evaluation, path) of every saved learner snapshot, by step."""
-    snaps = []
-    for f in sorted((out_dir / "snapshots").glob("step_*.pt")):
-        meta = torch.load(f, weights_only=False)["meta"]
-        snaps.append((meta["step"], meta["greedy_return_mean"], f))
-    return snaps
+    def act(self, states: np.ndarray, greedy: bool, generator: Optional[torch.Generator] = None) -> np.ndarray:
+        with torch.no_grad():
+            std = torch.sqrt(self.state_var + 1e-8)
+            x = torch.stack([
+                nn.functional.pad(((torch.as_tensor(o, dtype=torch.float32) - self.state_mean[ix]) / std[ix])
+                                  .clamp(-10.0, 10.0), (0, self.max_obs - o.shape[-1]))
+                for o, ix in zip(envs.split_state(self.env, self.obs, np.asarray(states, np.float32)), self.obs_index)])
+            for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+                x = torch.baddbmm(b, x, w)
+                if k < len(self.weights) - 1:
+                    x = torch.relu(x)
+            mean, raw = x[..., : self.action_dim], x[..., self.action_dim:]
+            log_std = (-nn.functional.softplus(-(raw + 2.0))).clamp(min=self.LOG_STD_MIN)
+            a = mean if greedy else mean + log_std.exp() * torch.randn(mean.shape, generator=generator)
+        per_agent = [a[i].numpy() for i in range(a.shape[0])]
+        return np.clip(envs.join_actions(self.env, per_agent), -1.0, 1.0)
 
 
 # ==================================================================================================
@@ -471,16 +213,16 @@ def reacher_convention(episode_states: np.ndarray, last: int = 10) -> np.ndarray
 # ==================================================================================================
 # Policies as "raw states [n, S] -> clipped joint actions [n, A]"
 # ==================================================================================================
-def _load_policy(path: pathlib.Path):
-    """A shipped policy file -> object with act(states, greedy, generator)."""
+def load_policy(path: pathlib.Path):
+    """A shipped policy file (behaviour_policies/*.pt) -> object with act(states, greedy, generator); no training
+    script is imported."""
+    path = pathlib.Path(path)
     if not path.exists():
-        raise envs.MomaError(f"behaviour policy {path} is missing; restore it from git "
-                             f"(`git checkout {path.relative_to(REPO_DIR)}`) or retrain with `python make_datasets.py --retrain`")
+        raise envs.MomaError(f"behaviour policy {path} is missing; restore it from git (`git checkout "
+                             f"behaviour_policies/{path.name}`) or retrain it (docs/usage.md, \"Behaviour policies\")")
     blob = torch.load(path, weights_only=False)
-    if blob["kind"] == "mappo":
-        import mappo  # the reacher experts are MAPPO teams
-
-        return mappo.MAPPOPolicy(blob)
+    if blob["kind"] == "mappo":  # the reacher expert is a MAPPO team
+        return MAPPOTeamPolicy(blob)
     policy = load_gaussian_policy({**blob, "state_dict": {k: v.float() for k, v in blob["state_dict"].items()}})
     policy.meta = blob.get("meta", {})
     return policy
@@ -675,7 +417,7 @@ SHIPPED = dict(
     ant_medium=POLICY_DIR / "ant_medium.pt",
 )
 ANT_REPLAY_SNAPSHOTS = POLICY_DIR / "ant_replay_snapshots.pt"  # float16 learner snapshots for full-replay
-ANT_TD3_RESUME = POLICY_DIR / "ant_td3_resume.pt"  # the learner's final state: `--train-ant --resume` goes on from it
+ANT_TD3_RESUME = POLICY_DIR / "ant_td3_resume.pt"  # the learner's final state: `python td3_ant.py --resume` goes on from it
 REF_EPISODES = 100
 
 
@@ -695,7 +437,7 @@ def reference_scores(env: str, seed: int = 0) -> tuple[float, float]:
     if key not in table:
         random_ret = policy_returns(env, UniformRandomPolicy(envs.JOINT_ACTION_DIM[env], seed), REF_EPISODES,
                                     seed=20202 + seed, greedy=False)
-        expert_ret = policy_returns(env, _load_policy(expert_path), REF_EPISODES, seed=30303 + seed, greedy=True)
+        expert_ret = policy_returns(env, load_policy(expert_path), REF_EPISODES, seed=30303 + seed, greedy=True)
         table[key] = dict(ref_min=float(random_ret.mean()), ref_max=float(expert_ret.mean()),
                           ref_min_std=float(random_ret.std()), ref_max_std=float(expert_ret.std()))
         # A team that applies zero torque: on Ant it stands still and collects the healthy reward (where walking
@@ -721,7 +463,7 @@ def zero_action_return(env: str, seed: int = 0) -> float:
 def build_reacher_expert_mix(n_transitions: Optional[int], seed: int) -> dict:
     """Half the transitions from the MAPPO expert, half from its mirror image (opposite elbow bend)."""
     n = n_transitions or 1_000_000
-    expert = _load_policy(SHIPPED["reacher_expert"])
+    expert = load_policy(SHIPPED["reacher_expert"])
     half = n // 2
     a = collect_episodes("reacher", expert, half, seed=2 * seed + 1, desc="reacher expert")
     b = collect_episodes("reacher", MirroredPolicy(expert), n - half, seed=2 * seed + 2, desc="reacher mirrored expert")
@@ -748,13 +490,13 @@ def build_ant(dataset: str, n_transitions: Optional[int], seed: int, full_replay
         episodes = collect_episodes("ant", UniformRandomPolicy(8, seed), n, seed=10 * seed + 1, desc="ant random")
         algo = "uniform random actions in [-1, 1]"
     elif dataset in ("medium", "expert"):
-        policy = _load_policy(SHIPPED[f"ant_{dataset}"])
+        policy = load_policy(SHIPPED[f"ant_{dataset}"])
         episodes = collect_episodes("ant", policy, n, seed=10 * seed + (2 if dataset == "medium" else 3),
                                     desc=f"ant {dataset}")
-        algo = (f"TD3 (make_datasets.train_ant_td3) policy after {policy.meta.get('step')} env steps, acting "
+        algo = (f"TD3 (td3_ant.py) policy after {policy.meta.get('step')} env steps, acting "
                 f"with Gaussian action noise N(0, {policy.log_std.exp().mean().item():.2f}²)")
     else:  # full-replay: the learner's whole replay buffer up to the expert (D4RL's full-replay)
-        expert_step = _load_policy(SHIPPED["ant_expert"]).meta.get("step")
+        expert_step = load_policy(SHIPPED["ant_expert"]).meta.get("step")
         n = min(n, expert_step)
         # Re-enacted from the shipped snapshots on every machine, so every machine builds the same dataset (the
         # same fingerprint); the learner's own buffer exists only where it was trained (`full_replay_source`).
@@ -762,7 +504,7 @@ def build_ant(dataset: str, n_transitions: Optional[int], seed: int, full_replay
             episodes = replay_episodes(ANT_TRAIN_DIR, expert_step, n)
             algo = f"every transition the TD3 learner collected up to step {expert_step} (whole episodes)"
         else:
-            episodes = _snapshot_replay(n, seed)
+            episodes = snapshot_replay(n, seed)
             algo = (f"a re-enactment of the TD3 learner's replay up to step {expert_step}: uniform random actions for "
                     f"its warm-up steps, then shipped snapshots collecting (with exploration noise) their shares")
         info["source"] = full_replay_source
@@ -773,7 +515,7 @@ def build_ant(dataset: str, n_transitions: Optional[int], seed: int, full_replay
     return info
 
 
-def _snapshot_replay(n: int, seed: int) -> list[dict]:
+def snapshot_replay(n: int, seed: int) -> list[dict]:
     """full-replay re-enacted from the shipped snapshots: uniform random actions for the learner's warm-up steps,
     then each snapshot (with the learner's exploration noise) collecting the share of n that the learner
     collected in the interval of steps it `covers` (it is the learner's snapshot nearest that interval's middle)."""
@@ -853,15 +595,8 @@ def build_records() -> dict:
 
 
 # ==================================================================================================
-# Exporting the small shipped policies from a training run
+# The shapes the shipped Ant policies were chosen for (td3_ant.py exports them; the cards show them)
 # ==================================================================================================
-def _td3_actor(ck: dict) -> GaussianMLPPolicy:
-    actor = GaussianMLPPolicy(envs.STATE_DIM["ant"], envs.JOINT_ACTION_DIM["ant"], ck["config"]["hidden"],
-                              activation="relu", squash=True)
-    actor.load_state_dict(ck["actor"])
-    return actor.eval()
-
-
 # Paper Table 2 (D4RL ant-v2 normalised with D4RL's reference scores; the authors' Reacher-v2 set): min / mean /
 # median / max %. Its Ant magnitudes do not carry over to Ant-v5, but its *shape* does: each dataset's mean (and
 # median) as a share of the expert dataset's mean score. Medium: 80.2 / 117.4 = 68% (median 95.1 / 117.4 = 81%),
@@ -875,142 +610,6 @@ PAPER_TABLE2 = {
 }
 ANT_MEDIUM_TARGET = (100 * 80.2 / 117.4, 100 * 95.1 / 117.4)  # medium mean and median, % of the expert set's mean
 EXPERT_MIN_STEP = 1_000_000  # the expert comes after >= 1M learner steps, so full-replay holds >= 1M transitions
-
-
-def _snapshot_policy(path: pathlib.Path, noise: Optional[float] = None) -> GaussianMLPPolicy:
-    policy = load_gaussian_policy(torch.load(path, weights_only=False))
-    if noise is not None:
-        with torch.no_grad():
-            policy.log_std.fill_(math.log(noise))
-    return policy
-
-
-def _share_of_expert(scores_pct: np.ndarray, expert_mean_pct: float) -> tuple[float, float]:
-    """(mean, median) of normalised episode scores as % of the expert dataset's mean score (Table 2's shape)."""
-    return 100 * float(np.mean(scores_pct)) / expert_mean_pct, 100 * float(np.median(scores_pct)) / expert_mean_pct
-
-
-def search_medium(out_dir: pathlib.Path = ANT_TRAIN_DIR, noises=(0.1, 0.2, 0.3), n_episodes: int = 20,
-                  n_confirm: int = 100, greedy_range=(0.4, 1.0), max_snapshots: int = 12, seed: int = 50505,
-                  log=print) -> dict:
-    """Pick the Ant `medium` behaviour policy: the (learner snapshot, action noise σ) whose sampled-action
-    episodes have the mean and median score closest to Table 2's shape (68% / 81% of the expert dataset's mean;
-    distance = the larger of the two gaps). Candidates: every snapshot before the expert whose quick greedy
-    return lies in greedy_range x the expert's, each with every σ in noises, n_episodes each; the 3 closest are
-    re-measured on n_confirm episodes and the closest of those wins (at most max_snapshots snapshots, evenly spaced,
-    to bound the cost: ~6 s per candidate on one core). Returns the choice and every row measured."""
-    expert = _load_policy(SHIPPED["ant_expert"])
-    ref_min, ref_max = reference_scores("ant")
-    to_pct = lambda r: 100 * (np.asarray(r) - ref_min) / (ref_max - ref_min)  # noqa: E731
-    expert_rets, _ = episode_returns(expert, "ant", n_confirm, seed, greedy=False)  # the expert dataset's policy
-    expert_mean = float(to_pct(expert_rets).mean())
-    learning_starts = torch.load(out_dir / "checkpoint.pt", weights_only=False)["config"]["learning_starts"]
-    snaps = [sn for sn in list_snapshots(out_dir) if learning_starts < sn[0] < expert.meta["step"]
-             and min(g * ref_max for g in greedy_range) <= sn[1] <= max(g * ref_max for g in greedy_range)]
-    if len(snaps) > max_snapshots:
-        snaps = [snaps[i] for i in np.unique(np.linspace(0, len(snaps) - 1, max_snapshots).round().astype(int))]
-    target_mean, target_median = ANT_MEDIUM_TARGET
-
-    def measure(step, path, noise, n):
-        rets, lengths = episode_returns(_snapshot_policy(path, noise), "ant", n, seed + 1, greedy=False)
-        mean, median = _share_of_expert(to_pct(rets), expert_mean)
-        return dict(step=step, noise=noise, episodes=n, mean_share=mean, median_share=median,
-                    distance=max(abs(mean - target_mean), abs(median - target_median)),
-                    fell_share=float((lengths < envs.EPISODE_STEPS["ant"]).mean()), mean_return=float(rets.mean()))
-
-    rows = []
-    for step, _, path in snaps:
-        for noise in noises:
-            rows.append(measure(step, path, noise, n_episodes))
-            r = rows[-1]
-            log(f"medium candidate step {step:>7} σ {noise:.2f}: mean {r['mean_share']:5.1f}% median "
-                f"{r['median_share']:5.1f}% of the expert set's mean, {100 * r['fell_share']:.0f}% of episodes fell")
-    if not rows:
-        raise envs.MomaError(f"no learner snapshot in {out_dir / 'snapshots'} has a greedy return in {greedy_range} x "
-                             f"the expert's; train longer or widen the range")
-    paths = {step: path for step, _, path in snaps}
-    confirmed = [measure(r["step"], paths[r["step"]], r["noise"], n_confirm)
-                 for r in sorted(rows, key=lambda r: r["distance"])[:3]]
-    best = min(confirmed, key=lambda r: r["distance"])
-    log(f"medium: step {best['step']} with σ {best['noise']}: mean {best['mean_share']:.1f}% / median "
-        f"{best['median_share']:.1f}% of the expert set's mean over {n_confirm} episodes (target {target_mean:.0f} / "
-        f"{target_median:.0f})")
-    return dict(choice=best, candidates=rows, confirmed=confirmed, expert_set_mean_pct=expert_mean,
-                path=paths[best["step"]])
-
-
-def export_ant_policies(out_dir: pathlib.Path = ANT_TRAIN_DIR, n_replay_snapshots: int = 16,
-                        eval_episodes: int = 20, expert_min_step: int = EXPERT_MIN_STEP,
-                        medium_search: Optional[dict] = None, log=print) -> dict:
-    """Ship the Ant policies from the learner's run:
-
-    * expert = the best greedy policy (eval_episodes each) among the snapshots at >= expert_min_step and the
-      final one (the learner's greedy return swings by several hundred between snapshots);
-    * medium = search_medium's (snapshot, σ);
-    * n_replay_snapshots float16 snapshots for re-enacting full-replay: the learner's steps from its warm-up to
-      the expert cut into equal intervals, each re-enacted by the snapshot nearest the interval's middle.
-    """
-    ck = torch.load(out_dir / "checkpoint.pt", weights_only=False)
-    cfg, cmd = ck["config"], "python make_datasets.py --train-ant [--resume]"
-    final = _td3_actor(ck)
-    snaps = [sn for sn in list_snapshots(out_dir) if cfg["learning_starts"] <= sn[0] <= ck["step"]]
-    candidates = [(ck["step"], final)] + [(st, _snapshot_policy(path)) for st, _, path in snaps
-                                          if expert_min_step <= st < ck["step"]]
-    scored = []
-    for st, policy in candidates:
-        rets = policy_returns("ant", policy, eval_episodes, seed=40404)
-        scored.append((float(rets.mean()), st, policy))
-        log(f"expert candidate at step {st}: greedy return {rets.mean():.1f} over {eval_episodes} episodes")
-    expert_ret, expert_step, expert_actor = max(scored, key=lambda t: t[0])
-    expert = export_gaussian_policy(expert_actor, dict(step=expert_step, greedy_return_mean=expert_ret,
-                                                       greedy_return_episodes=eval_episodes, trained_by=cmd,
-                                                       wall_time_s=round(ck["wall_s"], 1), config=cfg,
-                                                       candidates={st: r for r, st, _ in scored}))
-    _atomic_torch_save(expert, SHIPPED["ant_expert"])
-
-    search = search_medium(out_dir, log=log, **(medium_search or {}))
-    choice = search["choice"]
-    medium_actor = _snapshot_policy(search["path"], choice["noise"])
-    medium = export_gaussian_policy(medium_actor, dict(
-        step=choice["step"], noise=choice["noise"], expert_step=expert_step, trained_by=cmd,
-        greedy_return_mean=float(policy_returns("ant", medium_actor, eval_episodes, seed=40404).mean()),
-        greedy_return_episodes=eval_episodes, search={k: v for k, v in search.items() if k != "path"}))
-    _atomic_torch_save(medium, SHIPPED["ant_medium"])
-
-    bounds = np.linspace(cfg["learning_starts"], expert_step, n_replay_snapshots + 1).round().astype(int)
-    by_step = {st: path for st, _, path in snaps}
-    by_step.setdefault(ck["step"], None)
-    replay = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        st = min(by_step, key=lambda x: abs(x - (lo + hi) / 2))
-        blob = export_gaussian_policy(final, {}) if by_step[st] is None else torch.load(by_step[st], weights_only=False)
-        blob["state_dict"] = {n: v.half() for n, v in blob["state_dict"].items()}
-        blob["meta"] = dict(blob.get("meta", {}), step=int(st), covers=[int(lo), int(hi)])
-        replay.append(blob)
-    # The statistics of the learner's real buffer (on this machine only), kept beside the snapshots so that the
-    # cards can show how close the re-enactment that every other machine builds comes to it.
-    ref_min, ref_max = reference_scores("ant")
-    buf = load_td3_replay(out_dir, ck["step"])
-    ends = np.flatnonzero((buf["term"] | buf["trunc"])[:expert_step])  # the episodes finished by the expert's step
-    buffer_returns = np.diff(np.concatenate([[0.0], np.cumsum(buf["rew"][:expert_step], dtype=np.float64)[ends]]))
-    buffer_pct = 100 * (buffer_returns - ref_min) / (ref_max - ref_min)
-    buffer_stats = dict(episodes=len(buffer_returns), transitions=int(expert_step), min_score_pct=float(buffer_pct.min()),
-                        mean_score_pct=float(buffer_pct.mean()), median_score_pct=float(np.median(buffer_pct)),
-                        max_score_pct=float(buffer_pct.max()), ref_min=ref_min, ref_max=ref_max)
-    _atomic_torch_save(dict(snapshots=replay, learning_starts=cfg["learning_starts"], expert_step=expert_step,
-                            buffer_stats=buffer_stats), ANT_REPLAY_SNAPSHOTS)
-    # What another machine needs to continue the learner (`--train-ant --resume`): networks, optimisers and RNG states
-    # of its last checkpoint; its transitions are re-enacted there (see train_ant_td3).
-    # Weights and Adam moments in bfloat16 (fp32's exponent range, half the bytes: the shipped files stay small).
-    _atomic_torch_save({k: _to_dtype(ck[k], torch.bfloat16) for k in (
-        "actor", "critic", "target_actor", "target_critic", "actor_opt", "critic_opt", "step", "n_resumes", "wall_s",
-        "next_snapshot", "torch_rng", "gen", "numpy_rng", "config")}, ANT_TD3_RESUME)
-    info = dict(expert_step=expert_step, expert_greedy_return=expert_ret, medium_step=choice["step"],
-                medium_noise=choice["noise"], medium_mean_share=choice["mean_share"],
-                medium_median_share=choice["median_share"], train_wall_s=ck["wall_s"],
-                replay_snapshot_steps=[b["meta"]["step"] for b in replay])
-    log(f"exported Ant policies: {info}")
-    return info
 
 
 # ==================================================================================================
@@ -1115,10 +714,13 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
         if p.exists():
             m = torch.load(p, weights_only=False).get("meta", {})
             noise = m.get("noise", 0.1 if key.startswith("ant") else None)
+            trained_by = f"`{m.get('trained_by', '')}`"
+            if "--train-ant" in trained_by:  # the shipped files predate td3_ant.py: the same learner, moved there
+                trained_by = f"`python td3_ant.py [--resume]` (recorded then as {trained_by})"
             policies.append(f"| `{p.relative_to(REPO_DIR)}` | {p.stat().st_size / 1e3:.0f} kB | {m.get('step', '')} | "
                             f"{'' if noise is None else noise} | "
                             f"{m.get('greedy_return_mean', float('nan')):.2f} ({m.get('greedy_return_episodes', '')} ep.) | "
-                            f"`{m.get('trained_by', '')}` | {m.get('wall_time_s', '')} |")
+                            f"{trained_by} | {m.get('wall_time_s', '')} |")
     if ANT_REPLAY_SNAPSHOTS.exists():
         policies.append(f"| `{ANT_REPLAY_SNAPSHOTS.relative_to(REPO_DIR)}` | {ANT_REPLAY_SNAPSHOTS.stat().st_size / 1e3:.0f} kB | "
                         f"{', '.join(str(b['meta']['step']) for b in replay_blob['snapshots'])} | 0.1 | | | |")
@@ -1126,99 +728,19 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
     expert_candidates = ", ".join(f"step {k:,}: {v:.0f}" for k, v in sorted(expert_meta.get("candidates", {}).items()))
     reacher = builds.get(envs.dataset_id("reacher", "expert-mix"), {})
     wm_rows = _world_model_rows()
-    text = f"""# MuJoCo datasets (paper Table 2)
-
-Generated by `python make_datasets.py` from the shipped behaviour policies in `behaviour_policies/`
-(this page: `python make_datasets.py --cards-only`). Scores are normalised per episode,
-100 x (R - ref_min) / (ref_max - ref_min), with ref_min the mean return of the uniform random policy
-and ref_max the mean greedy return of the expert (100 episodes each); both are stored in the Minari
-metadata (`ref_min_score`, `ref_max_score`).
-
-Paper Table 2 normalises D4RL's ant-v2 sets with D4RL's reference scores (expert 3879.7, random -325.6), on
-a different reward (Ant-v2), so its magnitudes do not carry over. Its shape does: each set's **mean and median
-as a share of the expert dataset's mean** (columns "mean / median, % of expert set": ours / the paper's). The
-Ant behaviour policies are chosen to match it (below).
-
-| dataset | min / mean / median / max % | paper Table 2 | mean, % of expert set (ours / paper) | median, % of expert set (ours / paper) | episodes | transitions | ref_min / ref_max | build wall / CPU (s) | fingerprint |
-|---|---|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-
-**Standing still** (a team that applies zero torque, {REF_EPISODES} episodes): {'; '.join(standing) or 'not computed yet'}.
-On Ant a team that stands still collects the healthy reward (1 per step) for 1000 steps: scores above this
-walk; scores below it fall or are cut early.
-
-Build times are those of the last build of each dataset on this machine (CPU time: the build process's own);
-they grow when other jobs share the cores.
-
-## How the Ant policies were chosen
-
-* **expert**: the learner's greedy policy with the highest greedy return ({expert_meta.get('greedy_return_episodes', '?')}
-  episodes each) among its snapshots at >= {EXPERT_MIN_STEP:,} steps and its final state ({expert_candidates or 'n/a'});
-  its dataset acts with the learner's exploration noise N(0, 0.1²).
-* **medium**: the (snapshot, action noise σ) closest to Table 2's medium shape ({ANT_MEDIUM_TARGET[0]:.0f}% mean /
-  {ANT_MEDIUM_TARGET[1]:.0f}% median of the expert set's mean; distance = the larger gap), over every snapshot
-  before the expert whose quick greedy return is 0.4-1.0x the expert's (at most 12, evenly spaced), σ in 0.1 /
-  0.2 / 0.3, 20 sampled-action episodes each; the 3 closest re-measured on 100 episodes (the rows with 100
-  episodes). 20 episodes proved too few (the first pick, 580k with σ 0.1, measured 67 / 78 on 20 episodes and
-  75 / 78 on 100), so a second round, run by hand, measured 8 neighbours of it (nearby snapshots, σ up to 0.16)
-  on 100 episodes each (`search["refined"]` in the policy file) and the closest of all 100-episode rows is
-  shipped. "fell" = episodes that ended before 1000 steps. Expert-set mean used here: {search['expert_set_mean_pct'] if search else float('nan'):.1f}% (100 episodes).
-
-| snapshot step | σ | episodes | mean, % of expert set | median, % of expert set | fell % | distance |
-|---|---|---|---|---|---|---|
-{chr(10).join(medium_rows)}
-
-* **full-replay**: every transition the learner collected up to the expert (D4RL's full-replay is its learner's
-  whole buffer). Only the machine that trained the learner has that buffer, so every build re-enacts it: uniform
-  random actions for the warm-up steps, then each shipped snapshot collecting the share of steps it stands for
-  (the learner's steps cut into equal intervals, each played by the snapshot nearest its middle, with the
-  learner's noise). How close that comes: {replay_note}.
-* **random**: uniform random actions in [-1, 1].
-
-## World models (`python world_model.py --env ant --dataset <name>`, seed 0)
-
-Held-out split: 10% of the episodes. MSE on standardised [s' - s, r] per member; terminal accuracy of the
-learned head; terminal recall on the held-out real terminals: the members' heads (range) / the elites' vote /
-the vote or the env's termination rule on the predicted next state (what MOMA-PPO uses); open-loop rollouts of
-held-out episodes with their actions: state RMSE in units of the dataset's state std and |reward error| at
-horizons 1 / 5 / 10.
-
-| dataset | steps | wall (s) | held-out MSE (members) | terminal accuracy (min) | terminal recall: held-out terminals: heads / vote / vote or rule | state RMSE/std h1 / h5 / h10 | reward error h1 / h5 / h10 |
-|---|---|---|---|---|---|---|---|
-{chr(10).join(wm_rows) or '| (none trained on this build yet) | | | | | | | |'}
-
-## Reacher
-
-Note on reacher's ref_min: uniform random torques cost ~0.67 per step in control (Reacher-v5, like v2, weighs
-the control cost 1), so their return is about -43, while the paper's "random" return, -11.145, is about what a
-policy that applies almost no torque gets (the authors' "random" was probably a randomly initialised MAPPO
-policy, whose heads start near zero); the zero-torque return is in the standing-still line above. Scores here
-follow the project's definition (uniform random); rescale with the paper's constants if you need its numbers.
-
-Reacher arm-bend conventions (θ2 = atan2(state[3], state[1]) averaged over each episode's last 10 states;
-counter-clockwise = θ2 >= 0): {100 * reacher.get('counter_clockwise_share', float('nan')):.1f}% counter-clockwise,
-{100 * reacher.get('clockwise_share', float('nan')):.1f}% clockwise.
-
-## Behaviour policies
-
-| file | size | env steps | action noise σ | greedy return | trained by | train wall time (s) |
-|---|---|---|---|---|---|---|
-{chr(10).join(policies)}
-
-* `reacher/expert-mix`: one MAPPO expert (`mappo.py`, all-observant, per-agent Gaussian policies, mixed
-  value) trained to bend counter-clockwise, and its mirror image. An unshaped MAPPO expert picks the bend
-  from the target's side (ours: 58% of episodes counter-clockwise), and so does its mirror image, so
-  neither two seeds nor a mirror of such an expert make the paper's two incompatible conventions. The
-  expert was therefore trained 400k steps unshaped, then 200k more with a training-only penalty
-  max(0, -θ2) per step (`--elbow-convention 1`). Reflecting the arena across the x-axis maps Reacher onto
-  itself (sign flip of state entries 2, 3, 5, 6, 7, 9 and of both torques; checked step by step against
-  the simulator in `tests/test_make_datasets.py`), so the mirrored expert is equally good and bends
-  clockwise. 500k sampled-action transitions from each, 50-step episodes.
-* `ant/*`: single-agent TD3 on the joint action (`make_datasets.train_ant_td3`: Fujimoto et al.'s
-  defaults, 2x256 ReLU nets, batch 100, 25k uniform-random warm-up steps, exploration noise 0.1, one
-  Ant-v5 env, {AntTD3Config.total_steps:,} steps). Two PPO runs (CleanRL-style, 1.5M and 2.7M steps) had
-  plateaued at 2,000-2,500 greedy return with collapses.
-"""
+    text = string.Template(CARD_TEMPLATE.read_text().split("\n", 1)[1]).substitute(
+        dataset_rows="\n".join(rows), ref_episodes=REF_EPISODES,
+        standing_still="; ".join(standing) or "not computed yet",
+        expert_eval_episodes=expert_meta.get("greedy_return_episodes", "?"), expert_min_step=f"{EXPERT_MIN_STEP:,}",
+        expert_candidates=expert_candidates or "n/a", medium_target_mean=f"{ANT_MEDIUM_TARGET[0]:.0f}",
+        medium_target_median=f"{ANT_MEDIUM_TARGET[1]:.0f}",
+        expert_set_mean_pct=f"{search['expert_set_mean_pct'] if search else float('nan'):.1f}",
+        medium_rows="\n".join(medium_rows), replay_note=replay_note,
+        world_model_rows="\n".join(wm_rows) or "| (none trained on this build yet) | | | | | | | |",
+        reacher_ccw_pct=f"{100 * reacher.get('counter_clockwise_share', float('nan')):.1f}",
+        reacher_cw_pct=f"{100 * reacher.get('clockwise_share', float('nan')):.1f}",
+        policy_rows="\n".join(policies),
+        ant_total_steps=f"{expert_meta['config']['total_steps']:,}" if "config" in expert_meta else "?")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -1226,36 +748,39 @@ counter-clockwise = θ2 >= 0): {100 * reacher.get('counter_clockwise_share', flo
 
 
 # ==================================================================================================
-# Command line
+# Command line: one subcommand per job (`python make_datasets.py <subcommand> --help`)
 # ==================================================================================================
 @dataclasses.dataclass
-class Args:
-    """Build the MuJoCo datasets from the shipped behaviour policies (or retrain those first)."""
+class Build:
+    """Build the MuJoCo datasets from the shipped behaviour policies (default: all five), then regenerate
+    docs/datasets.md."""
 
     only: Optional[Literal["reacher/expert-mix", "ant/random", "ant/medium", "ant/full-replay", "ant/expert"]] = None
     """build only this dataset (default: all five)"""
     n_transitions: Optional[int] = None
     """transitions per dataset (default 1M; smaller for quick checks)"""
     seed: int = 0
-    retrain: bool = False
-    """retrain the behaviour policies from scratch (reacher MAPPO, then Ant TD3), export them, then build"""
-    train_ant: bool = False
-    """only train the Ant TD3 learner (with --resume: continue it) and export its policies; no datasets"""
-    export_ant: bool = False
-    """only export the Ant expert / medium / replay snapshots from the learner's checkpoint"""
     full_replay_source: Literal["snapshots", "buffer"] = "snapshots"
     """full-replay from the shipped snapshots (every machine builds the same set) or from the learner's own
-    replay buffer (only where the learner was trained: data/behaviour/ant_td3/replay)"""
-    resume: bool = False
-    """continue the Ant TD3 learner from data/behaviour/ant_td3/checkpoint.pt"""
-    ant_total_steps: int = AntTD3Config.total_steps
-    """Ant TD3 environment steps"""
-    cards_only: bool = False
-    """only regenerate docs/datasets.md from the datasets present"""
-    update_refs: bool = False
-    """only recompute the reference scores (new expert) and write them into the existing datasets' metadata"""
+    replay buffer (only where td3_ant.py was trained: data/behaviour/ant_td3/replay)"""
     workers: int = 2
     """datasets built in parallel processes (one per core)"""
+
+
+@dataclasses.dataclass
+class Cards:
+    """Only regenerate docs/datasets.md from the datasets present."""
+
+
+@dataclasses.dataclass
+class UpdateRefs:
+    """Recompute the reference scores (after a new expert was exported) and write them into the existing datasets'
+    metadata, then regenerate docs/datasets.md."""
+
+    seed: int = 0
+
+
+Command = Union[Build, Cards, UpdateRefs]
 
 
 def _report_build(env: str, name: str, info: dict, log) -> None:
@@ -1266,37 +791,17 @@ def _report_build(env: str, name: str, info: dict, log) -> None:
         f"{st['ref_max_score']:.2f} | {info}")
 
 
-def main(args: Args) -> None:
+def main(args: Command) -> None:
     torch.set_num_threads(1)  # small policies; extra threads only spin against other jobs
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    if args.train_ant or args.export_ant:
-        if args.train_ant:
-            train_ant_td3(AntTD3Config(total_steps=args.ant_total_steps), resume=args.resume, log=log)
-        export_ant_policies(log=log)
-        return
-    if args.update_refs:
+    if isinstance(args, UpdateRefs):
         for env in ("reacher", "ant"):
             log(f"updated reference scores of {update_reference_scores(env, args.seed)}")
         dataset_cards()
         return
-    if args.cards_only:
+    if isinstance(args, Cards):
         print(dataset_cards())
         return
-    if args.retrain:
-        import mappo
-
-        # The shipped reacher expert, exactly: 2x64 nets, GAE λ 0.95, minibatch 64; 400k steps of an 800k
-        # schedule, then (the same run) 200k more steps with the θ2 >= 0 convention penalty (annealing towards
-        # 700k, stopped at 600k).
-        run = TRAIN_DIR / "reacher_mappo"
-        common = dict(env="reacher", seed=2, hidden=64, gae_lambda=0.95, minibatch_size=64, eval_every=10,
-                      checkpoint_every=25, run_dir=str(run))
-        if not (args.resume and (run / "checkpoint.pt").exists()):
-            mappo.main(mappo.Args(**common, total_steps=800_000, stop_steps=400_000))
-        mappo.main(mappo.Args(**common, total_steps=700_000, stop_steps=600_000, elbow_convention=1, resume=True,
-                              policy_out=str(SHIPPED["reacher_expert"])))
-        train_ant_td3(AntTD3Config(total_steps=args.ant_total_steps), resume=args.resume, log=log)
-        export_ant_policies(log=log)
     todo = MUJOCO_DATASETS if args.only is None else [tuple(args.only.split("/"))]
     for env in sorted({env for env, _ in todo}):  # once, before any worker needs them
         lo, hi = reference_scores(env, args.seed)
@@ -1319,7 +824,7 @@ def main(args: Args) -> None:
     log(f"all builds done in {time.time() - t0:.0f}s")
     missing = [f"{env}/{name}" for env, name in MUJOCO_DATASETS if not envs.dataset_exists(env, name)]
     if missing:  # a partial build must not rewrite the committed page with only the datasets present here
-        log(f"docs/datasets.md left as it is: {', '.join(missing)} not built here (--cards-only once all are)")
+        log(f"docs/datasets.md left as it is: {', '.join(missing)} not built here (`python make_datasets.py cards` once all are)")
     else:
         dataset_cards()
 
@@ -1328,6 +833,6 @@ if __name__ == "__main__":
     import tyro
 
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Command, default=Build()))  # no subcommand: build
     except envs.MomaError as e:
         raise SystemExit(f"error: {e}")

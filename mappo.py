@@ -200,7 +200,8 @@ class MAPPOAgents(nn.Module):
 
 
 def save_policy_file(agents: MAPPOAgents, env: str, obs: str, path: pathlib.Path, meta: dict) -> None:
-    """The small per-agent policy file make_datasets.py collects with (policy weights only)."""
+    """The small per-agent policy file make_datasets.py collects with (policy weights only; read there by
+    make_datasets.MAPPOTeamPolicy, which repeats MAPPOAgents.stack_obs and dist without importing this script)."""
     blob = dict(kind="mappo", env=env, obs=obs, obs_dims=agents.obs_dims, action_dim=agents.action_dim,
                 hidden=agents.policy.weights[0].shape[-1],
                 policy_state={k: v.detach().clone() for k, v in agents.policy.state_dict().items()},
@@ -209,35 +210,6 @@ def save_policy_file(agents: MAPPOAgents, env: str, obs: str, path: pathlib.Path
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)
-
-
-class MAPPOPolicy:
-    """A saved MAPPO team policy: `act(states [B, S], greedy, generator)` -> joint actions [B, A] (clipped)."""
-
-    def __init__(self, blob: dict):
-        self.env, self.obs = blob["env"], blob["obs"]
-        self.net = AgentsMLP(len(blob["obs_dims"]), [max(blob["obs_dims"]), blob["hidden"], blob["hidden"],
-                                                     2 * blob["action_dim"]])
-        self.net.load_state_dict(blob["policy_state"])
-        self.helper = MAPPOAgents(blob["obs_dims"], blob["action_dim"], envs.STATE_DIM[self.env], 8,
-                                  envs.obs_indices(self.env, self.obs))
-        self.helper.policy = self.net
-        if "state_mean" in blob:
-            self.helper.state_mean.copy_(blob["state_mean"])
-            self.helper.state_var.copy_(blob["state_var"])
-        self.meta = blob.get("meta", {})
-
-    @classmethod
-    def load(cls, path) -> "MAPPOPolicy":
-        return cls(torch.load(path, weights_only=False))
-
-    def act(self, states: np.ndarray, greedy: bool, generator: Optional[torch.Generator] = None) -> np.ndarray:
-        with torch.no_grad():
-            obs = self.helper.stack_obs(envs.split_state(self.env, self.obs, np.asarray(states, np.float32)))
-            d = self.helper.dist(obs)
-            a = d.mean if greedy else d.mean + d.stddev * torch.randn(d.mean.shape, generator=generator)
-        per_agent = [a[i].numpy() for i in range(a.shape[0])]
-        return np.clip(envs.join_actions(self.env, per_agent), -1.0, 1.0)
 
 
 def git_commit() -> str:

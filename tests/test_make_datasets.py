@@ -1,7 +1,11 @@
-"""make_datasets.py: the reacher mirror map and convention classifier, tiny generation round trips
-through minari.load_dataset, reference scores, the Ant learner's replay bookkeeping. Small budgets."""
+"""make_datasets.py and the behaviour learners: the reacher mirror map and convention classifier, tiny generation
+round trips through minari.load_dataset, reference scores, the shipped policies read without the training scripts,
+td3_ant.py's replay bookkeeping and export, mappo.py's policy file. Small budgets."""
 
+import dataclasses
 import json
+import subprocess
+import sys
 
 import minari
 import numpy as np
@@ -10,6 +14,7 @@ import torch
 
 import envs
 import make_datasets as md
+import td3_ant
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,7 +125,7 @@ def test_reacher_expert_mix_round_trip(few_ref_episodes):
 
 
 def test_shipped_reacher_expert_bends_one_way_and_mirror_the_other():
-    expert = md._load_policy(md.SHIPPED["reacher_expert"])
+    expert = md.load_policy(md.SHIPPED["reacher_expert"])
     a = md.collect_episodes("reacher", expert, 500, seed=5)
     b = md.collect_episodes("reacher", md.MirroredPolicy(expert), 500, seed=5)
     ca = np.array([md.reacher_convention(e["observations"][1:]) for e in a])
@@ -160,15 +165,15 @@ def test_collect_is_exact_and_reproducible():
 # The Ant learner: checkpoint / resume and the replay it keeps for full-replay
 # ---------------------------------------------------------------------------------------------------
 def test_ant_learner_checkpoint_resume_and_replay(tmp_path):
-    cfg = md.AntTD3Config(total_steps=1200, learning_starts=500, batch_size=32, hidden=16, checkpoint_every_s=0.2,
-                          snapshot_every=600, snapshot_eval_episodes=1, stop_above=None)
+    cfg = td3_ant.Args(total_steps=1200, learning_starts=500, batch_size=32, hidden=16, checkpoint_every_s=0.2,
+                       snapshot_every=600, snapshot_eval_episodes=1, stop_above=None)
     logs = []
-    md.train_ant_td3(cfg, out_dir=tmp_path, log=logs.append)
+    td3_ant.train(cfg, out_dir=tmp_path, log=logs.append)
     with pytest.raises(envs.MomaError):
-        md.train_ant_td3(cfg, out_dir=tmp_path, log=logs.append)  # refuses to overwrite without --resume
+        td3_ant.train(cfg, out_dir=tmp_path, log=logs.append)  # refuses to overwrite without --resume
     # The replay chunks are the learner's whole buffer: replaying its actions in a fresh simulator with the
     # learner's reset seeds reproduces every stored state, reward and flag exactly (Ant is deterministic).
-    buf = md.load_td3_replay(tmp_path, 1200)
+    buf = td3_ant.load_td3_replay(tmp_path, 1200)
     sim = envs.make_single_agent_env("ant")
     obs = sim.reset(seed=cfg.seed * 100_003)[0]
     for t in range(1200):
@@ -178,12 +183,12 @@ def test_ant_learner_checkpoint_resume_and_replay(tmp_path):
         assert buf["rew"][t] == np.float32(r) and buf["term"][t] == term and buf["trunc"][t] == trunc
         obs = sim.reset()[0] if (term or trunc) else nxt
     assert (np.abs(buf["act"][:500]) <= 1).all() and buf["act"][:500].std() > 0.5  # uniform warm-up
-    cfg.total_steps = 1500
-    md.train_ant_td3(cfg, resume=True, out_dir=tmp_path, log=logs.append)
+    td3_ant.train(dataclasses.replace(cfg, total_steps=1500, resume=True), out_dir=tmp_path, log=logs.append)
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 1500 and ck["n_resumes"] == 1
-    np.testing.assert_array_equal(md.load_td3_replay(tmp_path, 1500)["obs"][:1200], buf["obs"])  # kept on resume
-    assert [s[0] for s in md.list_snapshots(tmp_path)] == [600, 1200]
+    assert ck["config"] == dict(td3_ant.learner_config(cfg), total_steps=1500)  # the settings, not the switches
+    np.testing.assert_array_equal(td3_ant.load_td3_replay(tmp_path, 1500)["obs"][:1200], buf["obs"])  # kept on resume
+    assert [s[0] for s in td3_ant.list_snapshots(tmp_path)] == [600, 1200]
     episodes = md.replay_episodes(tmp_path, 1500, 10**9)
     total = sum(len(e["rewards"]) for e in episodes)
     assert 1200 - 1000 <= total <= 1500  # all but the episodes still open at the end
@@ -193,7 +198,7 @@ def test_ant_learner_checkpoint_resume_and_replay(tmp_path):
         assert e["terminations"][-1] or e["truncations"][-1]
         assert not (e["terminations"][:-1].any() or e["truncations"][:-1].any())
     # the shipped-policy format: a relu, tanh-squashed actor whose sampled actions carry the exploration noise
-    snap = md.load_gaussian_policy(torch.load(md.list_snapshots(tmp_path)[-1][2], weights_only=False))
+    snap = md.load_gaussian_policy(torch.load(td3_ant.list_snapshots(tmp_path)[-1][2], weights_only=False))
     assert snap.activation == "relu" and snap.squash
     states = buf["obs"][:64]
     greedy = snap.act(states, greedy=True)
@@ -219,11 +224,24 @@ def test_mappo_smoke_resume_and_policy_file(tmp_path):
     assert summary["train_steps"] == 400 and len(summary["episode_returns"]) == 2
     args.total_steps, args.resume = 3 * 4 * 50, True
     assert mappo.main(args)["train_steps"] == 600
-    policy = mappo.MAPPOPolicy.load(tmp_path / "policy.pt")
-    states = np.stack([_reacher_state(0.1, 0.2)] * 3)
+    policy = md.load_policy(tmp_path / "policy.pt")  # read by the dataset builder, without mappo.py
+    states = np.stack([_reacher_state(0.1, 0.2), _reacher_state(-1.0, 2.0), _reacher_state(2.5, -0.4)])
     a = policy.act(states, greedy=True)
     assert a.shape == (3, 2) and np.abs(a).max() <= 1
     np.testing.assert_array_equal(a, policy.act(states, greedy=True))  # greedy is deterministic
+    # the same actions as mappo's own networks, greedy and sampled (the file holds the final policy)
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    agents = mappo.MAPPOAgents(envs.obs_dims("reacher", "all-observant"), 1, envs.STATE_DIM["reacher"], 16,
+                               envs.obs_indices("reacher", "all-observant"))
+    agents.load_state_dict(ck["agents"])
+    with torch.no_grad():
+        d = agents.dist(agents.stack_obs(envs.split_state("reacher", "all-observant", states)))
+        noise = torch.randn(d.mean.shape, generator=torch.Generator().manual_seed(5))
+    sampled = d.mean + d.stddev * noise
+    for greedy, ours in ((True, d.mean), (False, sampled)):
+        expected = np.clip(envs.join_actions("reacher", [ours[i].numpy() for i in range(2)]), -1, 1)
+        got = policy.act(states, greedy=greedy, generator=torch.Generator().manual_seed(5))
+        np.testing.assert_array_equal(got, expected)
     with pytest.raises(envs.MomaError):
         mappo.main(mappo.Args(env="coordination", run_dir=str(tmp_path / "x")))
 
@@ -232,24 +250,24 @@ def test_mappo_smoke_resume_and_policy_file(tmp_path):
 # Shipping the Ant policies: expert choice, the medium search, and full-replay re-enacted from snapshots
 # ---------------------------------------------------------------------------------------------------
 def test_export_then_full_replay_from_snapshots_round_trips(tmp_path, monkeypatch, few_ref_episodes):
-    cfg = md.AntTD3Config(total_steps=1500, learning_starts=500, batch_size=32, hidden=16, checkpoint_every_s=1e9,
-                          snapshot_every=250, snapshot_eval_episodes=1, stop_above=None)
-    md.train_ant_td3(cfg, out_dir=tmp_path / "learner", log=lambda *a: None)
+    cfg = td3_ant.Args(total_steps=1500, learning_starts=500, batch_size=32, hidden=16, checkpoint_every_s=1e9,
+                       snapshot_every=250, snapshot_eval_episodes=1, stop_above=None)
+    td3_ant.train(cfg, out_dir=tmp_path / "learner", log=lambda *a: None)
     shipped = {k: tmp_path / f"{k}.pt" for k in ("reacher_expert", "ant_expert", "ant_medium")}
     monkeypatch.setattr(md, "SHIPPED", shipped)
     monkeypatch.setattr(md, "ANT_REPLAY_SNAPSHOTS", tmp_path / "ant_replay_snapshots.pt")
     monkeypatch.setattr(md, "ANT_TD3_RESUME", tmp_path / "ant_td3_resume.pt")
     logs = []
-    info = md.export_ant_policies(tmp_path / "learner", n_replay_snapshots=4, eval_episodes=1, expert_min_step=1000,
-                                  medium_search=dict(noises=(0.1, 0.3), n_episodes=1, n_confirm=1,
-                                                     greedy_range=(-1e9, 1e9)), log=logs.append)
+    info = td3_ant.export(tmp_path / "learner", n_replay_snapshots=4, eval_episodes=1, expert_min_step=1000,
+                          medium_search=dict(noises=(0.1, 0.3), n_episodes=1, n_confirm=1, greedy_range=(-1e9, 1e9)),
+                          log=logs.append)
     # expert: the best of the snapshots at >= 1000 steps and the final policy; medium: a snapshot before it
     assert info["expert_step"] in (1000, 1250, 1500)
     assert 500 < info["medium_step"] < info["expert_step"] and info["medium_noise"] in (0.1, 0.3)
-    medium = md._load_policy(shipped["ant_medium"])
+    medium = md.load_policy(shipped["ant_medium"])
     assert np.isclose(medium.log_std.exp().mean().item(), info["medium_noise"])  # the dataset acts with σ
     search = medium.meta["search"]
-    assert len(search["candidates"]) == 2 * len([s for s in md.list_snapshots(tmp_path / "learner")
+    assert len(search["candidates"]) == 2 * len([s for s in td3_ant.list_snapshots(tmp_path / "learner")
                                                  if 500 < s[0] < info["expert_step"]])
     assert search["choice"] == min(search["confirmed"], key=lambda r: r["distance"])
     # replay snapshots: 4 equal intervals of the learner's steps from its warm-up to the expert, each played by
@@ -266,15 +284,14 @@ def test_export_then_full_replay_from_snapshots_round_trips(tmp_path, monkeypatc
     assert built["source"] == "snapshots"
     _check_minari("ant", "full-replay", 400, trained_expert=False)
     # another machine continues the learner from the shipped state, its buffer re-enacted from the snapshots
-    cfg.total_steps = 1700
     logs = []
-    md.train_ant_td3(cfg, resume=True, out_dir=tmp_path / "elsewhere", log=logs.append)
+    td3_ant.train(dataclasses.replace(cfg, total_steps=1700, resume=True), out_dir=tmp_path / "elsewhere", log=logs.append)
     assert any("resumed the shipped learner state" in line for line in logs)
     ck = torch.load(tmp_path / "elsewhere" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 1700 and ck["n_resumes"] == 1
     shipped = torch.load(md.ANT_TD3_RESUME, weights_only=False)
     assert shipped["step"] == 1500
-    replay = md.load_td3_replay(tmp_path / "elsewhere", 1700)  # rows [0, 1500) re-enacted, then 200 new ones
+    replay = td3_ant.load_td3_replay(tmp_path / "elsewhere", 1700)  # rows [0, 1500) re-enacted, then 200 new ones
     assert len(replay["rew"]) == 1700 and np.abs(replay["obs"][:1500]).sum() > 0
 
 
@@ -291,8 +308,8 @@ def test_shipped_ant_policies_have_table2_shape(few_ref_episodes):
     """The shipped medium, acting with its noise, scores about Table 2's share of the expert set's mean (68%), and
     the expert walks: a handful of seeded episodes; fails if a wrong snapshot (or the expert) is shipped as medium."""
     ref_min, ref_max = md.reference_scores("ant")
-    expert = md._load_policy(md.SHIPPED["ant_expert"])
-    medium = md._load_policy(md.SHIPPED["ant_medium"])
+    expert = md.load_policy(md.SHIPPED["ant_expert"])
+    medium = md.load_policy(md.SHIPPED["ant_medium"])
     to_pct = lambda r: 100 * (r - ref_min) / (ref_max - ref_min)  # noqa: E731
     expert_set = to_pct(md.episode_returns(expert, "ant", 6, seed=123, greedy=False)[0]).mean()
     medium_set = to_pct(md.episode_returns(medium, "ant", 6, seed=123, greedy=False)[0]).mean()
@@ -306,7 +323,33 @@ def test_partial_build_leaves_the_dataset_page_alone(monkeypatch, few_ref_episod
     # docs/datasets.md with one row (it did: the committed page lost four datasets' cards)
     written = []
     monkeypatch.setattr(md, "dataset_cards", lambda *a, **k: written.append(a))
-    md.main(md.Args(only="ant/random", n_transitions=300))
+    md.main(md.Build(only="ant/random", n_transitions=300))
     assert envs.dataset_exists("ant", "random")
     assert not all(envs.dataset_exists(e, n) for e, n in md.MUJOCO_DATASETS)
     assert written == []
+
+
+def test_shipped_policies_load_without_any_training_script():
+    """make_datasets.py reads every shipped policy file on its own: neither it nor envs imports mappo.py,
+    td3_ant.py or an algorithm script (no import circle through a training script)."""
+    code = ("import sys, numpy as np, envs, make_datasets as md\n"
+            "for key, path in md.SHIPPED.items():\n"
+            "    env = key.split('_')[0]\n"
+            "    a = md.load_policy(path).act(np.zeros((2, envs.STATE_DIM[env]), np.float32), greedy=True)\n"
+            "    assert a.shape == (2, envs.JOINT_ACTION_DIM[env]), a.shape\n"
+            "scripts = {'mappo', 'td3_ant', 'moma_ppo', 'world_model', 'iql', 'maiql', 'ibc', 'itd3bc', 'icql', 'omar'}\n"
+            "print(sorted(scripts & set(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=md.REPO_DIR, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_make_datasets_command_line_has_subcommands():
+    import tyro
+
+    parse = lambda argv: tyro.cli(md.Command, args=argv, default=md.Build())  # noqa: E731 (as its __main__)
+    assert parse([]) == md.Build()  # no subcommand: build all five
+    assert parse(["build", "--only", "ant/medium", "--n-transitions", "2000"]) == md.Build(only="ant/medium",
+                                                                                          n_transitions=2000)
+    assert parse(["cards"]) == md.Cards() and parse(["update-refs", "--seed", "1"]) == md.UpdateRefs(seed=1)
+
