@@ -160,6 +160,18 @@ SECONDS_PER_STEP = {
 }
 SECONDS_PER_RUN = {"coordination": 5, "reacher": 40, "ant": 150}  # load, world model from cache, final evaluation
 PARTIAL_OBS = {obs for _, obs in envs.PARTIALLY_OBSERVABLE}  # observation functions of the PO tasks
+# What a cell needs before it can start, when it is missing (run_all.sh --slurm's prepare job): building a dataset
+# (docs/datasets.md build wall times here: reacher 272 s, ant 623-1,244 s, plus the reference scores' 300
+# episodes on a first build) and training a world model (MOMA-PPO's presets: coordination 3,000 small steps; reacher
+# and ant up to 60k steps at 70.7 steps/s, docs/benchmarks.md).
+BUILD_SECONDS = {"coordination": 10, "reacher": 400, "ant": 1500}
+WORLD_MODEL_SECONDS = {"coordination": 60, "reacher": 900, "ant": 900}
+# Memory a cell asks for (MB) in run_all.sh --slurm's requests: peak resident memory seen here (VmHWM) with about
+# 2-3x headroom for the final evaluation's simulators and the allocator. Seen: a coordination IQL cell 0.35 GB; MOMA-PPO
+# on ant partial/medium 1.9-2.0 GB mid-run (1M-transition dataset, per-agent views, history indices, world model);
+# reacher's 1M transitions are smaller than Ant's. `--mem` overrides.
+MEMORY_MB = {("coordination", "FO"): 1024, ("reacher", "FO"): 3072, ("reacher", "PO"): 3072,
+             ("ant", "FO"): 4096, ("ant", "PO"): 4096}
 
 
 def seconds_per_step(env: str, obs: str, method: str) -> float:
@@ -729,39 +741,77 @@ def make_plots(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path 
 # --------------------------------------------------------------------------------------------------
 # run_all.sh's plan
 # --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Cell:
+    """One line of run_all.sh's plan file: `table script env obs dataset seed method [flags...]`."""
+    table: str
+    script: str
+    env: str
+    obs: str
+    dataset: str
+    seed: int
+    method: str
+    flags: list
+
+    @property
+    def name(self) -> str:
+        return envs.record_name(self.env, self.obs, self.dataset, self.method, self.seed)
+
+    @property
+    def seconds(self) -> float:
+        """Estimated CPU seconds of the whole cell (a resumed cell counted whole: an upper bound)."""
+        return SECONDS_PER_RUN[self.env] + default_steps(self.script, self.env, self.obs, self.flags) * \
+            seconds_per_step(self.env, self.obs, self.method)
+
+    @property
+    def memory_mb(self) -> int:
+        return MEMORY_MB[(self.env, "PO" if self.obs in PARTIAL_OBS else "FO")]
+
+
+def read_cells(cells_file: str) -> list:
+    cells = []
+    for line in pathlib.Path(cells_file).read_text().splitlines():
+        if line.strip():
+            table, script, env, obs, dataset, seed, method, *flags = shlex.split(line)
+            cells.append(Cell(table, script, env, obs, dataset, int(seed), method, flags))
+    return cells
+
+
+def cell_state(cell: Cell, budget: str, results_dir: pathlib.Path, runs_dir: Optional[str]) -> str:
+    """done (its record is in results/ at this budget), replace (a record of another budget), copy (finished run
+    not recorded), resume (stopped run with a checkpoint) or run."""
+    record = results_dir / cell.table / cell.name / "summary.json"
+    if record.exists():
+        return "done" if json.loads(record.read_text()).get("budget") == budget else "replace"
+    if runs_dir and (pathlib.Path(runs_dir) / cell.name / "summary.json").exists():
+        return "copy"
+    if runs_dir and (pathlib.Path(runs_dir) / cell.name / "checkpoint.pt").exists():
+        return "resume"
+    return "run"
+
+
 def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, runs_dir: Optional[str] = None,
          stale_list: Optional[str] = None) -> str:
     """`cells_file`: one cell a line, `table script env obs dataset seed method [flags...]` (run_all.sh writes it).
     `stale_list`: a file to write the done-but-stale cells to, one `table/name` a line (REFRESH_STALE=1 reruns them)."""
-    staleness, stale = Staleness(results_dir.parent), []
+    staleness, stale = Staleness(), []
     todo = collections.Counter()
     seconds = collections.Counter()
     left_by_method = collections.Counter()
-    for line in pathlib.Path(cells_file).read_text().splitlines():
-        if not line.strip():
-            continue
-        table, script, env, obs, dataset, seed, method, *flags = shlex.split(line)
-        name = envs.record_name(env, obs, dataset, method, int(seed))
-        record = results_dir / table / name / "summary.json"
-        state = "run"
-        if record.exists():
-            summary = json.loads(record.read_text())
-            state = "done" if summary.get("budget") == budget else "replace"
-            if state == "done":
-                reasons, _ = staleness.check(Record(table, record.parent, summary, [], ""))
-                if reasons:
-                    stale.append(f"{table}/{name}")
-        elif runs_dir and (pathlib.Path(runs_dir) / name / "summary.json").exists():
-            state = "copy"
-        elif runs_dir and (pathlib.Path(runs_dir) / name / "checkpoint.pt").exists():
-            state = "resume"
+    for cell in read_cells(cells_file):
+        state = cell_state(cell, budget, results_dir, runs_dir)
+        if state == "done":
+            record = results_dir / cell.table / cell.name
+            reasons, _ = staleness.check(Record(cell.table, record, json.loads((record / "summary.json").read_text()),
+                                                [], ""))
+            if reasons:
+                stale.append(f"{cell.table}/{cell.name}")
         todo[state] += 1
         todo["cells"] += 1
-        cost = SECONDS_PER_RUN[env] + default_steps(script, env, obs, flags) * seconds_per_step(env, obs, method)
-        seconds["all"] += cost
+        seconds["all"] += cell.seconds
         if state != "done" and state != "copy":
-            seconds["left"] += cost  # a resumed cell is counted whole: an upper bound
-            left_by_method[f"{env} {'PO' if obs in PARTIAL_OBS else 'FO'} {method}"] += cost
+            seconds["left"] += cell.seconds  # a resumed cell is counted whole: an upper bound
+            left_by_method[f"{cell.env} {'PO' if cell.obs in PARTIAL_OBS else 'FO'} {cell.method}"] += cell.seconds
     out = (f"plan (budget {budget}): {todo['cells']} cells, {todo['done']} done already at this budget, "
            f"{todo['run']} to run, {todo['resume']} to resume, {todo['copy']} finished runs to record")
     if stale:
@@ -780,7 +830,7 @@ def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, 
 
 def main(argv: list) -> None:
     usage = ("usage: python results.py table | plots | datasets | "
-             "plan CELLS_FILE --budget NAME [--runs-dir DIR] [--stale-list FILE]")
+             "plan CELLS_FILE --budget NAME [--results-dir DIR] [--runs-dir DIR] [--stale-list FILE]")
     if not argv:
         raise SystemExit(usage)
     what = argv[0]
@@ -793,8 +843,10 @@ def main(argv: list) -> None:
     elif what == "datasets":
         write_dataset_stats()
     elif what == "plan" and len(argv) >= 4 and argv[2] == "--budget":
-        option = {name: argv[argv.index(name) + 1] if name in argv else None for name in ("--runs-dir", "--stale-list")}
-        print(plan(argv[1], argv[3], runs_dir=option["--runs-dir"], stale_list=option["--stale-list"]))
+        option = {name: argv[argv.index(name) + 1] if name in argv else None
+                  for name in ("--results-dir", "--runs-dir", "--stale-list")}
+        print(plan(argv[1], argv[3], pathlib.Path(option["--results-dir"] or RESULTS_DIR), runs_dir=option["--runs-dir"],
+                   stale_list=option["--stale-list"]))
     else:
         raise SystemExit(usage)
 

@@ -26,6 +26,16 @@
 # SEEDS_GAME (default 10 seeds, as the paper) and SEEDS_MUJOCO (default 3 seeds, as the paper).
 # JOBS=N runs N cells at once (logs in runs/run_all/<budget>/logs/); give each its share of the cores, e.g.
 # `JOBS=2 ./run_all.sh diagnosis --torch-threads 1` on a 2-core machine.
+# ONLY="favorable__iql__ ..." keeps only the cells whose name (<env>__<obs>__<dataset>__<method>__<seed>) contains
+# one of these strings. RESULTS=<dir> and RUNS=<dir> move the records and the run folders (default results and
+# runs/run_all/<budget>; relative to the repository); with another RESULTS docs/results.md is not rewritten.
+#
+# On a Slurm cluster: `./run_all.sh 4b --slurm [--partition P] [--account A] [--time T] [--mem M] [--gres G] [--dry-run]`
+# writes runs/run_all/<budget>/slurm/<target>-<date>/ (cells.txt, array.sbatch, submit.sh) and submits one array
+# task per cell that is not done: each task runs `./run_all.sh --cell cells.txt <task id>`, i.e. exactly what the
+# local run would run for that cell (done: skipped, stopped: resumed, record copied to results/). CPUs, memory and
+# time per task come from the cost estimates of the plan (results.py), one sbatch per resource class; a prepare job
+# builds the missing datasets and world models first. --dry-run only writes the folder. slurm.py has the details.
 set -euo pipefail
 cd "$(dirname "$0")"
 WHAT=${1:-all}
@@ -36,12 +46,39 @@ if [ "$WHAT" = plan ]; then
   WHAT=${1:-all}
   shift || true
 fi
-EXTRA=("$@")
+CELL_FILE="" CELL_LINE=""
+if [ "$WHAT" = --cell ]; then  # ./run_all.sh --cell FILE N [extra flags]: the cell on line N of FILE (a Slurm task)
+  [ $# -ge 2 ] || { echo "usage: ./run_all.sh --cell CELLS_FILE LINE [extra flags]" >&2; exit 2; }
+  CELL_FILE=$1 CELL_LINE=$2
+  shift 2
+fi
+SLURM=0
+SBATCH_OPTS=()  # --partition, --account, --time, --mem, --gres: for sbatch, not for the scripts
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --slurm) SLURM=1 ;;
+    --dry-run) SBATCH_OPTS+=("$1") ;;
+    --partition | --account | --time | --mem | --gres)
+      [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }
+      SBATCH_OPTS+=("$1=$2")
+      shift ;;
+    --partition=* | --account=* | --time=* | --mem=* | --gres=*) SBATCH_OPTS+=("$1") ;;
+    *) EXTRA+=("$1") ;;
+  esac
+  shift
+done
+if [ $SLURM = 0 ] && [ ${#SBATCH_OPTS[@]} -gt 0 ]; then
+  echo "error: ${SBATCH_OPTS[0]} is an option of --slurm" >&2
+  exit 2
+fi
 BUDGET=${BUDGET:-quick}
 SEEDS_GAME=${SEEDS_GAME:-"1 2 3 4 5 6 7 8 9 10"}
 SEEDS_MUJOCO=${SEEDS_MUJOCO:-"1 2 3"}
-RESULTS=results
-RUNS=runs/run_all/$BUDGET
+RESULTS=${RESULTS:-results}
+RUNS=${RUNS:-runs/run_all/$BUDGET}
+ONLY=${ONLY:-}
+STALE_FILE=${STALE_FILE:-}  # the done-but-stale cells (REFRESH_STALE=1 runs them again); written by the plan
 JOBS=${JOBS:-1}  # cells run at once (e.g. JOBS=2 with --torch-threads 1 on 2 cores: each cell alone on a core)
 FAILED=0
 # Background cells (JOBS > 1) ignore Ctrl-C in a script: stop them with it (they resume from their checkpoints).
@@ -98,6 +135,21 @@ method_of() {
   echo "$method"
 }
 
+# running PIDFILE: is the run_all.sh named in a cell's pid file ("pid [host [Slurm job]]") still running that cell?
+# A Slurm job is asked of Slurm (its task may run on another node); a pid only on its own host.
+running() {
+  local pid host job
+  read -r pid host job < "$1" || true
+  if [ -n "$job" ]; then
+    [ -n "$(squeue -h -j "$job" -t RUNNING,COMPLETING 2>/dev/null)" ]
+  elif [ -n "$host" ] && [ "$host" != "$HOSTNAME" ]; then
+    echo "note: $1 names pid $pid on $host; not this machine's, so not checked" >&2
+    return 1
+  else
+    kill -0 "$pid" 2>/dev/null
+  fi
+}
+
 # run TABLE SCRIPT ENV OBS DATASET SEED [flags...]: one table cell unless its record is already in results/.
 run() {
   local table=$1 script=$2 env=$3 obs=$4 dataset=$5 seed=$6
@@ -105,11 +157,18 @@ run() {
   local method name
   method=$(method_of "$script" "$env" "$obs" "$@")
   name="${env}__${obs}__${dataset}__${method}__${seed}"
+  if [ -n "$ONLY" ]; then
+    local want keep=0
+    for want in $ONLY; do case $name in *"$want"*) keep=1 ;; esac; done
+    [ $keep = 1 ] || return 0
+  fi
   local flags
   read -r -a flags <<< "$(budget_flags "$script" "$env" "$obs")"
   flags+=("$@")
   if [ -n "$PLAN_FILE" ]; then
     echo "$table $script $env $obs $dataset $seed $method ${flags[*]}" >> "$PLAN_FILE"
+    # the same cell as run()'s arguments, quoted (line for line): what a Slurm task gives run()
+    { printf '%q ' "$table" "$script" "$env" "$obs" "$dataset" "$seed" "$@"; echo; } >> "$PLAN_FILE.args"
     return
   fi
   local record="$RESULTS/$table/$name/summary.json" dir="$RUNS/$name"
@@ -129,8 +188,10 @@ run() {
   fi
   # A cell another run_all.sh is running right now (its pid in runs/run_all/<budget>/<cell>.pid) is left to it.
   local pidfile="$RUNS/$name.pid"
-  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    echo "running already (pid $(cat "$pidfile")): $name"
+  if [ -f "$pidfile" ] && running "$pidfile"; then
+    local who
+    read -r -a who < "$pidfile" || true
+    echo "running already (pid ${who[0]}${who[1]:+ on ${who[1]}}${who[2]:+, Slurm job ${who[2]}}): $name"
     return
   fi
   local resume=()
@@ -142,11 +203,11 @@ run() {
     echo ">>> ${cmd[*]}  (log: $RUNS/logs/$name.log)"
     mkdir -p "$RUNS/logs"
     "${cmd[@]}" >> "$RUNS/logs/$name.log" 2>&1 &
-    echo $! > "$pidfile"
+    echo "$! $HOSTNAME" > "$pidfile"
   else
     echo ">>> ${cmd[*]}"
     mkdir -p "$RUNS"
-    echo $$ > "$pidfile"
+    echo "$$ $HOSTNAME ${SLURM_JOB_ID:-}" > "$pidfile"
     "${cmd[@]}"
     rm -f "$pidfile"
   fi
@@ -246,7 +307,7 @@ cells() {
     ablation) ablation ;;
     diagnosis) diagnosis ;;
     all) table3; table4a; table4b ;;
-    *) echo "usage: [BUDGET=quick|default|paper] ./run_all.sh [plan] [3|4a|4b|ablation|diagnosis|all|table|plots] [extra flags]" >&2
+    *) echo "usage: [BUDGET=quick|default|paper] ./run_all.sh [plan] [3|4a|4b|ablation|diagnosis|all|table|plots] [--slurm [--dry-run] [--partition P] [--account A] [--time T] [--mem M] [--gres G]] [extra flags]" >&2
        exit 2 ;;
   esac
 }
@@ -256,19 +317,36 @@ case $WHAT in
   plots) python results.py plots; exit ;;
 esac
 
+if [ -n "$CELL_FILE" ]; then  # a Slurm array task: one cell, then nothing else (no tables)
+  line=$(sed -n "${CELL_LINE}p" "$CELL_FILE")
+  [ -n "$line" ] || { echo "error: no cell on line $CELL_LINE of $CELL_FILE" >&2; exit 2; }
+  echo "cell $CELL_LINE of $CELL_FILE on $HOSTNAME: run $line"
+  JOBS=1  # in the foreground: the task ends when its cell does
+  eval "run $line"
+  exit
+fi
+
 # The plan first: every cell of the target, what is done, the estimated CPU time left.
 PLAN_FILE=$(mktemp)
 STALE_FILE=$(mktemp)
-trap 'rm -f "$PLAN_FILE" "$STALE_FILE"' EXIT
+trap 'rm -f "$PLAN_FILE" "$PLAN_FILE.args" "$STALE_FILE"' EXIT
+: > "$PLAN_FILE.args"
 cells
-python results.py plan "$PLAN_FILE" --budget "$BUDGET" --runs-dir "$RUNS" --stale-list "$STALE_FILE"
-PLAN_FILE=""
+python results.py plan "$PLAN_FILE" --budget "$BUDGET" --results-dir "$RESULTS" --runs-dir "$RUNS" --stale-list "$STALE_FILE"
 [ $PLAN_ONLY = 1 ] && exit 0
+if [ $SLURM = 1 ]; then  # write the array (and submit it unless --dry-run); the cells run on the cluster
+  BUDGET=$BUDGET RESULTS=$RESULTS RUNS=$RUNS python slurm.py "$WHAT" "$PLAN_FILE" "$STALE_FILE" "${SBATCH_OPTS[@]}" -- "${EXTRA[@]}"
+  exit
+fi
+PLAN_FILE=""
 cells
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || FAILED=$((FAILED + 1)); done
+write_table() {
+  if [ "$RESULTS" = results ]; then python results.py table; else echo "RESULTS=$RESULTS: docs/results.md left as it is"; fi
+}
 if [ "$FAILED" -gt 0 ]; then
   echo "error: $FAILED cell(s) failed; see $RUNS/logs/" >&2
-  python results.py table
+  write_table
   exit 1
 fi
-python results.py table
+write_table

@@ -70,6 +70,7 @@ args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 log = pathlib.Path(os.environ["FAKE_LOG"])
 with open(log, "a") as f:
     f.write(f"start {os.getpid()}\\n")
+    f.write("argv " + json.dumps([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]) + "\\n")
 time.sleep(0.5)
 if args["--dataset"] == "neutral" and args["--exp-name"] == "ibc":
     with open(log, "a") as f:
@@ -113,3 +114,124 @@ def test_jobs_run_cells_side_by_side_skip_cells_running_elsewhere_and_report_fai
         running += 1 if line.startswith("start") else -1 if line.startswith("end") else 0
         most = max(most, running)
     assert most == 2, log.read_text()
+
+
+def _slurm_copy(tmp_path: pathlib.Path, fake: bool = False) -> dict:
+    env = _repo_copy(tmp_path)
+    for name in ("slurm.py", "world_model.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for script in ("moma_ppo.py", "iql.py", "ibc.py", "maiql.py"):
+        if fake:
+            (tmp_path / script).write_text(FAKE_SCRIPT + f"# torch_threads: int = {2 if script == 'moma_ppo.py' else 1}\n")
+        else:
+            shutil.copy(REPO / script, tmp_path / script)
+    # no datasets or world models here: the array must be preceded by a prepare job
+    return {**env, "MINARI_DATASETS_PATH": str(tmp_path / "minari"), "MOMA_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def _submissions(folder: pathlib.Path) -> list:
+    """(script, indices, options) of each sbatch line of submit.sh."""
+    out = []
+    for line in (folder / "submit.sh").read_text().splitlines():
+        if "sbatch --parsable" in line:
+            words = line.replace(")", " ").split()
+            options = dict(w.split("=", 1) for w in words if w.startswith("--") and "=" in w)
+            indices = set()
+            for part in options["--array"].split(","):
+                lo, _, hi = part.partition("-")
+                indices |= set(range(int(lo), int(hi or lo) + 1))
+            out.append((words[-1], indices, options, line))
+    return out
+
+
+def test_slurm_dry_run_writes_one_array_task_per_cell_not_done(tmp_path):
+    env = _slurm_copy(tmp_path)
+    done = [("iql", "favorable"), ("ibc", "neutral"), ("moma_ppo", "unfavorable")]
+    for algorithm, dataset in done:
+        _record(tmp_path / f"results/3/coordination__full__{dataset}__{algorithm}__1", algorithm, dataset, 1, 1.0, "quick")
+    out = subprocess.run(["bash", "run_all.sh", "3", "--slurm", "--dry-run", "--partition", "short", "--account=proj7",
+                          "--eval-episodes", "50"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "24 cells, 3 done already at this budget, 21 to run" in out.stdout  # the plan, as without --slurm
+    assert "21 cells to run" in out.stdout and "nothing submitted" in out.stdout
+    (folder,) = (tmp_path / "runs/run_all/quick/slurm").iterdir()
+    cells = (folder / "cells.txt").read_text().splitlines()
+    assert len(cells) == 21 and "3 iql.py coordination full favorable 2" in cells
+    assert not any(f"3 {a}.py coordination full {d} 1" in cells for a, d in done)
+    script = (folder / "array.sbatch").read_text()
+    assert "#SBATCH --partition=short\n" in script and "#SBATCH --account=proj7\n" in script
+    assert f"/logs/slurm-3-%A_%a.log" in script  # one log per task
+    assert f'./run_all.sh --cell {folder / "cells.txt"} "$SLURM_ARRAY_TASK_ID" --eval-episodes 50' in script
+    assert f"export MINARI_DATASETS_PATH={tmp_path / 'minari'}" in script and "export BUDGET=quick" in script
+
+    # submit.sh: the prepare job first (no datasets or world models here), then the array, one sbatch per
+    # resource class, whose --array lists together cover every cell once
+    prepare, *arrays = _submissions(folder)
+    assert prepare[0] == "prepare.sbatch" and prepare[1] == {1, 2, 3}
+    assert (folder / "prepare.txt").read_text().split("\n")[:3] == [
+        "coordination favorable 0", "coordination neutral 0", "coordination unfavorable 0"]  # world-model seed 0
+    assert "#SBATCH --partition=short\n" in (folder / "prepare.sbatch").read_text()
+    assert arrays and all(a[0] == "array.sbatch" for a in arrays)
+    assert sorted(i for a in arrays for i in a[1]) == list(range(1, 22))
+    for _, indices, options, line in arrays:
+        assert '"${dependency[@]}"' in line and options["--mem"] == "1024M" and options["--time"] == "00:15:00"
+        moma = {("moma_ppo.py" in cells[i - 1]) for i in indices}
+        assert moma == {options["--cpus-per-task"] == "2"}  # MOMA-PPO's 2 torch threads, the others' 1
+    assert "--dependency=\"afterok:${job%%;*}\"" in (folder / "submit.sh").read_text()
+
+    # --time and --mem replace the estimates; nothing left to run: nothing written
+    out = subprocess.run(["bash", "run_all.sh", "3", "--slurm", "--dry-run", "--time", "2:00:00", "--mem=3G"],
+                         cwd=tmp_path, env={**env, "SEEDS_GAME": "1", "ONLY": "__favorable__iql__ neutral__maiql__"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "2 cells, 1 done already at this budget, 1 to run" in out.stdout
+    folder = max((tmp_path / "runs/run_all/quick/slurm").iterdir(), key=lambda p: p.stat().st_mtime)
+    (array,) = [s for s in _submissions(folder) if s[0] == "array.sbatch"]
+    assert array[1] == {1} and array[2]["--time"] == "2:00:00" and array[2]["--mem"] == "3G"
+    out = subprocess.run(["bash", "run_all.sh", "3", "--slurm", "--dry-run"], cwd=tmp_path,
+                         env={**env, "SEEDS_GAME": "1", "ONLY": "__favorable__iql__"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "nothing to submit: every cell of 3 is done" in out.stdout, out.stderr
+    bad = subprocess.run(["bash", "run_all.sh", "3", "--partition", "short"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "is an option of --slurm" in bad.stderr
+
+
+def test_a_slurm_task_runs_its_cell_as_the_local_run_does(tmp_path):
+    """`./run_all.sh --cell cells.txt i` (what array task i runs) gives the cell's script the command the local
+    run gives it, resumes a stopped cell, and skips a done one."""
+    env = {**_slurm_copy(tmp_path, fake=True), "SEEDS_GAME": "1", "FAKE_LOG": str(tmp_path / "fake.log")}
+    out = subprocess.run(["bash", "run_all.sh", "3", "--slurm", "--dry-run", "--torch-threads", "1"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (folder,) = (tmp_path / "runs/run_all/quick/slurm").iterdir()
+    cells = (folder / "cells.txt").read_text().splitlines()
+    assert len(cells) == 12
+
+    def argv_of(*command, **more):
+        log = tmp_path / "fake.log"
+        log.unlink(missing_ok=True)
+        out = subprocess.run(["bash", "run_all.sh", *command], cwd=tmp_path, env={**env, **more}, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        lines = [json.loads(l[5:]) for l in log.read_text().splitlines() if l.startswith("argv ")] if log.exists() else []
+        return lines, out.stdout
+
+    def cell_line(script, dataset):
+        return next(i for i, c in enumerate(cells, 1) if c.startswith(f"3 {script} coordination full {dataset} 1"))
+
+    name = "coordination__full__neutral__iql__1"
+    (task,), _ = argv_of("--cell", str(folder / "cells.txt"), str(cell_line("iql.py", "neutral")), "--torch-threads", "1")
+    assert (tmp_path / f"results/3/{name}/summary.json").exists()
+    shutil.rmtree(tmp_path / f"results/3/{name}")
+    shutil.rmtree(tmp_path / f"runs/run_all/quick/{name}", ignore_errors=True)
+    (local,), _ = argv_of("3", "--torch-threads", "1", ONLY="neutral__iql__")
+    assert task == local and "--resume" not in task  # the very same command
+    # a done cell is skipped; a stopped one (a checkpoint, no record) is resumed
+    runs, stdout = argv_of("--cell", str(folder / "cells.txt"), str(cell_line("iql.py", "neutral")))
+    assert runs == [] and f"done already: results/3/{name}" in stdout
+    stopped = tmp_path / "runs/run_all/quick/coordination__full__favorable__ibc__1"
+    stopped.mkdir(parents=True)
+    (stopped / "checkpoint.pt").write_text("")
+    (task,), _ = argv_of("--cell", str(folder / "cells.txt"), str(cell_line("ibc.py", "favorable")), "--torch-threads", "1")
+    assert "--resume" in task and task[task.index("--run-dir") + 1] == "runs/run_all/quick/" + stopped.name

@@ -387,12 +387,13 @@ def test_concurrent_processes_train_a_missing_world_model_once(tmp_path):
     import sys
 
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), MOMA_CACHE_DIR=str(tmp_path / "cache"),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", PYTHONPATH=str(envs.REPO_DIR))
     code = ("import torch, world_model as wm; torch.set_num_threads(1); m = wm.load_or_train('coordination', "
             "'favorable', seed=9, hidden_dim=16, n_hidden_layers=1, max_steps=300, eval_every=100, "
             "rollout_eval_starts=10); print('model', m.elites.tolist(), "
             "sum(float(v.double().sum()) for k, v in m.state_dict().items() if k.startswith('network.')))")
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=envs.REPO_DIR, env=env, stdout=subprocess.PIPE,
+    # run from tmp_path: the training's TensorBoard log goes to ./runs
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     try:
         outs = [p.communicate(timeout=1200)[0] for p in procs]  # seconds on a free machine
