@@ -226,7 +226,6 @@ def prepare(items_file: str, line: int) -> None:
     import torch
 
     import envs
-    import moma_ppo
     import world_model
 
     env, dataset, *seeds = pathlib.Path(items_file).read_text().splitlines()[line - 1].split()
@@ -234,7 +233,7 @@ def prepare(items_file: str, line: int) -> None:
     print(f"prepare {env}/{dataset}: dataset, then world model seed(s) {seeds or 'none'}", flush=True)
     envs.load_dataset(env, dataset)  # built if missing (only_if_missing, under the dataset's lock)
     for seed in seeds:
-        world_model.load_or_train(env, dataset, seed=int(seed), **moma_ppo.PRESETS[env]["world_model"])
+        world_model.load_or_train(env, dataset, seed=int(seed))  # world_model.PRESETS[env], as moma_ppo.py
     print(f"prepared {env}/{dataset}", flush=True)
 
 
