@@ -204,17 +204,22 @@ def train(cfg: Args, out_dir: pathlib.Path = md.ANT_TRAIN_DIR, max_wall_s: Optio
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+
+    def restore(ck: dict) -> tuple:
+        """Networks, optimisers and RNG states from a learner checkpoint (this machine's or the shipped one)."""
+        for module, key in ((actor, "actor"), (critic, "critic"), (target_actor, "target_actor"),
+                            (target_critic, "target_critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
+            module.load_state_dict(ck[key])
+        torch.set_rng_state(ck["torch_rng"])
+        gen.set_state(ck["gen"])
+        rng.bit_generator.state = ck["numpy_rng"]
+        return ck["step"], ck["n_resumes"] + 1, ck["wall_s"], ck["next_snapshot"]
+
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
         if ck["config"] != learner_config(cfg):
             log(f"resuming with changed settings: {ck['config']} -> {learner_config(cfg)}")
-        for module, key in ((actor, "actor"), (critic, "critic"), (target_actor, "target_actor"),
-                            (target_critic, "target_critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
-            module.load_state_dict(ck[key])
-        step, n_resumes, wall_before, next_snapshot = ck["step"], ck["n_resumes"] + 1, ck["wall_s"], ck["next_snapshot"]
-        torch.set_rng_state(ck["torch_rng"])
-        gen.set_state(ck["gen"])
-        rng.bit_generator.state = ck["numpy_rng"]
+        step, n_resumes, wall_before, next_snapshot = restore(ck)
         for f in (out_dir / "replay").glob("chunk_*.npz"):  # rows written after the checkpoint are dropped
             if int(f.stem.split("_")[1]) > step:
                 f.unlink()
@@ -226,13 +231,7 @@ def train(cfg: Args, out_dir: pathlib.Path = md.ANT_TRAIN_DIR, max_wall_s: Optio
         # Another machine: the learner's state is shipped (small), its 1M transitions are not (260 MB), so the replay
         # buffer is re-enacted from the shipped snapshots (as full-replay is) and training goes on from there.
         ck = _to_dtype(torch.load(md.ANT_TD3_RESUME, weights_only=False), torch.float32)
-        for module, key in ((actor, "actor"), (critic, "critic"), (target_actor, "target_actor"),
-                            (target_critic, "target_critic"), (actor_opt, "actor_opt"), (critic_opt, "critic_opt")):
-            module.load_state_dict(ck[key])
-        step, n_resumes, wall_before, next_snapshot = ck["step"], ck["n_resumes"] + 1, ck["wall_s"], ck["next_snapshot"]
-        torch.set_rng_state(ck["torch_rng"])
-        gen.set_state(ck["gen"])
-        rng.bit_generator.state = ck["numpy_rng"]
+        step, n_resumes, wall_before, next_snapshot = restore(ck)
         row = 0
         for ep in md.snapshot_replay(step, seed=cfg.seed):
             t = len(ep["rewards"])
