@@ -45,6 +45,8 @@ from envs import MomaError
 # were not released. The coordination game follows the authors' toy settings (docs/deviations.md §17): k = 1,
 # no history, no clipping, no penalty. Each Args field that defaults to None takes its env's value here (resolve;
 # `--help` shows them). A missing world model is trained with world_model.py's own per-env settings (its PRESETS).
+# Ant's minibatch of 1,024 makes ~80 updates per iteration of ~20k synthetic transitions (5 epochs): with 4,096
+# (20 updates) the critic grew too slowly to value walking within the budget (docs/diagnosis.md, row c).
 PRESETS = {
     "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
                          uncertainty_threshold=float("inf"), uncertainty_cut="timeout", clip_to_dataset=False, minibatch_size=1024,
@@ -53,7 +55,7 @@ PRESETS = {
                     uncertainty_threshold=2.0, uncertainty_cut="timeout", clip_to_dataset=True, minibatch_size=2048, learning_rate=3e-4,
                     hidden_dim=256, eval_every=20, eval_episodes_during=20),
     "ant": dict(rollout_horizon=10, rollout_batch=2000, iterations=500, lambda_r=0.05, lambda_g=0.1,
-                uncertainty_threshold=2.0, uncertainty_cut="terminal", clip_to_dataset=True, minibatch_size=4096, learning_rate=3e-4,
+                uncertainty_threshold=2.0, uncertainty_cut="terminal", clip_to_dataset=True, minibatch_size=1024, learning_rate=3e-4,
                 hidden_dim=256, eval_every=25, eval_episodes_during=3),
 }
 

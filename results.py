@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 import shlex
@@ -828,9 +829,36 @@ def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, 
     return out
 
 
+def rename_record(table_dir, old: str, new: str, why: str) -> pathlib.Path:
+    """Give a record the method name a preset change gave its setting (e.g. moma_ppo-minibatch_size=1024 -> moma_ppo
+    when 1,024 became the preset): the run is unchanged, only its cell. Only the method part of the name may change;
+    summary.json keeps the old name and the reason in `renamed_from`."""
+    table_dir = pathlib.Path(table_dir)
+    src, dst = table_dir / old, table_dir / new
+    old_parts, new_parts = old.split("__"), new.split("__")
+    if len(old_parts) != 5 or len(new_parts) != 5 or old_parts[:3] + old_parts[4:] != new_parts[:3] + new_parts[4:]:
+        raise envs.MomaError(f"{old} -> {new}: a record name is env__obs__dataset__method__seed and only its method "
+                             f"may change")
+    if not (src / "summary.json").exists():
+        raise envs.MomaError(f"{src} is not a record (no summary.json)")
+    if dst.exists():
+        raise envs.MomaError(f"{dst} exists already: rename it first (e.g. to its own setting's name)")
+    summary_path = src / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    earlier = summary.get("renamed_from")
+    summary["method"] = new_parts[3]
+    summary["renamed_from"] = f"{old} ({why})" + (f"; before that {earlier}" if earlier else "")
+    tmp = summary_path.with_name("summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, summary_path)
+    src.rename(dst)
+    return dst
+
+
 def main(argv: list) -> None:
     usage = ("usage: python results.py table | plots | datasets | "
-             "plan CELLS_FILE --budget NAME [--results-dir DIR] [--runs-dir DIR] [--stale-list FILE]")
+             "plan CELLS_FILE --budget NAME [--results-dir DIR] [--runs-dir DIR] [--stale-list FILE] | "
+             "rename TABLE OLD NEW WHY")
     if not argv:
         raise SystemExit(usage)
     what = argv[0]
@@ -847,6 +875,9 @@ def main(argv: list) -> None:
                   for name in ("--results-dir", "--runs-dir", "--stale-list")}
         print(plan(argv[1], argv[3], pathlib.Path(option["--results-dir"] or RESULTS_DIR), runs_dir=option["--runs-dir"],
                    stale_list=option["--stale-list"]))
+    elif what == "rename" and len(argv) == 5:
+        table, old, new, why = argv[1:]
+        print(f"{old} -> {rename_record(RESULTS_DIR / table, old, new, why).name}")
     else:
         raise SystemExit(usage)
 

@@ -267,27 +267,30 @@ ablation() {  # §6.3: epistemic (the paper's) vs MOPO's aleatoric penalty, with
 }
 
 diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/diagnosis.md)
-  local it=(--iterations "${DIAG_ITERATIONS:-200}" --eval-every 10 --eval-episodes-during 5) seed=1
+  local it=(--iterations "${DIAG_ITERATIONS:-80}" --eval-every 10 --eval-episodes-during 5) seed=1
+  local old=(--minibatch-size 4096)  # the preset's minibatch before row (c) made it 1,024: the rows made before
   # in order of what they can rule out first (JOBS=2 runs them in pairs)
-  # the preset (its uncertainty cut is a terminal since the rows below measured it) and the paper's timeout cut
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}"
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --uncertainty-cut timeout
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --ground-truth               # (b) the real simulator
-  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}"                                 # (a) full observability
-  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --uncertainty-cut timeout
-  run diagnosis moma_ppo.py ant full medium 2 "${it[@]}"                                     # the fix's seeds 2, 3
-  run diagnosis moma_ppo.py ant full medium 3 "${it[@]}"
-  run diagnosis moma_ppo.py ant full full-replay $seed "${it[@]}"                            # and another dataset
-  run diagnosis moma_ppo.py ant full full-replay 2 "${it[@]}"
+  # the paper's timeout cut (the preset the diagnosis started from) and the terminal cut that replaced it
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" "${old[@]}" --uncertainty-cut timeout
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" "${old[@]}" --ground-truth   # (b) the real simulator
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" "${old[@]}" --uncertainty-cut timeout  # (a) full obs.
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" "${old[@]}" --no-adaptive-rollout     # (d) no cut
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" "${old[@]}" --no-adaptive-rollout
+  for s in 1 2 3; do run diagnosis moma_ppo.py ant full medium $s "${it[@]}" "${old[@]}"; done  # (i) terminal cut
+  for s in 1 2; do run diagnosis moma_ppo.py ant partial medium $s "${it[@]}" "${old[@]}"; done
+  for s in 1 2; do run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" "${old[@]}"; done  # another dataset
+  # (c) 4x the updates per iteration: today's preset (minibatch 1,024)
+  for s in 1 2 3; do
+    run diagnosis moma_ppo.py ant full medium $s "${it[@]}"
+    run diagnosis moma_ppo.py ant partial medium $s "${it[@]}"
+    run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}"
+  done
+  # not run yet
   run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --use-history True              # the history encoder
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 256         # (c) 16x: CleanRL's ratio
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --minibatch-size 1024        # (c) 4x the updates
-  run diagnosis moma_ppo.py ant partial medium 2 "${it[@]}" --minibatch-size 1024
-  run diagnosis moma_ppo.py ant partial medium 2 "${it[@]}"
-  for s in 1 2 3; do run diagnosis moma_ppo.py ant full medium $s "${it[@]}" --minibatch-size 1024; done
   # (c) the authors' shape: 2,020 synthetic transitions per iteration, minibatches of 64 (155 updates each) at
   # lr 5e-5, λ 0.98; 10x the iterations, so it sees as many synthetic transitions as the preset rows
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --iterations $((${DIAG_ITERATIONS:-200} * 10)) \
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --iterations $((${DIAG_ITERATIONS:-80} * 10)) \
     --eval-every 100 --rollout-batch 202 --minibatch-size 64 --learning-rate 5e-5 --gae-lambda 0.98
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history policy \
     --history-actions mean                                                                   # (g) own-action histories
@@ -295,7 +298,6 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
     --entropy-target -2 --action-penalty 1                                                   # (e) the authors' actor
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --eps-g-units standardised   # (d) ε_g units
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --no-adaptive-rollout        # (d) uncertainty cut
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history zeros        # (g) reset histories
 }
 

@@ -231,3 +231,23 @@ def test_diagnosis_runs_get_a_figure_of_their_training_logs_in_the_results_page(
     log = results.read_training_log(root / "diagnosis" / envs.record_name("ant", "full", "medium", "moma_ppo", 1))
     assert log["lambda_return"].tolist() == [1.0, 2.0, 3.0, 4.0] and np.isnan(log["eval_score"][0])
     assert "plots/diagnosis_training__quick.png" in results.generate_markdown(root, plots)
+
+
+def test_rename_moves_a_record_to_its_new_method_name_and_refuses_anything_else(tmp_path):
+    # a preset change makes a setting's records the preset's: only the method part of the name may change
+    folder = _fake_record(tmp_path, "diagnosis", "moma_ppo-minibatch_size=1024", 2, 0.58, env="ant", dataset="medium")
+    old, new = folder.name, folder.name.replace("moma_ppo-minibatch_size=1024", "moma_ppo")
+    moved = results.rename_record(tmp_path / "diagnosis", old, new, "1,024 became the preset")
+    assert moved.name == new and not folder.exists()
+    summary = json.loads((moved / "summary.json").read_text())
+    assert summary["method"] == "moma_ppo" and summary["renamed_from"].startswith(old)
+    assert (moved / "curve.csv").exists() and summary["normalized_score_mean"] == 0.58
+    other = _fake_record(tmp_path, "diagnosis", "moma_ppo-x", 2, 0.1, env="ant", dataset="medium")
+    with pytest.raises(envs.MomaError, match="exists already"):  # the target exists: refused, nothing moved
+        results.rename_record(tmp_path / "diagnosis", other.name, new, "x")
+    assert other.exists() and json.loads((moved / "summary.json").read_text())["normalized_score_mean"] == 0.58
+    with pytest.raises(envs.MomaError, match="only its method"):  # another seed is another run
+        results.rename_record(tmp_path / "diagnosis", new, new.replace("__2", "__9"), "x")
+    with pytest.raises(envs.MomaError, match="not a record"):
+        results.rename_record(tmp_path / "diagnosis", new.replace("__2", "__7"), new.replace("__2", "__7").replace(
+            "moma_ppo", "moma_ppo-x"), "x")
