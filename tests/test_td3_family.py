@@ -318,3 +318,36 @@ def test_bad_input_is_a_moma_error(tmp_path):
         icql.main(icql.Args(env="reacher", resume=True, run_dir=str(tmp_path / "missing")))
     with pytest.raises(envs.MomaError, match="omar-elites"):
         omar.main(omar.Args(env="reacher", omar_elites=30, run_dir=str(tmp_path / "y")))
+
+
+def _unfused_encoder(enc, h):
+    """The history encoder as docs/deviations.md §6 writes it: embed, add positions, then project the embedding."""
+    import torch.nn.functional as F
+
+    n, B, H, _ = h.shape
+    x = enc.embed(h.reshape(n, B * H, -1)).reshape(n, B, H, enc.d) + enc.positions
+    q, k, v = enc.qkv(x.reshape(n, B * H, enc.d)).reshape(n * B, H, 3 * enc.d).split(enc.d, dim=-1)
+    attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(enc.d), dim=-1) @ v
+    x = F.layer_norm(x + attn.reshape(n, B, H, enc.d), (enc.d,)) * enc.ln_weight + enc.ln_bias
+    scores = torch.bmm(torch.tanh(torch.bmm(x.reshape(n, B * H, enc.d), enc.pool_key)), enc.pool_query)
+    return (torch.softmax(scores.reshape(n, B, H, 1), dim=2) * x).sum(2)
+
+
+@pytest.mark.parametrize("module_name", ["itd3bc", "icql", "omar", "ibc", "iql", "maiql"])
+def test_history_encoder_with_fused_projections_is_the_unfused_one(module_name):
+    # the speed-up multiplies W_embed W_qkv before the batch: same outputs and same gradients, in double precision
+    import importlib
+
+    module = importlib.import_module(module_name)
+    torch.manual_seed(0)
+    enc = module.AgentsHistoryEncoder(4, 17, 10, 32).double()
+    with torch.no_grad():  # non-zero biases, so the per-position term is exercised
+        for p in list(enc.embed.biases) + list(enc.qkv.biases):
+            p.normal_()
+    h = torch.randn(4, 5, 10, 17, dtype=torch.float64)
+    fused, reference = enc(h), _unfused_encoder(enc, h)
+    assert fused.shape == (4, 5, 32)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
+    grads = [torch.autograd.grad(out.pow(2).sum(), list(enc.parameters())) for out in (enc(h), _unfused_encoder(enc, h))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
