@@ -509,7 +509,8 @@ def dataset_tables(stats: dict, staleness: Staleness) -> list:
     return lines + [""]
 
 
-def results_table(table: str, budget: str, records: list, staleness: Staleness, plots_dir: pathlib.Path) -> list:
+def results_table(table: str, budget: str, records: list, staleness: Staleness, plots_dir: pathlib.Path,
+                  stats: Optional[dict] = None) -> list:
     layout = LAYOUT[table]
     env = layout["env"]
     cells = collections.defaultdict(list)
@@ -565,6 +566,8 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     if stale_notes:
         lines += ["† Stale records (made with other code or another build of the dataset; rerun them to refresh):", ""]
         lines += [f"* {cell}, seeds {', '.join(seeds)}: {reasons}" for (cell, reasons), seeds in stale_notes.items()] + [""]
+    if table == "4b":
+        lines += table4b_checks(records, stats or {}, staleness)
     if table != "ablation":
         images = [plot_path(table, budget, env, o, d, plots_dir) for (o, d) in rows]
         images = [p for p in images if p.exists()]
@@ -576,6 +579,62 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
         if p.exists():
             lines += [f"![{p.stem}](plots/{p.name})", ""]
     return lines
+
+
+def full_length_share(records: list) -> float:
+    """Share of the greedy episodes (pooled over the records) that reach the env's time limit (Ant: 1,000 steps)."""
+    lengths = [l for r in records for l in (r.summary.get("episode_lengths") or [])]
+    if not lengths:
+        return float("nan")
+    return float(np.mean(np.asarray(lengths) >= envs.EPISODE_STEPS[records[0].env]))
+
+
+def table4b_checks(records: list, stats: dict, staleness: "Staleness", seeds_needed: int = 3) -> list:
+    """Table 4b's bars for MOMA-PPO, one line per (obs, dataset) it has records for: with full observability above
+    the dataset's mean and >= the best model-free baseline; with partial observability above the standing-still
+    team and >= the best model-free baseline + 0.1; >= 90% of greedy episodes reaching 1,000 steps; 3 seeds. A bar
+    is judged on the means over the seeds recorded so far, against the baselines recorded so far (listed)."""
+    cells = collections.defaultdict(list)
+    for r in records:
+        cells[(r.obs, r.dataset, r.method)].append(r)
+    lines = ["| obs | dataset | MOMA-PPO (seeds) | reaching 1,000 steps | reference | above it | best model-free so far "
+             "(seeds) | margin (bar) | ≥ 90% full length | ≥ 3 seeds | baselines without a record |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    yes_no = {True: "yes", False: "**no**"}
+    for obs, dataset in LAYOUT["4b"]["rows"]:
+        moma = cells.get((obs, dataset, "moma_ppo"), [])
+        if not moma:
+            continue
+        partial = obs in PARTIAL_OBS
+        s = stats.get(("ant", dataset), {})
+        if partial:
+            ref_name, ref = "standing still", s.get("standing_still_score")
+        else:
+            ref_name, ref = "dataset mean", (s["mean_score_pct"] / 100 if "mean_score_pct" in s else None)
+        mean, sem = mean_sem([r.score for r in moma])
+        stale = any(staleness.check(r)[0] for r in records if r.obs == obs and r.dataset == dataset)
+        baselines = [m for m in LAYOUT["4b"]["methods"] if m != "moma_ppo" and not (m == "iql" and partial)]
+        recorded = {m: mean_sem([r.score for r in cells[(obs, dataset, m)]])[0]
+                    for m in baselines if cells.get((obs, dataset, m))}
+        missing = [METHOD_LABELS.get(m, m) for m in baselines if m not in recorded]
+        bar = 0.1 if partial else 0.0
+        if recorded:
+            best = max(recorded, key=recorded.get)
+            best_text = f"{METHOD_LABELS.get(best, best)} {recorded[best]:.2f} ({len(cells[(obs, dataset, best)])})"
+            margin = f"{mean - recorded[best]:+.2f} (≥ {bar:+.1f}): {yes_no[mean - recorded[best] >= bar]}"
+        else:
+            best_text, margin = "none yet", "n/a"
+        full = full_length_share(moma)
+        ref_text = f"{ref_name} {ref:.3f}" if ref is not None else f"{ref_name}: not measured"
+        above = yes_no[mean > ref] if ref is not None else "n/a"
+        lines.append(f"| {obs} | {dataset} | {mean:.3f} ± {'–' if math.isnan(sem) else f'{sem:.3f}'} ({len(moma)})"
+                     f"{' †' if stale else ''} | {100 * full:.0f}% | {ref_text} | {above} | {best_text} | {margin} | "
+                     f"{yes_no[full >= 0.9]} | {yes_no[len(moma) >= seeds_needed]} | {', '.join(missing) or 'none'} |")
+    if len(lines) == 2:
+        return []
+    return ["#### MOMA-PPO against the issue's bars", "",
+            "Means over the seeds recorded so far, against the model-free baselines recorded so far (a bar can still "
+            "flip as seeds and baselines land); † = a stale record in the row.", ""] + lines + [""]
 
 
 DIAGNOSIS_TITLE = "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis"
@@ -611,7 +670,8 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
              "do not edit by hand. Every cell links back to its records (`results/<table>/<env>__<obs>__<dataset>__"
              "<method>__<seed>/`: summary.json, curve.csv, command.txt). Budgets are never mixed: each budget has its "
              "own tables. Missing cells are shown as missing.", ""]
-    lines += dataset_tables(load_dataset_stats(results_dir), staleness)
+    stats = load_dataset_stats(results_dir)
+    lines += dataset_tables(stats, staleness)
     by_table = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in records:
         by_table[r.table][r.budget].append(r)
@@ -630,7 +690,7 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
             lines += [f"No records yet (`./run_all.sh {table}`): every cell is missing.", ""]
             continue
         for budget in sorted(by_table[table], key=lambda b: (BUDGETS.index(b) if b in BUDGETS else len(BUDGETS), b)):
-            lines += results_table(table, budget, by_table[table][budget], staleness, plots_dir)
+            lines += results_table(table, budget, by_table[table][budget], staleness, plots_dir, stats)
     legacy = results_dir / "legacy.md"
     if legacy.exists():
         lines += ["## Earlier measurements not reproducible from this repository (no record in results/)", "",

@@ -251,3 +251,36 @@ def test_rename_moves_a_record_to_its_new_method_name_and_refuses_anything_else(
     with pytest.raises(envs.MomaError, match="not a record"):
         results.rename_record(tmp_path / "diagnosis", new.replace("__2", "__7"), new.replace("__2", "__7").replace(
             "moma_ppo", "moma_ppo-x"), "x")
+
+
+def test_table4b_bars_judge_moma_ppo_against_the_references_and_the_best_baseline_so_far(tmp_path):
+    root = tmp_path / "results"
+
+    def add(method, obs, dataset, seed, score, lengths):
+        folder = _fake_record(root, "4b", method, seed, score, obs=obs, env="ant", dataset=dataset, budget="default")
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["episode_lengths"] = lengths
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+    # full/medium: 3 seeds at 0.9 (9 of 10 episodes full length) against ITD3+BC 0.85 and a dataset mean of 0.67
+    for seed in (1, 2, 3):
+        add("moma_ppo", "full", "medium", seed, 0.9, [1000] * 9 + [300])
+    add("itd3bc", "full", "medium", 1, 0.85, [1000] * 10)
+    # partial/medium: 2 seeds at 0.30 / 0.40 (mean 0.35), all full length, against IBC 0.30: a margin of +0.05 < 0.1
+    add("moma_ppo", "partial", "medium", 1, 0.30, [1000] * 4)
+    add("moma_ppo", "partial", "medium", 2, 0.40, [1000] * 4)
+    add("ibc", "partial", "medium", 1, 0.30, [1000] * 4)
+    (root / "datasets").mkdir()
+    (root / "datasets" / "ant__medium.json").write_text(json.dumps(
+        {"env": "ant", "name": "medium", "mean_score_pct": 67.0, "standing_still_score": 0.2}))
+    text = results.generate_markdown(root, tmp_path / "plots", REPO)
+    full = next(line for line in text.splitlines() if line.startswith("| full | medium | 0.900"))
+    cols = [c.strip() for c in full.strip("|").split("|")]
+    assert cols[3] == "90%" and cols[4] == "dataset mean 0.670" and cols[5] == "yes"
+    assert cols[6] == "ITD3+BC 0.85 (1)" and cols[7] == "+0.05 (≥ +0.0): yes" and cols[8] == "yes" and cols[9] == "yes"
+    assert "IQL" in cols[10] and "ITD3+BC" not in cols[10]
+    partial = next(line for line in text.splitlines() if line.startswith("| partial | medium | 0.350"))
+    cols = [c.strip() for c in partial.strip("|").split("|")]
+    assert cols[2].startswith("0.350 ± 0.050 (2)") and cols[4] == "standing still 0.200" and cols[5] == "yes"
+    assert cols[7] == "+0.05 (≥ +0.1): **no**" and cols[8] == "yes" and cols[9] == "**no**"
+    assert "IQL" not in cols[10].split(", ")  # no centralised IQL under partial observability
