@@ -620,33 +620,12 @@ MUJOCO_DATASETS = [("reacher", "expert-mix"), ("ant", "random"), ("ant", "medium
 
 
 def _world_model_rows() -> list[str]:
-    """Held-out reports of the cached world models of the MuJoCo datasets (seed 0), one row each."""
-    import world_model
+    """Held-out reports of the MuJoCo datasets' world models (seed 0) kept in results/world_models/ (written by
+    `python results.py world-models` where they were trained: the models themselves stay in the ignored cache)."""
+    import results
 
-    rows = []
-    for env, name in MUJOCO_DATASETS:
-        path = world_model.artifact_path(env, name, 0)
-        if not path.exists() or not envs.dataset_exists(env, name):
-            continue
-        try:
-            model = world_model.load(path, env, name)
-        except envs.MomaError as e:  # stale (the dataset was rebuilt after it) or unreadable: not this dataset's
-            print(f"dataset card: skipping the world model of {env}/{name}: {e}")
-            continue
-        m = model.metrics
-        roll = m["rollout"]
-        recall = m.get("holdout_terminal_recall_model", {})
-        member_recall = [r for r in m.get("holdout_terminal_recall", []) if r == r]
-        rows.append(
-            f"| `{model.dataset_id}` | {m['train_steps']:,} ({'held-out plateau' if m['stopped_early'] else 'step cap'}) | "
-            f"{m['train_time_s']:.0f} | {min(m['holdout_mse']):.4f}-{max(m['holdout_mse']):.4f} | "
-            f"{min(m['holdout_terminal_accuracy']):.4f} | "
-            + (f"{m.get('holdout_terminals', 0)}: {min(member_recall):.2f}-{max(member_recall):.2f} / "
-               f"{recall.get('vote', float('nan')):.2f} / {recall.get('vote_or_rule', float('nan')):.2f} | "
-               if member_recall else "no terminals | ")
-            + " / ".join(f"{roll[h]['state_rmse_std_units']:.3f}" for h in ("h1", "h5", "h10") if h in roll) + " | "
-            + " / ".join(f"{roll[h]['reward_abs_error']:.3f}" for h in ("h1", "h5", "h10") if h in roll) + " |")
-    return rows
+    return [results.world_model_row(r) for r in results.load_world_model_reports()
+            if r.get("env") in {env for env, _ in MUJOCO_DATASETS} and r.get("hyper", {}).get("seed", 0) == 0]
 
 
 def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.md") -> str:
@@ -727,6 +706,8 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
     expert_meta = torch.load(SHIPPED["ant_expert"], weights_only=False).get("meta", {}) if SHIPPED["ant_expert"].exists() else {}
     expert_candidates = ", ".join(f"step {k:,}: {v:.0f}" for k, v in sorted(expert_meta.get("candidates", {}).items()))
     reacher = builds.get(envs.dataset_id("reacher", "expert-mix"), {})
+    import results  # the world models' kept reports and their row format (results.py owns results/)
+
     wm_rows = _world_model_rows()
     text = string.Template(CARD_TEMPLATE.read_text().split("\n", 1)[1]).substitute(
         dataset_rows="\n".join(rows), ref_episodes=REF_EPISODES,
@@ -736,7 +717,8 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
         medium_target_median=f"{ANT_MEDIUM_TARGET[1]:.0f}",
         expert_set_mean_pct=f"{search['expert_set_mean_pct'] if search else float('nan'):.1f}",
         medium_rows="\n".join(medium_rows), replay_note=replay_note,
-        world_model_rows="\n".join(wm_rows) or "| (none trained on this build yet) | | | | | | | |",
+        world_model_header="\n".join(results.WORLD_MODEL_HEADER),
+        world_model_rows="\n".join(wm_rows) or "| (no report kept yet) | | | | | | | | |",
         reacher_ccw_pct=f"{100 * reacher.get('counter_clockwise_share', float('nan')):.1f}",
         reacher_cw_pct=f"{100 * reacher.get('clockwise_share', float('nan')):.1f}",
         policy_rows="\n".join(policies),

@@ -382,6 +382,88 @@ def write_dataset_stats(results_dir: pathlib.Path = RESULTS_DIR) -> list:
     return written
 
 
+# World models: their held-out reports, kept as small JSON files (results/world_models/<env>__<dataset>__seed<k>.json)
+# so that a report outlives the machine that trained the model (the models themselves are not committed).
+WORLD_MODEL_REPORT_KEYS = ("train_steps", "stopped_early", "train_time_s", "train_steps_per_s", "n_transitions",
+                           "n_train", "n_holdout", "holdout_mse", "holdout_nll", "holdout_terminal_accuracy",
+                           "holdout_terminals", "holdout_terminal_recall", "holdout_terminal_recall_model", "elites",
+                           "elite_reward_rmse", "elite_state_rmse", "rollout")
+
+
+def world_model_report(model) -> dict:
+    """The held-out report of a loaded world model (its metrics less the per-evaluation history), with what it was
+    trained on and how."""
+    report = {k: model.metrics[k] for k in WORLD_MODEL_REPORT_KEYS if k in model.metrics}
+    report.update(env=model.env, dataset_id=model.dataset_id, dataset_fingerprint=model.dataset_fingerprint,
+                  hyper={k: v for k, v in model.config.items() if k in ("hidden_dim", "n_hidden_layers", "max_steps",
+                                                                      "lr_decays", "patience", "ensemble_size",
+                                                                      "n_elites", "seed", "torch_threads")})
+    return report
+
+
+def write_world_model_reports(results_dir: pathlib.Path = RESULTS_DIR, seed: int = 0) -> list:
+    """Write the held-out report of every cached, current world model (seed `seed`) of a project dataset present
+    here; models of other builds of their dataset (stale) are skipped, reports of models not here are kept."""
+    import world_model
+
+    written = []
+    for env in envs.ENVS:
+        for dataset in envs.DATASETS[env]:
+            path = world_model.artifact_path(env, dataset, seed)
+            if not path.exists() or not envs.dataset_exists(env, dataset):
+                continue
+            try:
+                model = world_model.load(path, env, dataset, seed=seed)
+            except envs.MomaError as e:
+                print(f"skip {env}/{dataset}: {e}")
+                continue
+            out = results_dir / "world_models" / f"{env}__{dataset}__seed{seed}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(world_model_report(model), indent=1) + "\n")
+            written.append(out)
+            print(f"wrote {out}")
+    return written
+
+
+def load_world_model_reports(results_dir: pathlib.Path = RESULTS_DIR) -> list:
+    return [json.loads(p.read_text()) for p in sorted((results_dir / "world_models").glob("*.json"))]
+
+
+def world_model_row(r: dict) -> str:
+    """One markdown row of a world model's held-out report (the same columns as docs/datasets.md's)."""
+    roll = r.get("rollout", {})
+    recall = r.get("holdout_terminal_recall_model", {})
+    heads = [x for x in r.get("holdout_terminal_recall", []) if x == x]
+    terminals = (f"{r.get('holdout_terminals', 0)}: {min(heads):.2f}-{max(heads):.2f} / {recall.get('vote', float('nan')):.2f}"
+                 f" / {recall.get('vote_or_rule', float('nan')):.2f}" if heads else "no terminals")
+    state = ", ".join(f"{k} {v:.4f}" for k, v in r.get("elite_state_rmse", {}).items())
+    return (f"| `{r['dataset_id']}` (`{(r.get('dataset_fingerprint') or '?')[:12]}`) | {r['train_steps']:,} "
+            f"({'held-out plateau' if r.get('stopped_early') else 'step cap'}) | {r.get('train_time_s', float('nan')):.0f} | "
+            f"{min(r['holdout_mse']):.4f}-{max(r['holdout_mse']):.4f} | {min(r['holdout_terminal_accuracy']):.4f} | "
+            f"{terminals} | " + " / ".join(f"{roll[h]['state_rmse_std_units']:.3f}" for h in ("h1", "h5", "h10") if h in roll)
+            + " | " + " / ".join(f"{roll[h]['reward_abs_error']:.3f}" for h in ("h1", "h5", "h10") if h in roll)
+            + f" | {state} |")
+
+
+WORLD_MODEL_HEADER = ["| dataset (fingerprint) | steps | wall (s) | held-out MSE (members) | terminal accuracy (min) | "
+                      "terminal recall: held-out terminals: heads / vote / vote or rule | state RMSE/std h1 / h5 / h10 | "
+                      "reward error h1 / h5 / h10 | one-step RMSE of the elites' means (dataset units) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+
+
+def world_model_tables(reports: list) -> list:
+    lines = ["## World models (seed 0): held-out reports", "",
+             "From `results/world_models/*.json` (`python results.py world-models` on a machine that has trained them; "
+             "`python world_model.py --env <env> --dataset <name>` trains one). Held-out split: 10% of the episodes. MSE "
+             "on standardised [s' - s, r] per member; terminal accuracy of the learned head; recall on the held-out "
+             "real terminals: the members' heads (range) / the elites' vote / the vote or the env's termination rule "
+             "(what MOMA-PPO uses); open-loop rollouts of held-out episodes with their actions: state RMSE in units of "
+             "the dataset's state std and |reward error| at horizons 1 / 5 / 10.", ""]
+    if not reports:
+        return lines + ["No reports yet.", ""]
+    return lines + WORLD_MODEL_HEADER + [world_model_row(r) for r in reports] + [""]
+
+
 def load_dataset_stats(results_dir: pathlib.Path = RESULTS_DIR) -> dict:
     stats = {}
     for path in sorted((results_dir / "datasets").glob("*.json")):
@@ -672,6 +754,7 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
              "own tables. Missing cells are shown as missing.", ""]
     stats = load_dataset_stats(results_dir)
     lines += dataset_tables(stats, staleness)
+    lines += world_model_tables(load_world_model_reports(results_dir))
     by_table = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in records:
         by_table[r.table][r.budget].append(r)
@@ -918,7 +1001,7 @@ def rename_record(table_dir, old: str, new: str, why: str) -> pathlib.Path:
 
 
 def main(argv: list) -> None:
-    usage = ("usage: python results.py table | plots | datasets | "
+    usage = ("usage: python results.py table | plots | datasets | world-models | "
              "plan CELLS_FILE --budget NAME [--results-dir DIR] [--runs-dir DIR] [--stale-list FILE] | "
              "rename TABLE OLD NEW WHY")
     if not argv:
@@ -932,6 +1015,8 @@ def main(argv: list) -> None:
         print(f"wrote {write_markdown().relative_to(REPO)}")
     elif what == "datasets":
         write_dataset_stats()
+    elif what == "world-models":
+        write_world_model_reports()
     elif what == "plan" and len(argv) >= 4 and argv[2] == "--budget":
         option = {name: argv[argv.index(name) + 1] if name in argv else None
                   for name in ("--results-dir", "--runs-dir", "--stale-list")}

@@ -284,3 +284,23 @@ def test_table4b_bars_judge_moma_ppo_against_the_references_and_the_best_baselin
     assert cols[2].startswith("0.350 ± 0.050 (2)") and cols[4] == "standing still 0.200" and cols[5] == "yes"
     assert cols[7] == "+0.05 (≥ +0.1): **no**" and cols[8] == "yes" and cols[9] == "**no**"
     assert "IQL" not in cols[10].split(", ")  # no centralised IQL under partial observability
+
+
+def test_a_world_models_held_out_report_is_kept_in_results_and_shown(tmp_path):
+    import world_model
+
+    small = dict(hidden_dim=16, n_hidden_layers=1, max_steps=60, eval_every=30, rollout_eval_starts=10)
+    # seed 23: a model of its own (the cache is shared by the test session; the presets' seed-0 models stay untouched)
+    world_model.load_or_train("coordination", "neutral", seed=23, **small)
+    model = world_model.load(world_model.artifact_path("coordination", "neutral", 23), "coordination", "neutral")
+    written = results.write_world_model_reports(tmp_path / "results", seed=23)
+    kept = tmp_path / "results" / "world_models" / "coordination__neutral__seed23.json"
+    assert kept in written
+    report = json.loads(kept.read_text())
+    assert report["dataset_fingerprint"] == envs.dataset_fingerprint("coordination", "neutral")
+    assert report["holdout_mse"] == model.metrics["holdout_mse"] and report["train_steps"] == 60
+    assert "history" not in report and report["hyper"]["hidden_dim"] == 16
+    text = results.generate_markdown(tmp_path / "results", tmp_path / "plots", REPO)
+    row = next(line for line in text.splitlines() if line.startswith("| `moma/coordination/neutral-v0`"))
+    assert f"{min(report['holdout_mse']):.4f}-{max(report['holdout_mse']):.4f}" in row and "| 60 (step cap) |" in row
+    assert row.count("|") == results.WORLD_MODEL_HEADER[0].count("|")
