@@ -168,7 +168,8 @@ PARTIAL_OBS = {obs for _, obs in envs.PARTIALLY_OBSERVABLE}  # observation funct
 # episodes on a first build) and training a world model (MOMA-PPO's presets: coordination 3,000 small steps; reacher
 # and ant up to 60k steps at 70.7 steps/s, docs/benchmarks.md).
 BUILD_SECONDS = {"coordination": 10, "reacher": 400, "ant": 1500}
-WORLD_MODEL_SECONDS = {"coordination": 60, "reacher": 900, "ant": 900}
+WORLD_MODEL_SECONDS = {"coordination": 60, "reacher": 900, "ant": 2000}  # ant: 1,976-2,004 s at its 60k-step cap, one thread
+# (results/world_models/ant__*.json)
 # Memory a cell asks for (MB) in run_all.sh --slurm's requests: peak resident memory seen here (VmHWM) with about
 # 2-3x headroom for the final evaluation's simulators and the allocator. Seen: a coordination IQL cell 0.35 GB; MOMA-PPO
 # on ant partial/medium 1.9-2.0 GB mid-run (1M-transition dataset, per-agent views, history indices, world model);

@@ -301,6 +301,22 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --eps-g-units standardised   # (d) ε_g units
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history zeros        # (g) reset histories
+  # (j) full-replay's jumps (docs/diagnosis.md point 10): the policy jumps in states it reaches itself after many
+  # steps, which 10-step rollouts from dataset states never visit. Longer rollouts at the same synthetic
+  # transitions per iteration (the terminal cut stops them where the model is uncertain, as MOReL's HALT state);
+  # the authors' actor (bounded σ, entropy target, a penalty on |μ| > 1); a longer discount horizon (γ 0.995
+  # weighs a 1e-3 per-step jump hazard twice as heavily)
+  run diagnosis moma_ppo.py ant full full-replay $seed "${it[@]}" --rollout-horizon 20 --rollout-batch 1000
+  run diagnosis moma_ppo.py ant full full-replay $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
+  run diagnosis moma_ppo.py ant full full-replay $seed "${it[@]}" --actor-std state --entropy-target -2 \
+    --action-penalty 1
+  run diagnosis moma_ppo.py ant full full-replay $seed "${it[@]}" --gamma 0.995
+  # the 50-step rollouts on the other seeds and cells (are they the fix, or one lucky seed?)
+  for s in 2 3; do
+    run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --rollout-horizon 50 --rollout-batch 400
+  done
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
 }
 
 cells() {

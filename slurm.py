@@ -105,10 +105,27 @@ def missing_prerequisites(cells: list) -> list:
     out = []
     for (env, dataset), seeds in needed.items():
         dataset_missing = not envs.dataset_exists(env, dataset)
-        models = sorted(s for s in seeds if not world_model.artifact_path(env, dataset, s).exists())
+        models = sorted(s for s in seeds if dataset_missing or not _world_model_current(env, dataset, s))
         if dataset_missing or models:
             out.append((env, dataset, dataset_missing, models))
     return out
+
+
+def _world_model_current(env: str, dataset: str, seed: int) -> bool:
+    """Is the cached world model of (env, dataset, seed) there and trained on today's local dataset? A stale one (the
+    dataset was rebuilt since) would otherwise be retrained by the first array task that loads it, while every other
+    task of the dataset waits on the training lock holding its allocation; an unreadable one goes to the prepare job
+    too, where load_or_train says what is wrong once instead of in every task."""
+    import envs
+    import world_model
+
+    path = world_model.artifact_path(env, dataset, seed)
+    if not path.exists():
+        return False
+    try:
+        return world_model._stale_reason(world_model._read_payload(path), env, dataset) is None
+    except envs.MomaError:
+        return False
 
 
 def sbatch_header(job_name: str, log: pathlib.Path, options: dict) -> str:

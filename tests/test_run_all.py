@@ -235,3 +235,27 @@ def test_a_slurm_task_runs_its_cell_as_the_local_run_does(tmp_path):
     (stopped / "checkpoint.pt").write_text("")
     (task,), _ = argv_of("--cell", str(folder / "cells.txt"), str(cell_line("ibc.py", "favorable")), "--torch-threads", "1")
     assert "--resume" in task and task[task.index("--run-dir") + 1] == "runs/run_all/quick/" + stopped.name
+
+
+def test_slurm_prepare_job_retrains_a_stale_world_model():
+    """The prepare job covers a world model that exists but is stale (its dataset was rebuilt since) as well as a
+    missing one: otherwise the first MOMA-PPO task to load it would retrain it while the dataset's other tasks wait
+    on its lock, holding their allocations."""
+    import envs
+    import results
+    import slurm
+    import world_model as wm
+
+    cell = results.Cell("3", "moma_ppo.py", "coordination", "full", "neutral", 1, "moma_ppo", [])
+    small = dict(hidden_dim=16, n_hidden_layers=1, max_steps=60, eval_every=30, rollout_eval_starts=10)
+    envs.build_dataset("coordination", "neutral", seed=0)
+    try:
+        wm.load_or_train("coordination", "neutral", seed=0, **small)
+        assert slurm.missing_prerequisites([cell]) == []  # current: nothing to prepare
+        envs.build_dataset("coordination", "neutral", seed=1)  # rebuilt with other samples: the model is stale
+        assert slurm.missing_prerequisites([cell]) == [("coordination", "neutral", False, [0])]
+        wm.artifact_path("coordination", "neutral", 0).write_bytes(b"not a model")  # unreadable: prepared too
+        assert slurm.missing_prerequisites([cell]) == [("coordination", "neutral", False, [0])]
+    finally:
+        envs.build_dataset("coordination", "neutral", seed=0)  # other tests expect the default build
+        wm.artifact_path("coordination", "neutral", 0).unlink(missing_ok=True)

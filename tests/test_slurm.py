@@ -5,7 +5,8 @@ the array waits for it), waits for the array and checks the records it left.
 
 Needs the Debian packages slurmctld, slurmd, munge and slurm-client (`.ci/run` installs them where it can); skips,
 saying why, where they are missing or the daemons cannot start (e.g. not root). The daemons run under `nice -n 19`,
-which Slurm passes on to the jobs. About 3-6 minutes on a free 2-core machine (most of it the cells themselves)."""
+which Slurm passes on to the jobs. About 50 s on a free 2-core machine (49 s in CI), a few minutes on a loaded one (most of it the cells
+themselves)."""
 
 import json
 import os
