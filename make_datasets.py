@@ -220,7 +220,7 @@ def load_policy(path: pathlib.Path):
     if not path.exists():
         raise envs.MomaError(f"behaviour policy {path} is missing; restore it from git (`git checkout "
                              f"behaviour_policies/{path.name}`) or retrain it (docs/usage.md, \"Behaviour policies\")")
-    blob = torch.load(path, weights_only=False)
+    blob = torch.load(path, weights_only=True)  # tensors, dicts and numbers only: no code is unpickled
     if blob["kind"] == "mappo":  # the reacher expert is a MAPPO team
         return MAPPOTeamPolicy(blob)
     policy = load_gaussian_policy({**blob, "state_dict": {k: v.float() for k, v in blob["state_dict"].items()}})
@@ -417,7 +417,6 @@ SHIPPED = dict(
     ant_medium=POLICY_DIR / "ant_medium.pt",
 )
 ANT_REPLAY_SNAPSHOTS = POLICY_DIR / "ant_replay_snapshots.pt"  # float16 learner snapshots for full-replay
-ANT_TD3_RESUME = POLICY_DIR / "ant_td3_resume.pt"  # the learner's final state: `python td3_ant.py --resume` goes on from it
 REF_EPISODES = 100
 
 
@@ -462,7 +461,7 @@ def zero_action_return(env: str, seed: int = 0) -> float:
 
 def build_reacher_expert_mix(n_transitions: Optional[int], seed: int) -> dict:
     """Half the transitions from the MAPPO expert, half from its mirror image (opposite elbow bend)."""
-    n = n_transitions or 1_000_000
+    n = 1_000_000 if n_transitions is None else n_transitions
     expert = load_policy(SHIPPED["reacher_expert"])
     half = n // 2
     a = collect_episodes("reacher", expert, half, seed=2 * seed + 1, desc="reacher expert")
@@ -484,7 +483,7 @@ def build_reacher_expert_mix(n_transitions: Optional[int], seed: int) -> dict:
 
 
 def build_ant(dataset: str, n_transitions: Optional[int], seed: int, full_replay_source: str = "snapshots") -> dict:
-    n = n_transitions or 1_000_000
+    n = 1_000_000 if n_transitions is None else n_transitions
     info = {}
     if dataset == "random":
         episodes = collect_episodes("ant", UniformRandomPolicy(8, seed), n, seed=10 * seed + 1, desc="ant random")
@@ -519,7 +518,7 @@ def snapshot_replay(n: int, seed: int) -> list[dict]:
     """full-replay re-enacted from the shipped snapshots: uniform random actions for the learner's warm-up steps,
     then each snapshot (with the learner's exploration noise) collecting the share of n that the learner
     collected in the interval of steps it `covers` (it is the learner's snapshot nearest that interval's middle)."""
-    blob = torch.load(ANT_REPLAY_SNAPSHOTS, weights_only=False)
+    blob = torch.load(ANT_REPLAY_SNAPSHOTS, weights_only=True)
     warmup = int(blob["learning_starts"])
     spans = np.array([warmup] + [s["meta"]["covers"][1] - s["meta"]["covers"][0] for s in blob["snapshots"]], float)
     counts = np.floor(spans / spans.sum() * n).astype(int)
@@ -544,17 +543,17 @@ def update_reference_scores(env: str, seed: int = 0) -> list[str]:
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             meta.update(ref_min_score=ref_min, ref_max_score=ref_max)
-            tmp = meta_path.with_name(meta_path.name + ".tmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, meta_path)
+            _write_atomic(meta_path, json.dumps(meta))
             done.append(envs.dataset_id(env, name))
     return done
 
 
 def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,
           full_replay_source: str = "snapshots") -> dict:
-    """envs.build_dataset's hook: write the Minari dataset envs.dataset_id(env, dataset)."""
+    """envs.build_dataset's hook: write the Minari dataset envs.dataset_id(env, dataset). The caller holds the
+    dataset's build lock (envs.build_dataset, or build_locked for `make_datasets.py build`)."""
     envs.check_names(env, None, dataset)
+    check_build_args(n_transitions, seed)
     if env not in ("reacher", "ant"):
         raise envs.MomaError(f"make_datasets builds the MuJoCo datasets only; {env} datasets are built by envs.py")
     threads = torch.get_num_threads()
@@ -579,13 +578,40 @@ def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int
     return info
 
 
+def check_build_args(n_transitions: Optional[int], seed: int) -> None:
+    """Before any work: a dataset of 0 transitions (or a negative seed) is an error, never a silent default build."""
+    if n_transitions is not None and (isinstance(n_transitions, bool) or n_transitions < 1):
+        raise envs.MomaError(f"--n-transitions must be an integer >= 1, got {n_transitions!r} (e.g. --n-transitions "
+                             f"100000; leave it out for the full 1M)")
+    if seed < 0:
+        raise envs.MomaError(f"--seed must be an integer >= 0, got {seed!r} (e.g. --seed 0)")
+
+
+def build_locked(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,
+                 full_replay_source: str = "snapshots") -> dict:
+    """build() under the dataset's build lock, the one envs.build_dataset takes: a `make_datasets.py build` and a
+    script that finds the same dataset missing never write it at the same time (the second waits for the first)."""
+    with envs._build_lock(env, dataset):
+        return build(env, dataset, n_transitions, seed, full_replay_source)
+
+
 def _record_build(env: str, dataset: str, info: dict) -> None:
     """Build facts (time, conventions, source) next to the datasets, one file per dataset (no write races)."""
     path = envs.DATA_DIR / "moma" / "builds" / (envs.dataset_id(env, dataset).replace("/", "__") + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
+    _write_atomic(path, json.dumps(info, indent=1))
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Write a small file atomically under a temporary name of this process's own (two builds never share one);
+    the temporary file is removed if the write fails."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def build_records() -> dict:
@@ -619,12 +645,36 @@ MUJOCO_DATASETS = [("reacher", "expert-mix"), ("ant", "random"), ("ant", "medium
                    ("ant", "expert")]
 
 
-def _world_model_rows() -> list[str]:
-    """Held-out reports of the MuJoCo datasets' world models (seed 0) kept in results/world_models/ (written by
-    `python results.py world-models` where they were trained: the models themselves stay in the ignored cache)."""
-    import results
+WORLD_MODEL_REPORTS = REPO_DIR / "results" / "world_models"  # written by `python results.py world-models`
+WORLD_MODEL_HEADER = ["| dataset (fingerprint) | steps | wall (s) | held-out MSE (members) | terminal accuracy (min) | "
+                      "terminal recall: held-out terminals: heads / vote / vote or rule | state RMSE/std h1 / h5 / h10 | "
+                      "reward error h1 / h5 / h10 | one-step RMSE of the elites' means (dataset units) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
 
-    return [results.world_model_row(r) for r in results.load_world_model_reports()
+
+def world_model_row(r: dict) -> str:
+    """One markdown row of a world model's held-out report (the columns of results.py's world-model table, which
+    tests/test_make_datasets.py keeps equal to this one; read here so that building datasets never imports
+    results.py)."""
+    roll = r.get("rollout", {})
+    recall = r.get("holdout_terminal_recall_model", {})
+    heads = [x for x in r.get("holdout_terminal_recall", []) if x == x]
+    terminals = (f"{r.get('holdout_terminals', 0)}: {min(heads):.2f}-{max(heads):.2f} / {recall.get('vote', float('nan')):.2f}"
+                 f" / {recall.get('vote_or_rule', float('nan')):.2f}" if heads else "no terminals")
+    state = ", ".join(f"{k} {v:.4f}" for k, v in r.get("elite_state_rmse", {}).items())
+    return (f"| `{r['dataset_id']}` (`{(r.get('dataset_fingerprint') or '?')[:12]}`) | {r['train_steps']:,} "
+            f"({'held-out plateau' if r.get('stopped_early') else 'step cap'}) | {r.get('train_time_s', float('nan')):.0f} | "
+            f"{min(r['holdout_mse']):.4f}-{max(r['holdout_mse']):.4f} | {min(r['holdout_terminal_accuracy']):.4f} | "
+            f"{terminals} | " + " / ".join(f"{roll[h]['state_rmse_std_units']:.3f}" for h in ("h1", "h5", "h10") if h in roll)
+            + " | " + " / ".join(f"{roll[h]['reward_abs_error']:.3f}" for h in ("h1", "h5", "h10") if h in roll)
+            + f" | {state} |")
+
+
+def _world_model_rows(folder: pathlib.Path = WORLD_MODEL_REPORTS) -> list[str]:
+    """Held-out reports of the MuJoCo datasets' world models (seed 0) kept in results/world_models/*.json (written
+    by `python results.py world-models` where they were trained: the models themselves stay in the ignored cache)."""
+    reports = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [world_model_row(r) for r in reports
             if r.get("env") in {env for env, _ in MUJOCO_DATASETS} and r.get("hyper", {}).get("seed", 0) == 0]
 
 
@@ -665,7 +715,7 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
             zero = zero_action_return(env)
             standing.append(f"{env}: return {zero:.1f}, normalised score **{(zero - lo) / (hi - lo):.3f}**")
 
-    medium_meta = torch.load(SHIPPED["ant_medium"], weights_only=False).get("meta", {}) if SHIPPED["ant_medium"].exists() else {}
+    medium_meta = torch.load(SHIPPED["ant_medium"], weights_only=True).get("meta", {}) if SHIPPED["ant_medium"].exists() else {}
     search = medium_meta.get("search")
     medium_rows = []
     if search:
@@ -676,7 +726,7 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
             chosen = " **(shipped)**" if (r["step"], r["noise"]) == (search["choice"]["step"], search["choice"]["noise"]) else ""
             medium_rows.append(f"| {r['step']:,}{chosen} | {r['noise']:.2f} | {r['episodes']} | {r['mean_share']:.1f} | "
                                f"{r['median_share']:.1f} | {100 * r['fell_share']:.0f} | {r['distance']:.1f} |")
-    replay_blob = torch.load(ANT_REPLAY_SNAPSHOTS, weights_only=False) if ANT_REPLAY_SNAPSHOTS.exists() else {}
+    replay_blob = torch.load(ANT_REPLAY_SNAPSHOTS, weights_only=True) if ANT_REPLAY_SNAPSHOTS.exists() else {}
     buffer = replay_blob.get("buffer_stats")
     replay_note = "not recorded"
     if buffer and ("ant", "full-replay") in stats and expert_mean:
@@ -691,7 +741,7 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
     policies = []
     for key, p in SHIPPED.items():
         if p.exists():
-            m = torch.load(p, weights_only=False).get("meta", {})
+            m = torch.load(p, weights_only=True).get("meta", {})
             noise = m.get("noise", 0.1 if key.startswith("ant") else None)
             trained_by = f"`{m.get('trained_by', '')}`"
             if "--train-ant" in trained_by:  # the shipped files predate td3_ant.py: the same learner, moved there
@@ -703,11 +753,9 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
     if ANT_REPLAY_SNAPSHOTS.exists():
         policies.append(f"| `{ANT_REPLAY_SNAPSHOTS.relative_to(REPO_DIR)}` | {ANT_REPLAY_SNAPSHOTS.stat().st_size / 1e3:.0f} kB | "
                         f"{', '.join(str(b['meta']['step']) for b in replay_blob['snapshots'])} | 0.1 | | | |")
-    expert_meta = torch.load(SHIPPED["ant_expert"], weights_only=False).get("meta", {}) if SHIPPED["ant_expert"].exists() else {}
+    expert_meta = torch.load(SHIPPED["ant_expert"], weights_only=True).get("meta", {}) if SHIPPED["ant_expert"].exists() else {}
     expert_candidates = ", ".join(f"step {k:,}: {v:.0f}" for k, v in sorted(expert_meta.get("candidates", {}).items()))
     reacher = builds.get(envs.dataset_id("reacher", "expert-mix"), {})
-    import results  # the world models' kept reports and their row format (results.py owns results/)
-
     wm_rows = _world_model_rows()
     text = string.Template(CARD_TEMPLATE.read_text().split("\n", 1)[1]).substitute(
         dataset_rows="\n".join(rows), ref_episodes=REF_EPISODES,
@@ -717,7 +765,7 @@ def dataset_cards(path: Optional[pathlib.Path] = REPO_DIR / "docs" / "datasets.m
         medium_target_median=f"{ANT_MEDIUM_TARGET[1]:.0f}",
         expert_set_mean_pct=f"{search['expert_set_mean_pct'] if search else float('nan'):.1f}",
         medium_rows="\n".join(medium_rows), replay_note=replay_note,
-        world_model_header="\n".join(results.WORLD_MODEL_HEADER),
+        world_model_header="\n".join(WORLD_MODEL_HEADER),
         world_model_rows="\n".join(wm_rows) or "| (no report kept yet) | | | | | | | | |",
         reacher_ccw_pct=f"{100 * reacher.get('counter_clockwise_share', float('nan')):.1f}",
         reacher_cw_pct=f"{100 * reacher.get('clockwise_share', float('nan')):.1f}",
@@ -777,6 +825,7 @@ def main(args: Command) -> None:
     torch.set_num_threads(1)  # small policies; extra threads only spin against other jobs
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     if isinstance(args, UpdateRefs):
+        check_build_args(None, args.seed)
         for env in ("reacher", "ant"):
             log(f"updated reference scores of {update_reference_scores(env, args.seed)}")
         dataset_cards()
@@ -784,6 +833,9 @@ def main(args: Command) -> None:
     if isinstance(args, Cards):
         print(dataset_cards())
         return
+    check_build_args(args.n_transitions, args.seed)  # before the reference scores or any build
+    if args.workers < 1:
+        raise envs.MomaError(f"--workers must be an integer >= 1, got {args.workers!r} (e.g. --workers 2)")
     todo = MUJOCO_DATASETS if args.only is None else [tuple(args.only.split("/"))]
     for env in sorted({env for env, _ in todo}):  # once, before any worker needs them
         lo, hi = reference_scores(env, args.seed)
@@ -796,13 +848,13 @@ def main(args: Command) -> None:
         with concurrent.futures.ProcessPoolExecutor(min(args.workers, len(todo)),
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
             # the big Ant sets first, so the two workers finish together
-            jobs = {pool.submit(build, env, name, args.n_transitions, args.seed, args.full_replay_source): (env, name)
+            jobs = {pool.submit(build_locked, env, name, args.n_transitions, args.seed, args.full_replay_source): (env, name)
                     for env, name in sorted(todo, key=lambda t: t[0] == "reacher")}
             for job in concurrent.futures.as_completed(jobs):
                 _report_build(*jobs[job], job.result(), log)
     else:
         for env, name in todo:
-            _report_build(env, name, build(env, name, args.n_transitions, args.seed, args.full_replay_source), log)
+            _report_build(env, name, build_locked(env, name, args.n_transitions, args.seed, args.full_replay_source), log)
     log(f"all builds done in {time.time() - t0:.0f}s")
     missing = [f"{env}/{name}" for env, name in MUJOCO_DATASETS if not envs.dataset_exists(env, name)]
     if missing:  # a partial build must not rewrite the committed page with only the datasets present here

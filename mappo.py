@@ -91,11 +91,11 @@ class Args:
     """penalty on mean actions outside [-1, 1] (the authors', docs/deviations.md §15)"""
     hidden: int = 256
     eval_every: int = 50
-    """iterations between greedy evaluations (10 episodes)"""
+    """iterations between greedy evaluations (10 episodes); 0 = only the final one"""
     eval_episodes: int = 100
     """greedy episodes of the final evaluation"""
     checkpoint_every: int = 100
-    """iterations between atomic checkpoints"""
+    """iterations between atomic checkpoints; 0 = only at the end"""
     resume: bool = False
     """continue the run in --run-dir from its checkpoint"""
     run_dir: Optional[str] = None
@@ -107,6 +107,11 @@ class Args:
     elbow_penalty: float = 1.0
     policy_out: Optional[str] = None
     """also write the final policy file here (e.g. behaviour_policies/reacher_expert.pt)"""
+
+
+# What --resume may change besides envs.RESUME_MAY_CHANGE and a longer --total-steps: where to stop, where to copy
+# the policy, and the elbow shaping, which the reacher expert's recipe turns on for its second stage (docs/usage.md).
+RESUME_MAY_CHANGE = ("stop_steps", "policy_out", "elbow_convention", "elbow_penalty")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,10 +211,21 @@ def save_policy_file(agents: MAPPOAgents, env: str, obs: str, path: pathlib.Path
                 hidden=agents.policy.weights[0].shape[-1],
                 policy_state={k: v.detach().clone() for k, v in agents.policy.state_dict().items()},
                 state_mean=agents.state_mean.detach().clone(), state_var=agents.state_var.detach().clone(), meta=meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise envs.MomaError(f"cannot create the folder of the policy file {path} ({e.strerror}); choose another "
+                             f"--policy-out") from None
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # this process's own: two runs never share it
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as RuntimeError
+            raise envs.MomaError(f"could not write the policy file {path} ({type(e).__name__}: {e}); the run's "
+                                 f"checkpoint is intact") from None
+        raise
 
 
 def git_commit() -> str:
@@ -229,9 +245,22 @@ def main(args: Args) -> dict:
         raise envs.MomaError(f"mappo.py needs equal per-agent action dims, got {adims}")
     dataset = args.dataset or envs.DEFAULT_DATASET[args.env]
     envs.check_names(args.env, obs_name, dataset)
-    if args.resume and args.run_dir is None:
-        raise envs.MomaError("--resume needs --run-dir runs/<the run to continue>")
-    run_dir = pathlib.Path(args.run_dir) if args.run_dir else envs.default_run_dir(
+    # Every argument is checked before any folder is made or any work is done (docs/usage.md, "Run safety").
+    envs.check_args(args, at_least_one=("total_steps", "stop_steps", "num_envs", "num_steps", "update_epochs",
+                                        "minibatch_size", "hidden", "eval_episodes"),
+                    non_negative=("eval_every", "checkpoint_every", "clip_coef", "vf_coef", "entropy_lr",
+                                  "action_penalty_coef", "elbow_penalty"),
+                    positive=("learning_rate", "max_grad_norm"), finite=("entropy_target",),
+                    between={"gamma": (0.0, 1.0), "gae_lambda": (0.0, 1.0)})
+    if args.minibatch_size > args.num_envs * args.num_steps:
+        raise envs.MomaError(f"--minibatch-size {args.minibatch_size} is larger than an iteration's "
+                             f"{args.num_envs * args.num_steps} samples (--num-envs x --num-steps): no update would run")
+    if args.elbow_convention not in (-1, 0, 1):
+        raise envs.MomaError(f"--elbow-convention must be -1, 0 or 1, got {args.elbow_convention!r}")
+    if args.elbow_convention != 0 and args.env != "reacher":
+        raise envs.MomaError("--elbow-convention is for reacher only")
+    given_run_dir = args.run_dir is not None
+    run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
         args.env, obs_name, "online", args.exp_name, args.seed)
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
@@ -246,20 +275,35 @@ def main(args: Args) -> dict:
         raise envs.MomaError("--cuda given but torch sees no GPU; drop --cuda")
     from torch.utils.tensorboard import SummaryWriter
 
+    ck = None
+    if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
+        ck = envs.load_checkpoint(ckpt_path, device)
+        keep = lambda d: {k: v for k, v in d.items() if k not in RESUME_MAY_CHANGE}  # noqa: E731
+        envs.check_resume(keep(ck["args"]), keep(vars(args)), "total_steps", ck.get("global_step", 0), args.total_steps)
+        for k in ("elbow_convention", "elbow_penalty"):
+            if ck["args"].get(k, getattr(args, k)) != getattr(args, k):
+                print(f"resuming with --{k.replace('_', '-')} {getattr(args, k)} (the checkpoint's stage had "
+                      f"{ck['args'][k]}): a new shaping stage", flush=True)
+
     n_agents, S, E, T = envs.N_AGENTS[args.env], envs.STATE_DIM[args.env], args.num_envs, args.num_steps
     odims, a_dim = envs.obs_dims(args.env, obs_name), adims[0]
     agents = MAPPOAgents(odims, a_dim, S, args.hidden, envs.obs_indices(args.env, obs_name)).to(device)
     optimizer = torch.optim.Adam(agents.parameters(), lr=args.learning_rate)
     alpha, global_step, iteration, wall_before = 0.0, 0, 0, 0.0
-    if args.resume:
-        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
-        agents.load_state_dict(ck["agents"])
-        optimizer.load_state_dict(ck["optimizer"])
-        alpha, global_step, iteration, wall_before = ck["alpha"], ck["global_step"], ck["iteration"], ck["wall_s"]
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
+    if ck is not None:
+        try:
+            agents.load_state_dict(ck["agents"])
+            optimizer.load_state_dict(ck["optimizer"])
+            alpha, global_step, iteration, wall_before = ck["alpha"], ck["global_step"], ck["iteration"], ck["wall_s"]
+            torch.set_rng_state(ck["torch_rng"])
+            np.random.set_state(ck["numpy_rng"])
+        except Exception as e:
+            raise envs.MomaError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
+                                 f"start a new run without --resume") from None
+        envs.check_weights(global_step, agents, what=f"checkpoint {ckpt_path} holds")
         print(f"resumed {run_dir} at step {global_step}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agents))  # weights, 2 Adam moments, slack
+    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or checkpoint error leaves no folder behind
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -272,11 +316,11 @@ def main(args: Args) -> dict:
     t0 = time.time()
 
     def save_checkpoint():
-        tmp = ckpt_path.with_name("checkpoint.pt.tmp")
-        torch.save(dict(agents=agents.state_dict(), optimizer=optimizer.state_dict(), alpha=alpha,
-                        global_step=global_step, iteration=iteration, wall_s=wall_before + time.time() - t0, ret_stats=ret_stats,
-                        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args)), tmp)
-        os.replace(tmp, ckpt_path)
+        envs.check_weights(global_step, agents)  # a diverged team is never checkpointed (nor evaluated, nor shipped)
+        envs.save_checkpoint(dict(agents=agents.state_dict(), optimizer=optimizer.state_dict(), alpha=alpha,
+                                  global_step=global_step, iteration=iteration, wall_s=wall_before + time.time() - t0,
+                                  ret_stats=ret_stats, torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(),
+                                  args=vars(args)), ckpt_path)
 
     def greedy_act(observations, histories):
         with torch.no_grad():
@@ -321,9 +365,7 @@ def main(args: Args) -> dict:
         iteration += 1
         t_collect = time.time() - t_iter
         rew_used = b_rew
-        if args.elbow_convention != 0:
-            if args.env != "reacher":
-                raise envs.MomaError("--elbow-convention is for reacher only")
+        if args.elbow_convention != 0:  # reacher only (checked with the arguments)
             theta2 = np.arctan2(b_next[..., 3], b_next[..., 1])
             rew_used = b_rew - args.elbow_penalty * np.maximum(0.0, -args.elbow_convention * theta2)
         if args.norm_reward:
@@ -381,6 +423,9 @@ def main(args: Args) -> dict:
                 excess = ((1 - d.mean.abs()) ** 2 * (d.mean.abs() > 1)).sum((0, 2))
                 penalty = torch.max((ratio * excess).mean(), (clipped * excess).mean())
                 loss = pg_loss + args.vf_coef * v_loss - alpha * entropy + args.action_penalty_coef * penalty
+                # a non-finite loss stops the run before it reaches the weights (never checkpointed, evaluated, shipped)
+                envs.check_losses(global_step, policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, alpha=alpha,
+                                  action_penalty=penalty)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(agents.policy.parameters(), args.max_grad_norm)
@@ -395,15 +440,16 @@ def main(args: Args) -> dict:
         writer.add_scalar("losses/entropy", entropy.item(), global_step)
         writer.add_scalar("losses/alpha", alpha, global_step)
         writer.add_scalar("charts/mean_abs_action_mean", d.mean.abs().mean().item(), global_step)
-        if iteration % args.eval_every == 0:
+        if args.eval_every > 0 and iteration % args.eval_every == 0:
+            envs.check_weights(global_step, agents)  # a NaN policy cannot be evaluated (nor may it go on)
             eval_ret = envs.evaluate(args.env, obs_name, greedy_act, 10, seed=10101 + 1000 * iteration)
             writer.add_scalar("eval/episodic_return", eval_ret.mean(), global_step)
             print(f"step {global_step} | train return {np.mean(recent[-50:]):.2f} | greedy {eval_ret.mean():.2f} | "
                   f"SPS {sps:.0f} (collect {t_collect:.2f}s) | entropy {entropy.item():.2f} | α {alpha:.4f} | v_loss {v_loss.item():.3g}", flush=True)
-        if iteration % args.checkpoint_every == 0:
+        if args.checkpoint_every > 0 and iteration % args.checkpoint_every == 0:
             save_checkpoint()
     bar.close()
-    save_checkpoint()
+    save_checkpoint()  # checks the weights first: a broken team never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----
     returns = envs.evaluate(args.env, obs_name, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed)
@@ -425,9 +471,12 @@ def main(args: Args) -> dict:
     writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
     if scores is not None:
         writer.add_scalar("eval/normalized_score", scores.mean(), global_step)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+    if scores is not None:
+        envs.write_summary(run_dir, summary)  # atomic; refuses non-finite scores
+    elif not np.isfinite(returns).all():
+        raise envs.MomaError(f"the final evaluation gave non-finite returns ({returns.mean()}); no summary was written")
+    else:  # no local dataset for the reference scores: returns only
+        envs.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     import sys
 
     command = "python " + " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("mappo.py") else \

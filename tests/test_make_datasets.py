@@ -4,6 +4,7 @@ td3_ant.py's replay bookkeeping and export, mappo.py's policy file. Small budget
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -253,14 +254,19 @@ def test_export_then_full_replay_from_snapshots_round_trips(tmp_path, monkeypatc
     cfg = td3_ant.Args(total_steps=1500, learning_starts=500, batch_size=32, hidden=16, checkpoint_every_s=1e9,
                        snapshot_every=250, snapshot_eval_episodes=1, stop_above=None)
     td3_ant.train(cfg, out_dir=tmp_path / "learner", log=lambda *a: None)
-    shipped = {k: tmp_path / f"{k}.pt" for k in ("reacher_expert", "ant_expert", "ant_medium")}
+    # the export goes into the learner's folder by default: the shipped files stay as they are
+    before = {f.name: f.read_bytes() for f in md.POLICY_DIR.glob("*.pt")}
+    export = tmp_path / "learner" / "export"
+    shipped = {k: export / f"{k}.pt" for k in ("reacher_expert", "ant_expert", "ant_medium")}
     monkeypatch.setattr(md, "SHIPPED", shipped)
-    monkeypatch.setattr(md, "ANT_REPLAY_SNAPSHOTS", tmp_path / "ant_replay_snapshots.pt")
-    monkeypatch.setattr(md, "ANT_TD3_RESUME", tmp_path / "ant_td3_resume.pt")
+    monkeypatch.setattr(md, "ANT_REPLAY_SNAPSHOTS", export / "ant_replay_snapshots.pt")
+    monkeypatch.setattr(td3_ant, "ANT_TD3_RESUME", export / "ant_td3_resume.pt")
     logs = []
     info = td3_ant.export(tmp_path / "learner", n_replay_snapshots=4, eval_episodes=1, expert_min_step=1000,
                           medium_search=dict(noises=(0.1, 0.3), n_episodes=1, n_confirm=1, greedy_range=(-1e9, 1e9)),
                           log=logs.append)
+    assert {f.name: f.read_bytes() for f in md.POLICY_DIR.glob("*.pt")} == before
+    assert sorted(f.name for f in export.iterdir()) == sorted(f"{k}.pt" for k in td3_ant.SHIPPED_FILES)
     # expert: the best of the snapshots at >= 1000 steps and the final policy; medium: a snapshot before it
     assert info["expert_step"] in (1000, 1250, 1500)
     assert 500 < info["medium_step"] < info["expert_step"] and info["medium_noise"] in (0.1, 0.3)
@@ -289,7 +295,7 @@ def test_export_then_full_replay_from_snapshots_round_trips(tmp_path, monkeypatc
     assert any("resumed the shipped learner state" in line for line in logs)
     ck = torch.load(tmp_path / "elsewhere" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 1700 and ck["n_resumes"] == 1
-    shipped = torch.load(md.ANT_TD3_RESUME, weights_only=False)
+    shipped = torch.load(td3_ant.ANT_TD3_RESUME, weights_only=False)
     assert shipped["step"] == 1500
     replay = td3_ant.load_td3_replay(tmp_path / "elsewhere", 1700)  # rows [0, 1500) re-enacted, then 200 new ones
     assert len(replay["rew"]) == 1700 and np.abs(replay["obs"][:1500]).sum() > 0
@@ -319,7 +325,7 @@ def test_shipped_ant_policies_have_table2_shape(few_ref_episodes):
 
 
 def test_partial_build_leaves_the_dataset_page_alone(monkeypatch, few_ref_episodes):
-    # `make_datasets.py --only ant/random` on a machine without the other four sets must not rewrite
+    # `make_datasets.py build --only ant/random` on a machine without the other four sets must not rewrite
     # docs/datasets.md with one row (it did: the committed page lost four datasets' cards)
     written = []
     monkeypatch.setattr(md, "dataset_cards", lambda *a, **k: written.append(a))
@@ -353,3 +359,72 @@ def test_make_datasets_command_line_has_subcommands():
                                                                                           n_transitions=2000)
     assert parse(["cards"]) == md.Cards() and parse(["update-refs", "--seed", "1"]) == md.UpdateRefs(seed=1)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# make_datasets.py build: checked arguments, the per-dataset build lock, no import of results.py
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, flag", [(dict(n_transitions=0), "--n-transitions"), (dict(n_transitions=-5), "--n-transitions"),
+                                       (dict(seed=-1), "--seed"), (dict(workers=0), "--workers")])
+def test_build_refuses_bad_arguments_before_any_work(monkeypatch, bad, flag):
+    """--n-transitions 0 was a silent 1M build (`n_transitions or 1_000_000`)."""
+    work = []
+    monkeypatch.setattr(md, "reference_scores", lambda *a, **k: work.append(a))
+    monkeypatch.setattr(md, "build_locked", lambda *a, **k: work.append(a))
+    with pytest.raises(envs.MomaError, match=flag):
+        md.main(md.Build(only="ant/random", **bad))
+    assert work == []
+    if "workers" not in bad:
+        with pytest.raises(envs.MomaError, match=flag):  # envs.build_dataset's hook checks too
+            md.build("ant", "random", **bad)
+    with pytest.raises(envs.MomaError, match="--seed"):
+        md.main(md.UpdateRefs(seed=-1))
+
+
+def test_make_datasets_build_holds_the_dataset_lock(monkeypatch):
+    """`make_datasets.py build` takes the lock envs.build_dataset takes, so it never writes a dataset at the same
+    time as a script that found it missing (the second waits, then finds it built)."""
+    import fcntl
+
+    held = []
+
+    def fake_build(env, dataset, *a):
+        lock = envs.DATA_DIR / ".locks" / (envs.dataset_id(env, dataset).replace("/", "__") + ".lock")
+        with open(lock, "w") as other:  # another open file: blocks if anyone (this process included) holds it
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+                fcntl.flock(other, fcntl.LOCK_UN)
+            except BlockingIOError:
+                held.append(True)
+        return dict(build_time_s=0.0)
+    monkeypatch.setattr(md, "build", fake_build)
+    monkeypatch.setattr(md, "reference_scores", lambda *a, **k: (0.0, 1.0))
+    monkeypatch.setattr(md, "_report_build", lambda *a: None)
+    monkeypatch.setattr(md, "dataset_cards", lambda *a, **k: None)
+    md.main(md.Build(only="ant/medium", n_transitions=10, workers=1))
+    assert held == [True]
+
+
+def test_cards_read_world_model_reports_without_results_py(tmp_path):
+    """The cards' world-model rows come from results/world_models/*.json read here, in results.py's row format
+    (kept equal), and building the cards never imports results.py."""
+    import results
+
+    reports = results.load_world_model_reports()
+    assert [md.world_model_row(r) for r in reports] == [results.world_model_row(r) for r in reports]
+    assert md.WORLD_MODEL_HEADER == results.WORLD_MODEL_HEADER
+    code = "import sys, make_datasets as md\nmd._world_model_rows()\nmd.dataset_cards(path=None)\nprint('results' in sys.modules)\n"
+    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "none"))  # no dataset: no reference scores to compute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=md.REPO_DIR, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_shipped_policy_files_load_as_plain_tensors():
+    """Every shipped file loads with torch.load(weights_only=True): nothing in them is unpickled as code."""
+    files = sorted(md.POLICY_DIR.glob("*.pt"))
+    assert len(files) == 5
+    for f in files:
+        torch.load(f, weights_only=True)
