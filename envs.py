@@ -57,7 +57,8 @@ def keep_large_allocations_in_the_heap() -> bool:
     The PPO minibatches and rollout tensors of MOMA-PPO are tens of MB; with glibc's default dynamic
     threshold each one page-faults its memory in anew, which showed up as 21.9 s of system time in a
     35 s benchmark (bench/bench_moma_ppo.py, ant partial: 1,036 -> 1,771 synthetic steps/s with this).
-    Called when envs is imported, so every script gets it; a no-op off glibc (MOMA_KEEP_MMAP=1 disables it).
+    Called by moma_ppo.py (and its bench) at start, the one script whose large per-iteration tensors gain from it;
+    a no-op off glibc (MOMA_KEEP_MMAP=1 disables it).
     """
     if os.environ.get("MOMA_KEEP_MMAP") == "1":
         return False
@@ -70,8 +71,6 @@ def keep_large_allocations_in_the_heap() -> bool:
     except (OSError, AttributeError):
         return False
 
-
-keep_large_allocations_in_the_heap()
 
 EnvName = Literal["coordination", "reacher", "ant"]
 ObsName = Literal["full", "all-observant", "independent", "leader-only", "partial"]
@@ -966,6 +965,10 @@ class Args:
 
 
 def main(args: Args) -> None:
+    if args.n_transitions is not None and args.n_transitions < 1:
+        raise MomaError(f"--n-transitions must be an integer >= 1, got {args.n_transitions} (omit it for the paper's size)")
+    if args.seed < 0:
+        raise MomaError(f"--seed must be an integer >= 0, got {args.seed}")
     names = DATASETS[args.env] if args.dataset == "all" else (args.dataset,)
     for name in names:
         check_names(args.env, None, name)
@@ -974,14 +977,6 @@ def main(args: Args) -> None:
         print(dataset_stats(args.env, name))
 
 
-if __name__ == "__main__":
-    import tyro
-
-    try:
-        main(tyro.cli(Args))
-    except MomaError as e:
-        raise SystemExit(f"error: {e}")
-
 
 # ==================================================================================================
 # Run records (results/, docs/reproduction.md). Every algorithm script writes, next to its summary.json, the
@@ -989,7 +984,6 @@ if __name__ == "__main__":
 # stamps its summary with the code and dataset fingerprints; with --results-dir it copies that small
 # record (kilobytes, no checkpoints) to <results-dir>/<env>__<obs>__<dataset>__<algorithm>__<seed>/,
 # which is committed. results.py builds docs/results.md and the plots from those records only.
-# This section is self-contained on purpose (it is appended after the CLI above and nothing above uses it).
 # ==================================================================================================
 import csv as _csv
 import hashlib as _hashlib
@@ -1004,9 +998,6 @@ RECORD_OPTIONAL_FILES = ("training.csv",)
 CURVE_COLUMNS = ("step", "samples", "wall_time_s", "normalized_score", "episodes")
 # The files a run's result depends on (besides the dataset): a record is stale when any of them changed.
 # Every script imports envs.py; moma_ppo.py also trains / loads its world model with world_model.py.
-CODE_DEPENDENCIES = {"moma_ppo.py": ("moma_ppo.py", "world_model.py", "envs.py")}
-
-
 def file_hash(path) -> str:
     """Short hash (sha256, 16 hex digits) of what a file *does*: for Python, its syntax tree without docstrings and
     help strings, so edits to comments, docs or layout do not make the records made with it stale; code changes do."""
@@ -1030,11 +1021,12 @@ def file_hash(path) -> str:
     return _hashlib.sha256(text).hexdigest()[:16]
 
 
-def code_fingerprint(script) -> dict:
+def code_fingerprint(script, extra: Sequence[str] = ()) -> dict:
     """{file: content hash} of the code a run of `script` depends on: the script (its path, e.g. its __file__, or
-    a file name in the repository such as 'iql.py') and the modules it uses (CODE_DEPENDENCIES, else envs.py)."""
+    a file name in the repository such as 'iql.py'), the repository modules it imports besides envs.py (`extra`,
+    e.g. moma_ppo.py's world_model.py: named by the script itself, so a renamed copy keeps them) and envs.py."""
     script = pathlib.Path(script)
-    files = CODE_DEPENDENCIES.get(script.name, (script.name, "envs.py"))
+    files = (script.name, *extra, "envs.py")
     paths = {script.name: script if script.is_absolute() else REPO_DIR / script}
     return {name: file_hash(paths.get(name, REPO_DIR / name)) for name in files}
 
@@ -1144,7 +1136,7 @@ def save_record(run_dir, results_dir, name: str) -> pathlib.Path:
     missing = [f for f in RECORD_FILES if not (run_dir / f).exists()]
     if missing:
         raise MomaError(f"{run_dir} has no {', '.join(missing)}: not a finished run, nothing to record")
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = _unique_tmp(dest)  # two processes recording the same cell never share (and delete) one staging folder
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in RECORD_FILES + tuple(f for f in RECORD_OPTIONAL_FILES if (run_dir / f).exists()):
@@ -1371,3 +1363,13 @@ def write_summary(run_dir, summary: dict) -> None:
         raise MomaError(f"the final evaluation gave non-finite returns ({summary['normalized_score_mean']}); "
                         f"no summary was written")
     write_text_atomic(pathlib.Path(run_dir) / "summary.json", _json.dumps(summary, indent=1))
+
+
+# Last, so that `python envs.py` finds every definition above (the locks and records come after Args).
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(Args))
+    except MomaError as e:
+        raise SystemExit(f"error: {e}")

@@ -187,7 +187,7 @@ class IQLAgent(nn.Module):
         self.policy = AgentsMLP(1, [x_dim, hidden, hidden, action_dim if discrete else 2 * action_dim])
 
     def features(self, states: torch.Tensor, hist: Optional[torch.Tensor], encoder=None) -> torch.Tensor:
-        """states [B, S], hist [B, H, d] -> network input [1, B, (emb,) S] (embedding first, §4(c))."""
+        """states [B, S], hist [B, H, d] -> network input [1, B, (emb,) S] (embedding first, docs/deviations.md §6)."""
         encoder = self.encoder if encoder is None else encoder
         if encoder is None:
             return states[None]

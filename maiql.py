@@ -251,7 +251,7 @@ class MAIQLAgents(nn.Module):
         self.v_mixer = Mixer(state_dim, n, hidden, monotonic_mixers)
 
     def features(self, obs: torch.Tensor, hist: Optional[torch.Tensor]) -> torch.Tensor:
-        """obs [n, B, o], hist [n, B, H, d] -> per-agent input [n, B, (emb,) o] (embedding first, §4(c))."""
+        """obs [n, B, o], hist [n, B, H, d] -> per-agent input [n, B, (emb,) o] (embedding first, docs/deviations.md §6)."""
         if self.encoder is None:
             return obs
         return torch.cat([self.encoder(hist), obs], dim=-1)

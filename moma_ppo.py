@@ -676,6 +676,8 @@ def git_commit() -> str:
 
 
 def main(args: Args) -> dict:
+    # glibc would mmap (and page-fault in anew) every minibatch and rollout tensor above 32 MB: keep them in the heap
+    envs.keep_large_allocations_in_the_heap()
     args = resolve(args)
     # Every argument is checked before any folder is made or any data is loaded (docs/usage.md, "Run safety").
     envs.check_args(args, at_least_one=("iterations", "rollout_batch", "rollout_horizon", "minibatch_size", "hidden_dim",
@@ -700,7 +702,7 @@ def main(args: Args) -> dict:
 
     given_run_dir = args.run_dir is not None
     run_dir = pathlib.Path(args.run_dir) if given_run_dir else envs.default_run_dir(
-        args.env, args.obs, args.dataset, args.exp_name, args.seed, base=envs.REPO_DIR / "runs")
+        args.env, args.obs, args.dataset, args.exp_name, args.seed)
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume and not checkpoint_path.exists():
         raise MomaError(f"nothing to resume: {checkpoint_path} does not exist")
@@ -711,7 +713,8 @@ def main(args: Args) -> dict:
     method = method_name(args)
     record = envs.record_name(args.env, args.obs, args.dataset, method, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
-    code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
+    code = envs.code_fingerprint(__file__, extra=("world_model.py",))  # hashed before training: the code that runs
+    envs.check_free_space(run_dir, 0)  # before the world model, whose training may take half an hour
 
     # ---------------------------------------------------------------- data and world model
     data = envs.load_dataset(args.env, args.dataset, args.obs)

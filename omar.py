@@ -207,7 +207,7 @@ class TD3Agents(nn.Module):
         self.critic = AgentsMLP(2 * n, [x_dim + action_dim, hidden, hidden, 1])  # [Q1_0..Q1_n-1, Q2_0..Q2_n-1]
 
     def features(self, obs: torch.Tensor, hist: Optional[torch.Tensor], encoder: Optional[nn.Module] = None) -> torch.Tensor:
-        """obs [n, B, o], hist [n, B, H, d] -> per-agent input [n, B, (emb,) o] (embedding first, §4(c))."""
+        """obs [n, B, o], hist [n, B, H, d] -> per-agent input [n, B, (emb,) o] (embedding first, docs/deviations.md §6)."""
         encoder = self.encoder if encoder is None else encoder
         return obs if self.encoder is None else torch.cat([encoder(hist), obs], dim=-1)
 

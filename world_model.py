@@ -403,10 +403,17 @@ def artifact_path(env: str, dataset: Optional[str] = None, seed: int = 0) -> pat
 
 
 def _atomic_torch_save(obj, path: pathlib.Path) -> None:
+    """torch.save under a name no other process uses, then renamed into place; a failed write (a full disk: torch's
+    zip writer reports it as RuntimeError) removes its partial file and leaves the previous file as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise MomaError(f"could not write {path} ({type(e).__name__}: {e}); free some disk space (or set "
+                        f"MOMA_CACHE_DIR to another disk) and run again") from None
 
 
 def _non_finite_entries(state_dict: dict) -> list[str]:
@@ -538,6 +545,15 @@ def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device
     if unknown:
         raise MomaError(f"unknown world-model training options {unknown}; valid: {sorted(fields)}")
     path = artifact_path(env, dataset, seed)
+    args = Args(env=env, dataset=dataset, seed=seed, **train_overrides)
+    check_args(resolve(args))
+    # A current model is loaded without the lock (saves are atomic renames, so a file that exists is whole): a run
+    # that only needs the cached model never queues behind another process's training of another dataset's model.
+    if path.exists():
+        payload = _read_payload(path)
+        _check_identity(payload, path, env, dataset, seed)
+        if _stale_reason(payload, env, dataset) is None:
+            return load(path, env, dataset, device, seed=seed)
     # Under the model's lock: of two processes that find it missing (or stale), one trains it and the other waits,
     # then loads it (they would otherwise both train it, sharing one training checkpoint file).
     with training_lock(path):
@@ -548,7 +564,7 @@ def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device
             if stale is None:
                 return load(path, env, dataset, device, seed=seed)
             print(f"world model {path}: {stale}; training a new one")
-        args = Args(env=env, dataset=dataset, seed=seed, **train_overrides)
+        envs.check_free_space(path.parent, 0)  # fail now, not after the training
         model, _ = train_and_save(args, torch.device(device))
     return model.eval()
 
@@ -886,7 +902,22 @@ def train_and_save(args: Args, device: torch.device, progress: bool = True) -> t
     return model, metrics
 
 
+def check_args(args: Args) -> None:
+    """Every argument checked before any data, lock or file is touched (MomaError naming the flag)."""
+    # (--resume here continues the cached model's own training checkpoint: it needs no --run-dir)
+    envs.check_args(dataclasses.replace(args, resume=False), at_least_one=("ensemble_size", "n_elites", "n_hidden_layers", "hidden_dim", "batch_size",
+                                        "max_steps", "eval_every", "checkpoint_every", "rollout_eval_starts",
+                                        "holdout_eval_size"),
+                    positive=("learning_rate",),
+                    non_negative=("weight_decay", "logvar_bound_coef", "lr_decays", "patience", "min_improvement",
+                                  "min_abs_improvement"),
+                    between={"holdout_fraction": (0.001, 0.9), "lr_decay_factor": (1e-6, 1.0)})
+    if args.n_elites is not None and args.ensemble_size is not None and args.n_elites > args.ensemble_size:
+        raise MomaError(f"--n-elites ({args.n_elites}) must be at most --ensemble-size ({args.ensemble_size})")
+
+
 def main(args: Args) -> None:
+    check_args(args)
     torch.set_num_threads(args.torch_threads)
     torch.backends.cudnn.deterministic = True
     if args.cuda and not torch.cuda.is_available():
@@ -901,6 +932,7 @@ def main(args: Args) -> None:
             print(format_report(model.metrics, model.dataset_id))
             print(f"{path} exists; pass --force to retrain")
             return
+        envs.check_free_space(path.parent, 0)  # fail now, not after the training
         train_and_save(args, device)
 
 

@@ -56,6 +56,7 @@ def gemm_rate(n_agents: int, rows: int, width: int, repeats: int = 20) -> float:
 
 
 def main(bench: BenchArgs) -> None:
+    envs.keep_large_allocations_in_the_heap()  # as moma_ppo.main does
     torch.set_num_threads(bench.threads)
     torch.manual_seed(0)
     args = moma_ppo.resolve(moma_ppo.Args(env=bench.env, obs=bench.obs, rollout_batch=bench.rollout_batch,

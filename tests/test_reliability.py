@@ -341,3 +341,74 @@ def test_a_world_model_of_another_dataset_or_seed_is_refused_not_called_stale(tm
     torch.save(payload, other_seed)
     with pytest.raises(envs.MomaError, match="trained with seed 4, not 6"):
         world_model.load_or_train("coordination", "neutral", seed=6, **small)
+
+
+# --------------------------------------------------------------------------------------------------
+# world_model.py and envs.py's own command lines: the same rules as the algorithm scripts.
+# --------------------------------------------------------------------------------------------------
+def test_world_model_bad_values_are_refused_before_any_work(tmp_path):
+    import world_model as wm
+
+    for field, value in (("max_steps", 0), ("eval_every", 0), ("checkpoint_every", 0), ("seed", -1),
+                         ("torch_threads", 0), ("learning_rate", float("nan")), ("holdout_fraction", 1.0)):
+        given = {"seed": 41, field: value}
+        with pytest.raises(envs.MomaError, match=f"--{field.replace('_', '-')} must be"):
+            wm.main(wm.Args(env="coordination", dataset="neutral", **given))
+        with pytest.raises(envs.MomaError, match=f"--{field.replace('_', '-')} must be"):  # moma_ppo's path too
+            wm.load_or_train("coordination", "neutral", seed=given.pop("seed"), **given)
+    with pytest.raises(envs.MomaError, match="--n-elites \\(9\\) must be at most --ensemble-size \\(7\\)"):
+        wm.main(wm.Args(env="coordination", dataset="neutral", seed=41, n_elites=9))
+    assert not wm.artifact_path("coordination", "neutral", 41).exists()
+
+
+def test_world_model_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    import world_model as wm
+
+    target = tmp_path / "models" / "m.pt"
+    wm._atomic_torch_save({"a": torch.zeros(3)}, target)
+
+    def full_disk_save(obj, f, *a, **k):
+        with open(f, "wb") as handle:
+            handle.write(b"PK" + bytes(100))
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(envs.MomaError, match="could not write .*m.pt .*free some disk space"):
+        wm._atomic_torch_save({"a": torch.ones(3)}, target)
+    assert [p.name for p in target.parent.iterdir()] == ["m.pt"]  # no partial temporary file left behind
+    assert torch.load(target)["a"].sum() == 0  # the previous file is intact
+
+
+def test_dataset_command_line_refuses_bad_sizes_and_seeds():
+    for changes, message in (({"n_transitions": 0}, "--n-transitions must be an integer >= 1"),
+                             ({"seed": -1}, "--seed must be an integer >= 0")):
+        with pytest.raises(envs.MomaError, match=message):
+            envs.main(dataclasses.replace(envs.Args(env="coordination", dataset="neutral", force=True), **changes))
+
+
+def test_code_fingerprint_names_the_modules_the_script_declares(tmp_path):
+    copy = tmp_path / "moma_ppo_v2.py"  # a renamed copy keeps world_model.py in its fingerprint
+    copy.write_text((pathlib.Path(moma_ppo.__file__)).read_text())
+    code = envs.code_fingerprint(copy, extra=("world_model.py",))
+    assert list(code) == ["moma_ppo_v2.py", "world_model.py", "envs.py"]
+    assert code["moma_ppo_v2.py"] == envs.file_hash(pathlib.Path(moma_ppo.__file__))
+    assert list(envs.code_fingerprint("iql.py")) == ["iql.py", "envs.py"]
+
+
+def test_a_current_world_model_loads_while_another_process_holds_the_training_lock():
+    """Loading a cached, current model does not queue behind the training lock (held, e.g., by a process training
+    the model again with --force, or by a Slurm prepare task): saves are atomic, so the file is whole."""
+    import threading
+
+    import world_model as wm
+
+    small = dict(hidden_dim=16, n_hidden_layers=1, max_steps=60, eval_every=30, rollout_eval_starts=10)
+    envs.build_dataset("coordination", "neutral", seed=0, only_if_missing=True)
+    wm.load_or_train("coordination", "neutral", seed=42, **small)
+    loaded = []
+    with wm.training_lock(wm.artifact_path("coordination", "neutral", 42)):
+        worker = threading.Thread(target=lambda: loaded.append(wm.load_or_train("coordination", "neutral", seed=42)),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive() and len(loaded) == 1
