@@ -909,30 +909,35 @@ def build_dataset(env: str, dataset: str, n_transitions: Optional[int] = None, s
     check_names(env, None, dataset)
     if _is_external_id(dataset):
         raise MomaError(f"{dataset!r} is an external Minari id; only project datasets can be built here")
+    if env != "coordination":
+        _build_mujoco_dataset(env, dataset, n_transitions, seed, only_if_missing)
+        return
     with _build_lock(env, dataset):
         if only_if_missing and dataset_exists(env, dataset):
             return
-        _build_dataset_locked(env, dataset, n_transitions, seed)
-
-
-def _build_dataset_locked(env: str, dataset: str, n_transitions: Optional[int], seed: int) -> None:
-    if env == "coordination":
         n_episodes = COORDINATION_EPISODES if n_transitions is None else max(1, n_transitions // COORDINATION_ROUNDS)
         build_coordination_dataset(dataset, n_episodes, seed)
-        return
-    # MuJoCo datasets come from behaviour policies (docs/deviations.md §4):
-    # make_datasets.build(env, dataset, n_transitions, seed) must write the Minari dataset dataset_id(env, dataset)
-    # with ref_min_score / ref_max_score.
-    try:
-        import make_datasets
-    except ModuleNotFoundError as e:
-        if e.name != "make_datasets":
-            raise
-        raise MomaError(
-            f"dataset {dataset_id(env, dataset)} is missing and this checkout has no MuJoCo dataset generator "
-            f"(make_datasets.py); place a Minari dataset with that id under {DATA_DIR}"
-        ) from None
-    make_datasets.build(env, dataset, n_transitions=n_transitions, seed=seed)
+
+
+def _build_mujoco_dataset(env: str, dataset: str, n_transitions: Optional[int], seed: int,
+                          only_if_missing: bool) -> None:
+    """MuJoCo datasets come from the shipped behaviour policies (docs/deviations.md §4): `make_datasets.py build`,
+    run as a program of its own, builds one under the same per-dataset lock (its progress lines show here). A
+    subprocess, not an import: the generator imports envs, and envs never imports it back."""
+    import subprocess
+
+    script = REPO_DIR / "make_datasets.py"
+    if not script.exists():
+        raise MomaError(f"dataset {dataset_id(env, dataset)} is missing and this checkout has no MuJoCo dataset "
+                        f"generator (make_datasets.py); place a Minari dataset with that id under {DATA_DIR}")
+    command = [_sys.executable, str(script), "build", "--only", f"{env}/{dataset}", "--seed", str(seed)]
+    command += ["--n-transitions", str(n_transitions)] if n_transitions is not None else []
+    command += ["--if-missing"] if only_if_missing else []
+    paths = {"MINARI_DATASETS_PATH": str(DATA_DIR), "MOMA_CACHE_DIR": str(CACHE_DIR)}  # this process's folders
+    done = subprocess.run(command, cwd=REPO_DIR, env={**os.environ, **paths})
+    if done.returncode != 0:
+        raise MomaError(f"building dataset {dataset_id(env, dataset)} failed (exit status {done.returncode}, its "
+                        f"error is above); the command was: {_shlex.join(command)}")
 
 
 def dataset_stats(env: str, dataset: str) -> dict:

@@ -588,10 +588,13 @@ def check_build_args(n_transitions: Optional[int], seed: int) -> None:
 
 
 def build_locked(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,
-                 full_replay_source: str = "snapshots") -> dict:
-    """build() under the dataset's build lock, the one envs.build_dataset takes: a `make_datasets.py build` and a
-    script that finds the same dataset missing never write it at the same time (the second waits for the first)."""
+                 full_replay_source: str = "snapshots", only_if_missing: bool = False) -> Optional[dict]:
+    """build() under the dataset's build lock: two `make_datasets.py build`s (a script that finds a dataset missing
+    runs one, through envs.build_dataset) never write the same dataset at once; the second waits for the first, and
+    with only_if_missing then finds it built (None: nothing was built)."""
     with envs._build_lock(env, dataset):
+        if only_if_missing and envs.dataset_exists(env, dataset):
+            return None
         return build(env, dataset, n_transitions, seed, full_replay_source)
 
 
@@ -795,6 +798,9 @@ class Build:
     replay buffer (only where td3_ant.py was trained: data/behaviour/ant_td3/replay)"""
     workers: int = 2
     """datasets built in parallel processes (one per core)"""
+    if_missing: bool = False
+    """build only the datasets that do not exist (checked under each dataset's lock): what a script that finds a
+    dataset missing runs"""
 
 
 @dataclasses.dataclass
@@ -813,7 +819,10 @@ class UpdateRefs:
 Command = Union[Build, Cards, UpdateRefs]
 
 
-def _report_build(env: str, name: str, info: dict, log) -> None:
+def _report_build(env: str, name: str, info: Optional[dict], log) -> None:
+    if info is None:
+        log(f"{envs.dataset_id(env, name)} exists (built meanwhile by another process): not rebuilt")
+        return
     st = envs.dataset_stats(env, name)
     log(f"built {st['dataset']} in {info['build_time_s']:.0f}s: {st['episodes']} episodes, {st['transitions']} "
         f"transitions, normalised score min/mean/median/max {st['min_score_pct']:.1f} / {st['mean_score_pct']:.1f} / "
@@ -848,13 +857,15 @@ def main(args: Command) -> None:
         with concurrent.futures.ProcessPoolExecutor(min(args.workers, len(todo)),
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
             # the big Ant sets first, so the two workers finish together
-            jobs = {pool.submit(build_locked, env, name, args.n_transitions, args.seed, args.full_replay_source): (env, name)
+            jobs = {pool.submit(build_locked, env, name, args.n_transitions, args.seed, args.full_replay_source,
+                                args.if_missing): (env, name)
                     for env, name in sorted(todo, key=lambda t: t[0] == "reacher")}
             for job in concurrent.futures.as_completed(jobs):
                 _report_build(*jobs[job], job.result(), log)
     else:
         for env, name in todo:
-            _report_build(env, name, build_locked(env, name, args.n_transitions, args.seed, args.full_replay_source), log)
+            _report_build(env, name, build_locked(env, name, args.n_transitions, args.seed, args.full_replay_source,
+                                                  args.if_missing), log)
     log(f"all builds done in {time.time() - t0:.0f}s")
     missing = [f"{env}/{name}" for env, name in MUJOCO_DATASETS if not envs.dataset_exists(env, name)]
     if missing:  # a partial build must not rewrite the committed page with only the datasets present here

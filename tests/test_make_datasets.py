@@ -428,3 +428,34 @@ def test_shipped_policy_files_load_as_plain_tensors():
     assert len(files) == 5
     for f in files:
         torch.load(f, weights_only=True)
+
+
+def test_a_missing_mujoco_dataset_is_built_by_make_datasets_as_a_program(monkeypatch):
+    """envs.build_dataset hands MuJoCo datasets to `make_datasets.py build` in a process of its own (which takes the
+    dataset's lock itself), so envs never imports the generator that imports it: no import circle."""
+    import subprocess as sp
+
+    calls = []
+    monkeypatch.setattr(sp, "run", lambda command, **kw: calls.append((command, kw)) or sp.CompletedProcess(command, 0))
+    envs.build_dataset("ant", "medium", n_transitions=300, seed=2, only_if_missing=True)
+    (command, kw), = calls
+    assert command[1:] == [str(md.REPO_DIR / "make_datasets.py"), "build", "--only", "ant/medium", "--seed", "2",
+                           "--n-transitions", "300", "--if-missing"]
+    assert kw["env"]["MINARI_DATASETS_PATH"] == str(envs.DATA_DIR) and kw["env"]["MOMA_CACHE_DIR"] == str(envs.CACHE_DIR)
+    monkeypatch.setattr(sp, "run", lambda command, **kw: sp.CompletedProcess(command, 3))
+    with pytest.raises(envs.MomaError, match="building dataset moma/ant/medium-v0 failed \\(exit status 3"):
+        envs.build_dataset("ant", "medium")
+    assert "import make_datasets" not in (md.REPO_DIR / "envs.py").read_text()
+
+
+def test_build_if_missing_skips_a_dataset_another_process_built(monkeypatch):
+    built = []
+    monkeypatch.setattr(md, "build", lambda env, dataset, *a: built.append(dataset) or dict(build_time_s=0.0))
+    monkeypatch.setattr(md, "reference_scores", lambda *a, **k: (0.0, 1.0))
+    monkeypatch.setattr(md, "dataset_cards", lambda *a, **k: None)
+    monkeypatch.setattr(envs, "dataset_exists", lambda env, dataset: dataset == "medium")
+    reported = []
+    monkeypatch.setattr(md, "_report_build", lambda env, name, info, log: reported.append((name, info)))
+    md.main(md.Build(only="ant/medium", if_missing=True, workers=1))
+    md.main(md.Build(only="ant/expert", if_missing=True, workers=1))
+    assert built == ["expert"] and reported == [("medium", None), ("expert", dict(build_time_s=0.0))]
