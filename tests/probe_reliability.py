@@ -241,6 +241,29 @@ def probe_bad_inputs() -> None:
         cases.append((f"{script} --resume without --run-dir", script, SMALL[script] + ["--resume"], "none"))
         cases.append((f"{script} --resume of a missing run", script, SMALL[script] + ["--resume"], None))
     cases.append(("iql.py --env bogus", "iql.py", ["--env", "bogus"], None))
+    # The other command lines: the world model, the dataset builders and the two online behaviour learners
+    # (no --run-dir for the first three: a case passes "none"; a learner's folder would appear under runs/).
+    game_model = ["--env", "coordination", "--dataset", "neutral", "--torch-threads", "1"]
+    for flag, value in (("max_steps", 0), ("eval_every", 0), ("checkpoint_every", 0), ("seed", -1),
+                        ("torch_threads", 0), ("learning_rate", "nan"), ("n_elites", 9), ("holdout_fraction", 1)):
+        cases.append((f"world_model.py --{flag.replace('_', '-')} {value}", "world_model.py",
+                      game_model + [f"--{flag.replace('_', '-')}", str(value)], "none"))
+    for flag, value in (("n_transitions", 0), ("seed", -1)):
+        cases.append((f"envs.py --{flag.replace('_', '-')} {value}", "envs.py",
+                      ["--env", "coordination", "--dataset", "neutral", "--force", f"--{flag.replace('_', '-')}",
+                       str(value)], "none"))
+    for flag, value in (("n_transitions", 0), ("seed", -1), ("workers", 0)):
+        cases.append((f"make_datasets.py build --{flag.replace('_', '-')} {value}", "make_datasets.py",
+                      ["build", "--only", "ant/random", f"--{flag.replace('_', '-')}", str(value)], "none"))
+    learner = ["--env", "reacher", "--torch-threads", "1", "--total-steps", "1000"]
+    for flag, value in (("eval_episodes", 0), ("eval_every", -1), ("checkpoint_every", -1), ("seed", -1),
+                        ("minibatch_size", 0), ("learning_rate", "nan")):
+        cases.append((f"mappo.py --{flag.replace('_', '-')} {value}", "mappo.py",
+                      learner + [f"--{flag.replace('_', '-')}", str(value)], "none"))
+    for flag, value in (("policy_freq", 0), ("seed", -1), ("batch_size", 0), ("tau", "nan")):
+        cases.append((f"td3_ant.py --{flag.replace('_', '-')} {value}", "td3_ant.py",
+                      ["--total-steps", "1000", f"--{flag.replace('_', '-')}", str(value),
+                       "--learner-dir", str(WORK / "td3_learner")], "none"))
     for name, script, args, run_dir in cases:
         if not wanted(name):
             continue
