@@ -195,7 +195,11 @@ def default_steps(script: str, env: str, obs: str, flags: list) -> int:
         if name in flags:  # the last occurrence wins, as on the scripts' command line
             value = int(flags[len(flags) - 1 - flags[::-1].index(name) + 1])
     if script == "moma_ppo.py":
-        return value or {"coordination": 20, "reacher": 400, "ant": 80}[env]
+        if value is None:
+            import moma_ppo  # its per-env preset, read rather than copied here
+
+            value = moma_ppo.PRESETS[env]["iterations"]
+        return value
     po = obs in PARTIAL_OBS
     if value is None:
         if env == "coordination":
