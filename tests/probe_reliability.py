@@ -460,7 +460,7 @@ def probe_faults() -> None:
         code = "import envs; print(envs.load_dataset('coordination', 'favorable').fingerprint)"
         procs = [python(code, env=dict(env_c, MOMA_CACHE_DIR=str(WORK / f"cache_c{i}")), background=True) for i in range(2)]
         outs = [p.communicate() + (p.returncode,) for p in procs]
-        prints = {o[0].strip() for o in outs}
+        prints = {(o[0].strip().splitlines() or [""])[-1] for o in outs}  # the fingerprint, after the build's lines
         ok = all(o[2] == 0 for o in outs) and len(prints) == 1
         fingerprint = prints.pop() if ok else None
         record("fault", name, ok, " / ".join(tail(o[1]) for o in outs))
