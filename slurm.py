@@ -155,10 +155,20 @@ def write(target: str, plan_file: str, stale_file: str, options: dict, extra: li
     stale = set(pathlib.Path(stale_file).read_text().split())
     refresh = os.environ.get("REFRESH_STALE", "0") == "1"
     cells, lines = [], pathlib.Path(plan_file + ".args").read_text().splitlines()
+    copied = 0
     for cell, line in zip(results.read_cells(plan_file), lines):
         state = results.cell_state(cell, budget, results_dir, str(runs))
+        if state == "copy":
+            # a finished run whose record is missing: copied here, as the local path does, not given a node
+            import envs
+
+            envs.save_record(runs / cell.name, results_dir / cell.table, cell.name)
+            copied += 1
+            continue
         if state != "done" or (refresh and f"{cell.table}/{cell.name}" in stale):
             cells.append((cell, line))
+    if copied:
+        print(f"recorded {copied} finished run(s) into {results_dir} here (no Slurm task needed)")
     if not cells:
         print(f"nothing to submit: every cell of {target} is done at budget {budget}")
         return None

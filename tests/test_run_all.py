@@ -259,3 +259,20 @@ def test_slurm_prepare_job_retrains_a_stale_world_model():
     finally:
         envs.build_dataset("coordination", "neutral", seed=0)  # other tests expect the default build
         wm.artifact_path("coordination", "neutral", 0).unlink(missing_ok=True)
+
+
+def test_slurm_records_a_finished_run_here_instead_of_submitting_it(tmp_path):
+    """A cell whose run finished but whose record is missing (the copy into results/ was lost) is recorded by
+    `--slurm` itself, as the local path does, rather than given a node of its own to copy three files."""
+    env = _slurm_copy(tmp_path)
+    name = "coordination__full__favorable__iql__1"
+    _record(tmp_path / "runs/run_all/quick" / name, "iql", "favorable", 1, 1.0, "quick")  # the finished run
+    out = subprocess.run(["bash", "run_all.sh", "3", "--slurm", "--dry-run"], cwd=tmp_path,
+                         env={**env, "SEEDS_GAME": "1", "ONLY": "__favorable__iql__ __neutral__iql__"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "recorded 1 finished run(s)" in out.stdout
+    assert json.loads((tmp_path / "results/3" / name / "summary.json").read_text())["normalized_score_mean"] == 1.0
+    (folder,) = (tmp_path / "runs/run_all/quick/slurm").iterdir()
+    cells = [line.split()[:6] for line in (folder / "cells.txt").read_text().splitlines()]
+    assert cells == [["3", "iql.py", "coordination", "full", "neutral", "1"]]  # only the cell left to run
