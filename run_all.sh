@@ -317,6 +317,7 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   done
   run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
+  run diagnosis moma_ppo.py ant partial full-replay $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
 }
 
 cells() {
