@@ -357,11 +357,10 @@ def test_corrupt_dataset_gives_a_clear_error():
     envs.build_dataset("coordination", "favorable")  # leave a good dataset for other tests
 
 
-def test_missing_mujoco_dataset_without_generator_is_a_clear_error(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "make_datasets", None)  # simulate a checkout without the generator
-    with pytest.raises(envs.MomaError, match="moma/ant/expert-v0"):
+def test_missing_mujoco_dataset_without_generator_is_a_clear_error(monkeypatch, tmp_path):
+    # a checkout without make_datasets.py (the program envs runs to build a missing MuJoCo dataset)
+    monkeypatch.setattr(envs, "REPO_DIR", tmp_path)
+    with pytest.raises(envs.MomaError, match="moma/ant/expert-v0 is missing and this checkout has no MuJoCo dataset"):
         envs.load_dataset("ant", "expert", "full")
 
 
