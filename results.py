@@ -187,6 +187,11 @@ def seconds_per_step(env: str, obs: str, method: str) -> float:
     return SECONDS_PER_STEP.get(key, SECONDS_PER_STEP.get((env, "FO", base), 1.0))
 
 
+# moma_ppo.PRESETS' iterations, kept here so that planning never imports the training scripts (run_all.sh plans in
+# folders holding only this file, envs.py and run_all.sh); tests/test_results.py checks that the two agree.
+MOMA_PPO_ITERATIONS = {"coordination": 20, "reacher": 400, "ant": 80}
+
+
 def default_steps(script: str, env: str, obs: str, flags: list) -> int:
     """The gradient steps (iterations for MOMA-PPO) a cell will run: its --total-steps / --iterations flag, or
     the script's default (MAIQL-ft trains its offline steps twice: offline, then with simulator data)."""
@@ -195,11 +200,7 @@ def default_steps(script: str, env: str, obs: str, flags: list) -> int:
         if name in flags:  # the last occurrence wins, as on the scripts' command line
             value = int(flags[len(flags) - 1 - flags[::-1].index(name) + 1])
     if script == "moma_ppo.py":
-        if value is None:
-            import moma_ppo  # its per-env preset, read rather than copied here
-
-            value = moma_ppo.PRESETS[env]["iterations"]
-        return value
+        return value or MOMA_PPO_ITERATIONS[env]
     po = obs in PARTIAL_OBS
     if value is None:
         if env == "coordination":
