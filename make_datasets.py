@@ -656,9 +656,8 @@ WORLD_MODEL_HEADER = ["| dataset (fingerprint) | steps | wall (s) | held-out MSE
 
 
 def world_model_row(r: dict) -> str:
-    """One markdown row of a world model's held-out report (the columns of results.py's world-model table, which
-    tests/test_make_datasets.py keeps equal to this one; read here so that building datasets never imports
-    results.py)."""
+    """One markdown row of a world model's held-out report, in docs/datasets.md's cards and in results.py's
+    world-model table alike (results.py calls this; building datasets never imports results.py)."""
     roll = r.get("rollout", {})
     recall = r.get("holdout_terminal_recall_model", {})
     heads = [x for x in r.get("holdout_terminal_recall", []) if x == x]

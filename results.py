@@ -435,28 +435,6 @@ def load_world_model_reports(results_dir: pathlib.Path = RESULTS_DIR) -> list:
     return [json.loads(p.read_text()) for p in sorted((results_dir / "world_models").glob("*.json"))]
 
 
-def world_model_row(r: dict) -> str:
-    """One markdown row of a world model's held-out report (the same columns as docs/datasets.md's)."""
-    roll = r.get("rollout", {})
-    recall = r.get("holdout_terminal_recall_model", {})
-    heads = [x for x in r.get("holdout_terminal_recall", []) if x == x]
-    terminals = (f"{r.get('holdout_terminals', 0)}: {min(heads):.2f}-{max(heads):.2f} / {recall.get('vote', float('nan')):.2f}"
-                 f" / {recall.get('vote_or_rule', float('nan')):.2f}" if heads else "no terminals")
-    state = ", ".join(f"{k} {v:.4f}" for k, v in r.get("elite_state_rmse", {}).items())
-    return (f"| `{r['dataset_id']}` (`{(r.get('dataset_fingerprint') or '?')[:12]}`) | {r['train_steps']:,} "
-            f"({'held-out plateau' if r.get('stopped_early') else 'step cap'}) | {r.get('train_time_s', float('nan')):.0f} | "
-            f"{min(r['holdout_mse']):.4f}-{max(r['holdout_mse']):.4f} | {min(r['holdout_terminal_accuracy']):.4f} | "
-            f"{terminals} | " + " / ".join(f"{roll[h]['state_rmse_std_units']:.3f}" for h in ("h1", "h5", "h10") if h in roll)
-            + " | " + " / ".join(f"{roll[h]['reward_abs_error']:.3f}" for h in ("h1", "h5", "h10") if h in roll)
-            + f" | {state} |")
-
-
-WORLD_MODEL_HEADER = ["| dataset (fingerprint) | steps | wall (s) | held-out MSE (members) | terminal accuracy (min) | "
-                      "terminal recall: held-out terminals: heads / vote / vote or rule | state RMSE/std h1 / h5 / h10 | "
-                      "reward error h1 / h5 / h10 | one-step RMSE of the elites' means (dataset units) |",
-                      "|---|---|---|---|---|---|---|---|---|"]
-
-
 def world_model_tables(reports: list) -> list:
     lines = ["## World models (seed 0): held-out reports", "",
              "From `results/world_models/*.json` (`python results.py world-models` on a machine that has trained them; "
@@ -467,6 +445,9 @@ def world_model_tables(reports: list) -> list:
              "the dataset's state std and |reward error| at horizons 1 / 5 / 10.", ""]
     if not reports:
         return lines + ["No reports yet.", ""]
+    # the rows of docs/datasets.md's world-model cards, formatted once, where the cards are built
+    from make_datasets import WORLD_MODEL_HEADER, world_model_row
+
     return lines + WORLD_MODEL_HEADER + [world_model_row(r) for r in reports] + [""]
 
 

@@ -303,7 +303,9 @@ def test_a_world_models_held_out_report_is_kept_in_results_and_shown(tmp_path):
     text = results.generate_markdown(tmp_path / "results", tmp_path / "plots", REPO)
     row = next(line for line in text.splitlines() if line.startswith("| `moma/coordination/neutral-v0`"))
     assert f"{min(report['holdout_mse']):.4f}-{max(report['holdout_mse']):.4f}" in row and "| 60 (step cap) |" in row
-    assert row.count("|") == results.WORLD_MODEL_HEADER[0].count("|")
+    import make_datasets
+
+    assert row.count("|") == make_datasets.WORLD_MODEL_HEADER[0].count("|")
 
 
 def test_the_plans_moma_ppo_iterations_are_its_presets():
