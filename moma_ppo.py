@@ -147,6 +147,8 @@ class Args:
     """width of the self-attention history encoder (the authors: 128)"""
     learning_rate: Annotated[Optional[float], envs.per_env_default(PRESETS, "learning_rate")] = None
     """Adam learning rate of every network"""
+    anneal_lr: bool = False
+    """anneal the learning rate linearly to 0 over the run's iterations (CleanRL's PPO default; not in the paper)"""
     update_epochs: int = 5
     """PPO epochs per iteration (the authors: 5)"""
     minibatch_size: Annotated[Optional[int], envs.per_env_default(PRESETS, "minibatch_size")] = None
@@ -248,7 +250,7 @@ TRAINING_COLUMNS = ("iteration", "synthetic_steps", "wall_time_s", "sps", "mean_
 # Settings that change what MOMA-PPO learns (method_name spells out the ones a run changes).
 ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "lambda_r", "lambda_g", "uncertainty_threshold",
                         "uncertainty_cut", "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
-                        "learning_rate", "update_epochs", "minibatch_size", "gamma", "gae_lambda", "clip_coef",
+                        "learning_rate", "anneal_lr", "update_epochs", "minibatch_size", "gamma", "gae_lambda", "clip_coef",
                         "ent_coef", "vf_coef", "max_grad_norm", "init_log_std", "actor_std", "entropy_target",
                         "entropy_step", "action_penalty", "world_model_seed")
 
@@ -779,6 +781,8 @@ def main(args: Args) -> dict:
                             desc=f"MOMA-PPO {args.env}/{args.obs}/{args.dataset}", dynamic_ncols=True)
     for iteration in bar:
         t_iter = time.time()
+        if args.anneal_lr:  # CleanRL's linear schedule: the full rate at the first iteration, -> 0 at the last
+            optimizer.param_groups[0]["lr"] = (1.0 - iteration / args.iterations) * args.learning_rate
         # ------------------------------------------------------------ synthetic rollouts (Algorithm 1)
         batch, stats = collect_rollouts(agents, model, layout, states_all, history_table, history_index, args,
                                         generator)

@@ -318,6 +318,13 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
   run diagnosis moma_ppo.py ant partial full-replay $seed "${it[@]}" --rollout-horizon 50 --rollout-batch 400
+  # (k) the last iterate's variance (point 12): a learning rate annealed linearly to 0 (CleanRL's default), on the
+  # cells whose seeds swung most (full/full-replay, full/medium seed 2), then with the 50-step rollouts
+  for s in 1 2 3; do run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --anneal-lr; done
+  run diagnosis moma_ppo.py ant full medium 2 "${it[@]}" --anneal-lr
+  for s in 1 2; do
+    run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --anneal-lr --rollout-horizon 50 --rollout-batch 400
+  done
 }
 
 cells() {
