@@ -121,6 +121,11 @@ class Args:
     preset: terminal on Ant (docs/diagnosis.md: the timeout lets the critic's extrapolation at uncertain states drive
     the policy, 0.02 vs 0.73 with full observability), timeout on Reacher (its rewards are <= 0, so a terminal's
     zero future would reward reaching uncertainty) and on the coordination game (no cut: l_ε = inf)"""
+    bound_values: bool = False
+    """clip the critic's values, where rollouts bootstrap from them, to the discounted returns the rewards can reach:
+    [(min r - penalty cap) / (1 - γ), max r / (1 - γ)] with the dataset's reward range (the model's rewards are
+    clipped to it). A value above it promises more than the best reward forever: the critic's extrapolation at
+    uncertain states, which on Reacher (every reward <= 0) made the λ-returns positive (docs/diagnosis.md)"""
     eps_g_units: Literal["raw", "standardised"] = "raw"
     """units of ε_g: the dataset's raw state units (paper, authors' code) or each state dimension divided by its
     dataset std (an ablation: in raw Ant units the joint velocities dominate ε_g)"""
@@ -249,7 +254,7 @@ TRAINING_COLUMNS = ("iteration", "synthetic_steps", "wall_time_s", "sps", "mean_
 
 # Settings that change what MOMA-PPO learns (method_name spells out the ones a run changes).
 ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "lambda_r", "lambda_g", "uncertainty_threshold",
-                        "uncertainty_cut", "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
+                        "uncertainty_cut", "bound_values", "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
                         "learning_rate", "anneal_lr", "update_epochs", "minibatch_size", "gamma", "gae_lambda", "clip_coef",
                         "ent_coef", "vf_coef", "max_grad_norm", "init_log_std", "actor_std", "entropy_target",
                         "entropy_step", "action_penalty", "world_model_seed")
@@ -564,8 +569,16 @@ def start_histories(agents: Agents, layout: Layout, history_table: torch.Tensor,
 
 
 @torch.no_grad()
+def value_range(rewards: np.ndarray, args: Args) -> tuple[float, float]:
+    """[lowest, highest] discounted return of rewards in the dataset's range, less the capped penalties (Args.bound_values)."""
+    lambdas = (args.lambda_aleatoric,) if args.penalty == "aleatoric" else (args.lambda_r, args.lambda_g)
+    penalty_cap = sum(lam * args.uncertainty_threshold for lam in lambdas if lam > 0)  # inf where l_ε = inf
+    return (float(rewards.min()) - penalty_cap) / (1.0 - args.gamma), float(rewards.max()) / (1.0 - args.gamma)
+
+
+@torch.no_grad()
 def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Tensor, history_table, history_index,
-                     args: Args, generator: torch.Generator):
+                     args: Args, generator: torch.Generator, values_between: Optional[tuple[float, float]] = None):
     """Algorithm 1's inner loops, vectorised over the b rollouts and the n agents. Returns the valid
     transitions flattened for PPO (per-agent tensors lead with the agent axis) and rollout statistics."""
     device = states_all.device
@@ -616,6 +629,8 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
         state = torch.where(moves[:, None], out["next_states"], state)
     last_value = agents.denormalise(agents.team_value(agents.features(layout.observe(state), hist), state))
     values = torch.stack(buf["values"] + [last_value])
+    if values_between is not None:  # Args.bound_values
+        values = values.clamp(*values_between)
     advantages, returns = compute_gae(torch.stack(buf["rewards"]), values, torch.stack(buf["f"]),
                                       torch.stack(buf["zeta"]), args.gamma, args.gae_lambda)
     valid = torch.stack(valid).bool()  # [k, b]
@@ -769,6 +784,7 @@ def main(args: Args) -> dict:
     act = greedy_policy(agents, layout, device)
     eval_seed = 10101 + 1 + args.seed
     k, b = args.rollout_horizon, args.rollout_batch
+    values_between = value_range(data.rewards, args) if args.bound_values else None
 
     def save_checkpoint(iteration: int) -> None:
         envs.check_weights(iteration, agents)  # a diverged network is never checkpointed
@@ -785,7 +801,7 @@ def main(args: Args) -> dict:
             optimizer.param_groups[0]["lr"] = (1.0 - iteration / args.iterations) * args.learning_rate
         # ------------------------------------------------------------ synthetic rollouts (Algorithm 1)
         batch, stats = collect_rollouts(agents, model, layout, states_all, history_table, history_index, args,
-                                        generator)
+                                        generator, values_between)
         n_valid = len(batch["returns"])
         synthetic_steps += n_valid
         t_rollout = time.time() - t_iter

@@ -219,6 +219,71 @@ def test_rollouts_penalty_timeouts_and_terminals():
         assert model.termination_rule is rule
 
 
+def test_value_range_is_the_discounted_reward_range_less_the_penalty_cap():
+    rewards = np.array([-2.0, 0.5, 3.0], dtype=np.float32)
+    # lowest: (-2 - 0.1 * 2.5 - 0.2 * 2.5) / (1 - 0.9) = -27.5; highest: 3 / (1 - 0.9) = 30
+    assert moma_ppo.value_range(rewards, _args(gamma=0.9)) == pytest.approx((-27.5, 30.0))
+    # MOPO's aleatoric penalty: λ_a l_ε = 0.5 * 2.5
+    assert moma_ppo.value_range(rewards, _args(gamma=0.9, penalty="aleatoric", lambda_aleatoric=0.5)) == \
+        pytest.approx((-32.5, 30.0))
+    # no penalty (the coordination game's λ = 0, l_ε = inf): no inf * 0 = NaN
+    assert moma_ppo.value_range(rewards, _args(gamma=0.9, lambda_r=0.0, lambda_g=0.0,
+                                               uncertainty_threshold=float("inf"))) == pytest.approx((-20.0, 30.0))
+
+
+def test_bounded_values_take_the_critic_out_of_the_returns_where_the_range_is_a_point():
+    """With values bounded to [0, 0], every bootstrap is 0, so two critics give the same λ-returns (the rewards'
+    own discounted sums); unbounded, they differ."""
+    torch.manual_seed(0)
+    layout, _ = _agents()
+    states = torch.randn(50, 27)
+    table = torch.randn(4, 51, layout.history_dim)
+    index = torch.randint(0, 51, (50, 10))
+    returns = {}
+    for critic_seed in (0, 1):
+        torch.manual_seed(critic_seed)
+        layout, agents = _agents()
+        for bounds in (None, (0.0, 0.0)):
+            batch, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, _args(),
+                                                 torch.Generator().manual_seed(0), bounds)
+            returns[critic_seed, bounds] = batch["returns"]
+    assert torch.equal(returns[0, (0.0, 0.0)], returns[1, (0.0, 0.0)])
+    assert not torch.allclose(returns[0, None], returns[1, None])
+    # rollout 1 ends at a predicted terminal at step 2 (FakeModel): its first step's return is r + γ λ r
+    # (λ-return over two steps with zero bootstraps: δ_0 = r, δ_1 = r, A_0 = δ_0 + γλ δ_1)
+    r = 1 - 0.1 * 0.5 - 0.2 * 1.0  # step 1 of an odd rollout: ε_g = 1
+    r2 = 1 - 0.1 * 0.5 - 0.2 * 2.0
+    assert returns[0, (0.0, 0.0)][1].item() == pytest.approx(r + 0.99 * 0.95 * r2, rel=1e-5)
+
+
+def test_anneal_lr_decays_the_learning_rate_linearly_to_zero(monkeypatch, tmp_path):
+    monkeypatch.setitem(world_model.PRESETS, "coordination",
+                        dict(hidden_dim=32, n_hidden_layers=2, max_steps=200, eval_every=200, lr_decays=2, patience=2))
+    seen = []
+    real_collect_rollouts = moma_ppo.collect_rollouts
+
+    def collect_rollouts(agents, *rest, **kwargs):
+        seen.append(optimizers[-1].param_groups[0]["lr"])
+        return real_collect_rollouts(agents, *rest, **kwargs)
+
+    optimizers = []
+    real_adam = torch.optim.Adam
+
+    def adam(*a, **kw):
+        optimizers.append(real_adam(*a, **kw))
+        return optimizers[-1]
+
+    monkeypatch.setattr(moma_ppo, "collect_rollouts", collect_rollouts)
+    monkeypatch.setattr(moma_ppo.torch.optim, "Adam", adam)
+    args = moma_ppo.Args(env="coordination", dataset="unfavorable", seed=3, iterations=4, rollout_batch=256,
+                         minibatch_size=256, eval_every=4, eval_episodes_during=2, eval_episodes=2,
+                         learning_rate=1e-3, anneal_lr=True, run_dir=str(tmp_path / "run"))
+    moma_ppo.main(args)
+    assert seen == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    # a run that anneals is its own method in the tables (never filed in the preset's cell)
+    assert moma_ppo.method_name(moma_ppo.resolve(moma_ppo.Args(env="ant", anneal_lr=True))) == "moma_ppo-anneal_lr=True"
+
+
 def test_unknown_names_and_bad_flags_give_clear_errors():
     with pytest.raises(envs.MomaError, match="valid choices"):
         moma_ppo.resolve(moma_ppo.Args(env="ant", obs="leader-only"))
