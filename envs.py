@@ -449,9 +449,12 @@ def evaluate(
     history_len: int = HISTORY_LEN,
     max_parallel: int = 100,
     return_lengths: bool = False,
-) -> np.ndarray:
+    return_conventions: bool = False,
+):
     """Run `n_episodes` episodes with the (greedy) joint policy `act` and return their returns
-    (and, with `return_lengths`, their lengths in steps: an Ant episode that falls ends early).
+    (and, with `return_lengths`, their lengths in steps: an Ant episode that falls ends early; with
+    `return_conventions`, on Reacher the arm-bend convention each agent's joint ended the episode in,
+    reacher_agent_conventions of the last 10 states, [n_episodes, 2]; None on the other envs).
 
     `act(observations, histories)` receives per-agent batches [n, o_i] and [n, H, o_i + a_i] and
     returns per-agent actions [n, a_i] (ints [n] for the coordination game). Episodes run in
@@ -462,13 +465,18 @@ def evaluate(
     returns = np.zeros(n_episodes)
     lengths = np.zeros(n_episodes, dtype=np.int64)
     n_batches = -(-n_episodes // max_parallel)
+    track_states = return_conventions and env == "reacher"
+    last_states = np.zeros((n_episodes, CONVENTION_STEPS, STATE_DIM[env]), dtype=np.float32) if track_states else None
     # A bar for evaluations that take a while (100 Ant episodes: up to 100k env steps, ~30 s).
     bar = progress_bar(total=n_batches * EPISODE_STEPS[env], desc=f"evaluating {n_episodes} {env} episodes",
                        leave=False, disable=True if n_episodes * EPISODE_STEPS[env] < 20_000 else None)
     for start in range(0, n_episodes, max_parallel):
         n = min(max_parallel, n_episodes - start)
         envs = [make_env(env, obs) for _ in range(n)]
-        per_env = [e.reset(seed=seed + start + j)[0] for j, e in enumerate(envs)]
+        resets = [e.reset(seed=seed + start + j) for j, e in enumerate(envs)]
+        per_env = [observations for observations, _ in resets]
+        if track_states:  # a rolling window of each episode's last states (reset states first, 50 steps follow)
+            last_states[start:start + n] = np.stack([state for _, state in resets])[:, None]
         observations = [np.stack([p[i] for p in per_env]) for i in range(N_AGENTS[env])]
         history = OnlineHistory(env, obs, n, history_len)
         alive = np.ones(n, dtype=bool)
@@ -476,7 +484,11 @@ def evaluate(
             actions = [np.asarray(a) for a in act(observations, history.get())]
             previous = [o.copy() for o in observations]
             for j in np.flatnonzero(alive):
-                o, _, r, term, trunc = envs[j].step([a[j] for a in actions])
+                o, state, r, term, trunc = envs[j].step([a[j] for a in actions])
+                if track_states:
+                    window = last_states[start + j]
+                    window[:-1] = window[1:].copy()
+                    window[-1] = state
                 returns[start + j] += r
                 lengths[start + j] += 1
                 for i in range(len(observations)):
@@ -487,7 +499,58 @@ def evaluate(
         for e in envs:
             e.close()
     bar.close()
-    return (returns, lengths) if return_lengths else returns
+    out = (returns,) + ((lengths,) if return_lengths else ())
+    if return_conventions:
+        out += (reacher_agent_conventions(last_states) if track_states else None,)
+    return out if len(out) > 1 else returns
+
+
+# --------------------------------------------------------------------------------------------------
+# Reacher's two conventions (the expert-mix dataset: an expert that bends its elbow counter-clockwise and its
+# mirror image, clockwise). Reacher-v5's state: 0 cos θ1, 1 cos θ2, 2 sin θ1, 3 sin θ2, 4-5 target x, y,
+# 6-7 θ1', θ2', 8-9 fingertip - target. Agent 0 drives the shoulder (θ1), agent 1 the elbow (θ2).
+# --------------------------------------------------------------------------------------------------
+CONVENTION_STEPS = 10  # a convention is read off the last states of an episode, when the fingertip is at the target
+
+
+def reacher_theta2(states: np.ndarray) -> np.ndarray:
+    """Elbow angle θ2 = atan2(sin θ2, cos θ2) = atan2(state[3], state[1])."""
+    states = np.asarray(states)
+    return np.arctan2(states[..., 3], states[..., 1])
+
+
+def reacher_convention(episode_states: np.ndarray, last: int = CONVENTION_STEPS) -> np.ndarray:
+    """Arm-bend convention of episodes [..., T, 10]: +1 = counter-clockwise (θ2 >= 0 near the target,
+    the paper's counter-clockwise team), -1 = clockwise; decided by the mean θ2 over the last `last`
+    states, when the fingertip is at the target."""
+    theta2 = reacher_theta2(np.asarray(episode_states)[..., -last:, :]).mean(-1)
+    return np.where(theta2 >= 0, 1, -1)
+
+
+def reacher_agent_conventions(episode_states: np.ndarray, last: int = CONVENTION_STEPS) -> np.ndarray:
+    """The convention each agent's joint ends an episode in, [..., 2] of +1 (counter-clockwise) / -1 (clockwise),
+    from the last `last` states of episodes [..., T, 10]. A fingertip at the target has two arm poses, mirror
+    images of each other about the line to the target: elbow bent counter-clockwise (θ2 > 0) with the upper arm
+    clockwise of the target's direction φ (θ1 < φ), or both the other way. Agent 1 (elbow): the sign of θ2.
+    Agent 0 (shoulder): +1 where the upper arm lies clockwise of the target (wrapped φ - θ1 >= 0), the side a
+    counter-clockwise elbow needs. Two agents on different sides cannot reach the target together: that is the
+    miscoordination the dataset's two conventions invite. (Read off the poses the agents reach, not their
+    actions: no expert policy is needed, and it is defined for any policy.)"""
+    s = np.asarray(episode_states)[..., -last:, :]
+    theta1 = np.arctan2(s[..., 2], s[..., 0])
+    target_direction = np.arctan2(s[..., 5], s[..., 4])
+    upper_arm_side = np.angle(np.exp(1j * (target_direction - theta1))).mean(-1)  # wrapped to (-π, π]
+    return np.stack([np.where(upper_arm_side >= 0, 1, -1), reacher_convention(s, last)], axis=-1)
+
+
+def convention_summary(conventions: np.ndarray) -> dict:
+    """What a summary.json keeps of reacher_agent_conventions [episodes, 2]: each episode's pair, the share of
+    episodes whose two agents follow the same convention, and the shares of each convention agreed on."""
+    conventions = np.asarray(conventions)
+    same = conventions[:, 0] == conventions[:, 1]
+    return {"agents": conventions.tolist(), "same_share": float(same.mean()),
+            "both_counter_clockwise_share": float((same & (conventions[:, 0] == 1)).mean()),
+            "both_clockwise_share": float((same & (conventions[:, 0] == -1)).mean())}
 
 
 def normalized_score(returns, ref_min: float, ref_max: float):
@@ -1112,11 +1175,15 @@ class TableLog:
         CurveLog._write(self)
 
 
-def record_fields(code: dict, data: "OfflineData", budget: Optional[str], episode_lengths) -> dict:
+def record_fields(code: dict, data: "OfflineData", budget: Optional[str], episode_lengths, conventions=None) -> dict:
     """What a summary.json needs besides the scores to be checked later: budget, fingerprints (`code` from
-    code_fingerprint, taken when the run started), episode lengths."""
-    return {"budget": budget, "dataset_fingerprint": data.fingerprint, "code_fingerprint": code,
-            "episode_lengths": [int(x) for x in episode_lengths]}
+    code_fingerprint, taken when the run started), episode lengths, and on Reacher each greedy episode's agent
+    conventions (evaluate's `return_conventions`: the mechanism of Table 4a, measured)."""
+    fields = {"budget": budget, "dataset_fingerprint": data.fingerprint, "code_fingerprint": code,
+              "episode_lengths": [int(x) for x in episode_lengths]}
+    if conventions is not None:
+        fields["conventions"] = convention_summary(conventions)
+    return fields
 
 
 def check_results_dir(results_dir: Optional[str], name: str, budget: Optional[str]) -> None:

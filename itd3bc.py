@@ -512,8 +512,9 @@ def main(args: Args) -> dict:
     save_checkpoint()  # checks the weights first: a broken policy never reaches the evaluation or a summary
 
     # ---- final greedy evaluation and summary ----
-    returns, lengths = envs.evaluate(args.env, obs_name, greedy_act, args.eval_episodes, seed=10101 + 1 + args.seed,
-                                     history_len=history_len, return_lengths=True)
+    returns, lengths, conventions = envs.evaluate(args.env, obs_name, greedy_act, args.eval_episodes,
+                                                  seed=10101 + 1 + args.seed, history_len=history_len,
+                                                  return_lengths=True, return_conventions=True)
     scores = data.normalized_score(returns)
     wall = wall_before + time.time() - t0
     summary = dict(algorithm=algorithm, env=args.env, obs=obs_name, dataset_id=data.dataset_id, seed=args.seed,
@@ -521,7 +522,7 @@ def main(args: Args) -> dict:
                    normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
                    episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
                    train_steps=step, wall_time_s=wall, git_commit=git_commit())
-    summary.update(method=algorithm, **envs.record_fields(code, data, args.budget, lengths))
+    summary.update(method=algorithm, **envs.record_fields(code, data, args.budget, lengths, conventions))
     curve.add(step, step * args.batch_size, wall, summary["normalized_score_mean"], len(returns))
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)

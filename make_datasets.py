@@ -196,20 +196,6 @@ def mirror_reacher_actions(actions: np.ndarray) -> np.ndarray:
     return -np.asarray(actions)
 
 
-def reacher_theta2(states: np.ndarray) -> np.ndarray:
-    """Elbow angle θ2 = atan2(sin θ2, cos θ2) = atan2(state[3], state[1])."""
-    states = np.asarray(states)
-    return np.arctan2(states[..., 3], states[..., 1])
-
-
-def reacher_convention(episode_states: np.ndarray, last: int = 10) -> np.ndarray:
-    """Arm-bend convention of episodes [..., T, 10]: +1 = counter-clockwise (θ2 >= 0 near the target,
-    the paper's counter-clockwise team), -1 = clockwise; decided by the mean θ2 over the last `last`
-    states, when the fingertip is at the target."""
-    theta2 = reacher_theta2(np.asarray(episode_states)[..., -last:, :]).mean(-1)
-    return np.where(theta2 >= 0, 1, -1)
-
-
 # ==================================================================================================
 # Policies as "raw states [n, S] -> clipped joint actions [n, A]"
 # ==================================================================================================
@@ -466,7 +452,7 @@ def build_reacher_expert_mix(n_transitions: Optional[int], seed: int) -> dict:
     half = n // 2
     a = collect_episodes("reacher", expert, half, seed=2 * seed + 1, desc="reacher expert")
     b = collect_episodes("reacher", MirroredPolicy(expert), n - half, seed=2 * seed + 2, desc="reacher mirrored expert")
-    conv = [reacher_convention(e["observations"][1:])[()] for e in a + b]
+    conv = [envs.reacher_convention(e["observations"][1:])[()] for e in a + b]
     conv_a = np.mean([c == 1 for c in conv[: len(a)]])
     conv_b = np.mean([c == 1 for c in conv[len(a):]])
     ref_min, ref_max = reference_scores("reacher", seed)

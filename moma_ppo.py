@@ -661,13 +661,13 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
     return batch, stats
 
 
-def evaluate(args: Args, act, n_episodes: int, seed: int, return_lengths: bool = False):
+def evaluate(args: Args, act, n_episodes: int, seed: int, **returns):
     """Greedy episodes in the real env. One thread: a batch of <= 100 observations is too small to split, and
     two threads spinning on tiny ops cost 10x more on a busy machine (measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return envs.evaluate(args.env, args.obs, act, n_episodes, seed=seed, return_lengths=return_lengths)
+        return envs.evaluate(args.env, args.obs, act, n_episodes, seed=seed, **returns)  # return_lengths, ..._conventions
     finally:
         torch.set_num_threads(threads)
 
@@ -871,7 +871,8 @@ def main(args: Args) -> dict:
     envs.check_weights(args.iterations, agents)  # a broken policy never reaches a summary
 
     # ---------------------------------------------------------------- final evaluation (paper: 100 greedy episodes)
-    returns_eval, lengths = evaluate(args, act, args.eval_episodes, eval_seed, return_lengths=True)
+    returns_eval, lengths, conventions = evaluate(args, act, args.eval_episodes, eval_seed, return_lengths=True,
+                                                  return_conventions=True)
     scores = data.normalized_score(returns_eval)
     summary = {
         "algorithm": pathlib.Path(__file__).stem, "env": args.env, "obs": args.obs, "dataset_id": data.dataset_id, "seed": args.seed,
@@ -879,7 +880,7 @@ def main(args: Args) -> dict:
         "normalized_score_mean": float(scores.mean()), "normalized_score_std": float(scores.std()),
         "episode_returns": returns_eval.tolist(), "episode_normalized_scores": scores.tolist(),
         "train_steps": int(synthetic_steps), "wall_time_s": wall_before + time.time() - start_time,
-        "git_commit": git_commit(), "method": method, **envs.record_fields(code, data, args.budget, lengths),
+        "git_commit": git_commit(), "method": method, **envs.record_fields(code, data, args.budget, lengths, conventions),
     }
     curve.add(args.iterations, synthetic_steps, summary["wall_time_s"], summary["normalized_score_mean"], len(returns_eval))
     writer.add_scalar("eval/final_normalized_score", summary["normalized_score_mean"], args.iterations)

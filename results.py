@@ -637,6 +637,8 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
         lines += [f"* {cell}, seeds {', '.join(seeds)}: {reasons}" for (cell, reasons), seeds in stale_notes.items()] + [""]
     if table == "4b":
         lines += table4b_checks(records, stats or {}, staleness)
+    if table == "4a":
+        lines += table4a_conventions(records, staleness)
     if table != "ablation":
         images = [plot_path(table, budget, env, o, d, plots_dir) for (o, d) in rows]
         images = [p for p in images if p.exists()]
@@ -707,6 +709,49 @@ def table4b_checks(records: list, stats: dict, staleness: "Staleness", seeds_nee
             "0.1; in both, 90% of greedy episodes reaching 1,000 steps and 3 seeds). Means over the seeds recorded so "
             "far, against the model-free baselines recorded so far (a bar can still flip as seeds and baselines land); "
             "† = a stale record in the row.", ""] + lines + [""]
+
+
+def paper_scale_reacher(returns) -> np.ndarray:
+    """Reacher returns on the paper's scale: its reference returns (Table 2) are about a zero-torque arm (-11.145)
+    and the expert (-4.237), where ours are uniform random torques (-42.97) and our expert; a failing arm that
+    reads 0.78 on ours reads below 0 on the paper's."""
+    ref = PAPER_TABLE2[("reacher", "expert-mix")]
+    return envs.normalized_score(returns, ref["random"], ref["expert"])
+
+
+def table4a_conventions(records: list, staleness: "Staleness") -> list:
+    """Table 4a's mechanism, measured: per (obs, method), the score on the paper's scale beside ours, and the
+    conventions the two agents' joints end their greedy episodes in (envs.reacher_agent_conventions): the share of
+    episodes in which both follow the same one, and which."""
+    cells = collections.defaultdict(list)
+    for r in records:
+        cells[(r.obs, r.method)].append(r)
+    lines = ["#### Conventions and the paper's scale", "",
+             "Per row and method, means over seeds: the score on our scale (reference returns: uniform random "
+             "torques and our expert) and on the paper's (about a zero-torque arm, -11.145, and its expert, -4.237); "
+             "the share of greedy episodes whose two agents end in the same arm-bend convention (the shoulder on the "
+             "side the elbow's bend needs), and which one (counter-clockwise / clockwise). † = stale record.", "",
+             "| obs | method | seeds | score (ours) | score (paper's scale) | same convention | both counter-clockwise "
+             "/ both clockwise |", "|---|---|---|---|---|---|---|"]
+    for obs, _ in LAYOUT["4a"]["rows"]:
+        for m in list(LAYOUT["4a"]["methods"]) + sorted({m for (o, m) in cells if o == obs} - set(LAYOUT["4a"]["methods"])):
+            recs = sorted(cells.get((obs, m), []), key=lambda r: r.summary.get("seed", 0))
+            if not recs:
+                continue
+            stale = any(staleness.check(r)[0] for r in recs)
+            ours = mean_sem([r.score for r in recs])
+            paper = mean_sem([float(paper_scale_reacher(r.summary["episode_returns"]).mean()) for r in recs
+                              if r.summary.get("episode_returns")])
+            conv = [r.summary["conventions"] for r in recs if r.summary.get("conventions")]
+            same = (f"{100 * np.mean([c['same_share'] for c in conv]):.0f}% ({len(conv)} of {len(recs)} seeds)"
+                    if conv else "not recorded")
+            split = (f"{100 * np.mean([c['both_counter_clockwise_share'] for c in conv]):.0f}% / "
+                     f"{100 * np.mean([c['both_clockwise_share'] for c in conv]):.0f}%" if conv else "")
+            sem = lambda x: "–" if math.isnan(x) else f"{x:.2f}"  # noqa: E731
+            lines.append(f"| {obs} | {METHOD_LABELS.get(m, m)} | {','.join(str(r.summary.get('seed')) for r in recs)}"
+                         f"{' †' if stale else ''} | {ours[0]:.2f} ± {sem(ours[1])} | {paper[0]:.2f} ± {sem(paper[1])} | "
+                         f"{same} | {split} |")
+    return lines + [""] if len(lines) > 6 else []
 
 
 DIAGNOSIS_TITLE = "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis"

@@ -134,6 +134,55 @@ def test_evaluate_coordination_greedy_policies():
     np.testing.assert_array_equal(envs.evaluate("coordination", None, always_right, 7), np.full(7, 10.0))
     np.testing.assert_array_equal(envs.evaluate("coordination", None, disagree, 3), np.zeros(3))
 
+def _reacher_pose(target, elbow_sign, shoulder_from=None):
+    """A Reacher-v5 state whose fingertip is at `target` (links 0.1 and 0.11), elbow bent `elbow_sign`; the shoulder
+    angle of the pose with `shoulder_from`'s bend instead where given (a pose two disagreeing agents reach)."""
+    l1, l2 = 0.1, 0.11
+    d, phi = np.hypot(*target), np.arctan2(target[1], target[0])
+
+    def pose(sign):
+        theta2 = sign * np.arccos((d ** 2 - l1 ** 2 - l2 ** 2) / (2 * l1 * l2))
+        return phi - np.arctan2(l2 * np.sin(theta2), l1 + l2 * np.cos(theta2)), theta2
+
+    theta1, theta2 = pose(elbow_sign)
+    if shoulder_from is not None:
+        theta1 = pose(shoulder_from)[0]
+    tip = np.array([l1 * np.cos(theta1) + l2 * np.cos(theta1 + theta2), l1 * np.sin(theta1) + l2 * np.sin(theta1 + theta2)])
+    return np.array([np.cos(theta1), np.cos(theta2), np.sin(theta1), np.sin(theta2), *target, 0.0, 0.0,
+                     *(tip - np.asarray(target))], dtype=np.float32)
+
+
+@pytest.mark.parametrize("target", [(0.12, 0.05), (-0.1, 0.08), (-0.05, -0.15), (0.02, -0.07)])
+def test_reacher_agent_conventions_on_the_two_poses_and_a_disagreeing_one(target):
+    ccw, cw = _reacher_pose(target, +1), _reacher_pose(target, -1)
+    assert np.abs(ccw[8:]).max() < 1e-6 and np.abs(cw[8:]).max() < 1e-6  # both poses reach the target
+    episodes = np.stack([np.stack([ccw] * 12), np.stack([cw] * 12),
+                         np.stack([_reacher_pose(target, +1, shoulder_from=-1)] * 12)])
+    assert envs.reacher_agent_conventions(episodes).tolist() == [[1, 1], [-1, -1], [-1, 1]]
+    assert np.abs(_reacher_pose(target, +1, shoulder_from=-1)[8:]).max() > 0.01  # the disagreeing pose misses
+    summary = envs.convention_summary(envs.reacher_agent_conventions(episodes))
+    assert summary["same_share"] == pytest.approx(2 / 3)
+    assert summary["both_counter_clockwise_share"] == pytest.approx(1 / 3)
+    assert summary["both_clockwise_share"] == pytest.approx(1 / 3)
+
+
+def test_evaluate_reads_the_conventions_of_the_expert_and_its_mirror():
+    """The shipped reacher expert bends counter-clockwise, its mirror image clockwise (docs/datasets.md): greedy
+    episodes of each, with the agents' conventions read off the poses they reach."""
+    import make_datasets as md
+
+    expert = md.load_policy(envs.REPO_DIR / "behaviour_policies" / "reacher_expert.pt")
+    for policy, convention in ((expert, 1), (md.MirroredPolicy(expert), -1)):
+        def act(observations, histories, policy=policy):  # all-observant: each agent's observation is the state
+            return envs.split_actions("reacher", policy.act(observations[0], True))
+
+        returns, conventions = envs.evaluate("reacher", "all-observant", act, 8, seed=3, return_conventions=True)
+        assert conventions.shape == (8, 2)
+        assert (conventions == convention).mean() >= 0.9, conventions.tolist()
+    assert envs.evaluate("ant", "full", lambda o, h: [np.zeros((len(o[0]), 2))] * 4, 1,
+                         return_conventions=True)[1] is None  # only Reacher has conventions
+
+
 
 @pytest.mark.parametrize("env", ["reacher", "ant"])
 def test_set_state_restores_the_simulator(env):

@@ -29,17 +29,17 @@ def _reacher_state(theta1, theta2, target=(0.1, 0.05), vel=(0.0, 0.0), tip=(0.0,
 def test_convention_classifier_on_hand_made_states():
     ccw = np.stack([_reacher_state(0.3, 1.2)] * 12)  # elbow bent counter-clockwise (θ2 > 0)
     cw = np.stack([_reacher_state(-0.3, -1.2)] * 12)
-    assert md.reacher_convention(ccw) == 1
-    assert md.reacher_convention(cw) == -1
-    assert np.isclose(md.reacher_theta2(_reacher_state(0.0, 2.5)), 2.5, atol=1e-6)
-    assert np.isclose(md.reacher_theta2(_reacher_state(0.0, -2.5)), -2.5, atol=1e-6)
+    assert envs.reacher_convention(ccw) == 1
+    assert envs.reacher_convention(cw) == -1
+    assert np.isclose(envs.reacher_theta2(_reacher_state(0.0, 2.5)), 2.5, atol=1e-6)
+    assert np.isclose(envs.reacher_theta2(_reacher_state(0.0, -2.5)), -2.5, atol=1e-6)
     # Only the last states (at the target) count: an episode that swings through θ2 < 0 first is ccw.
     swing = np.stack([_reacher_state(0.0, -1.0)] * 40 + [_reacher_state(0.0, 0.8)] * 10)
-    assert md.reacher_convention(swing) == 1
+    assert envs.reacher_convention(swing) == 1
     # batched over episodes
-    assert md.reacher_convention(np.stack([ccw, cw])).tolist() == [1, -1]
+    assert envs.reacher_convention(np.stack([ccw, cw])).tolist() == [1, -1]
     # the mirror map flips the convention
-    assert md.reacher_convention(md.mirror_reacher_states(ccw)) == -1
+    assert envs.reacher_convention(md.mirror_reacher_states(ccw)) == -1
 
 
 def test_mirror_map_is_exact_on_the_simulator():
@@ -129,8 +129,8 @@ def test_shipped_reacher_expert_bends_one_way_and_mirror_the_other():
     expert = md.load_policy(md.SHIPPED["reacher_expert"])
     a = md.collect_episodes("reacher", expert, 500, seed=5)
     b = md.collect_episodes("reacher", md.MirroredPolicy(expert), 500, seed=5)
-    ca = np.array([md.reacher_convention(e["observations"][1:]) for e in a])
-    cb = np.array([md.reacher_convention(e["observations"][1:]) for e in b])
+    ca = np.array([envs.reacher_convention(e["observations"][1:]) for e in a])
+    cb = np.array([envs.reacher_convention(e["observations"][1:]) for e in b])
     # the shipped expert bends counter-clockwise (θ2 >= 0) for (nearly) every target, its mirror clockwise
     assert (ca == 1).mean() >= 0.8, (ca == 1).mean()
     assert (cb == -1).mean() >= 0.8, (cb == -1).mean()

@@ -286,6 +286,32 @@ def test_table4b_bars_judge_moma_ppo_against_the_references_and_the_best_baselin
     assert "IQL" not in cols[10].split(", ")  # no centralised IQL under partial observability
 
 
+def test_table4a_shows_the_paper_scale_and_the_agents_conventions(tmp_path):
+    root = tmp_path / "results"
+
+    def add(method, obs, seed, returns, agents):
+        folder = _fake_record(root, "4a", method, seed, 0.0, obs=obs, env="reacher", dataset="expert-mix",
+                              budget="default")
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["episode_returns"] = returns
+        if agents is not None:
+            summary["conventions"] = envs.convention_summary(np.array(agents))
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+    # the paper's expert return (-4.237) reads 1.0 on its scale, its zero-torque arm (-11.145) 0.0
+    add("moma_ppo", "leader-only", 1, [-4.237, -11.145], [[1, 1], [-1, 1]])
+    add("moma_ppo", "leader-only", 2, [-4.237, -4.237], [[-1, -1], [-1, -1]])
+    add("itd3bc", "independent", 1, [-11.145], None)  # a record from before the conventions were measured
+    text = results.generate_markdown(root, tmp_path / "plots", REPO)
+    moma = next(line for line in text.splitlines() if line.startswith("| leader-only | MOMA-PPO | 1,2"))
+    cols = [c.strip() for c in moma.strip("|").split("|")]
+    assert cols[4] == "0.75 ± 0.25"  # seeds 0.5 and 1.0 on the paper's scale
+    assert cols[5] == "75% (2 of 2 seeds)"  # same convention in 1 of 2 and 2 of 2 episodes
+    assert cols[6] == "25% / 50%"  # both counter-clockwise: 1/2 and 0; both clockwise: 0 and 2/2
+    itd3bc = next(line for line in text.splitlines() if line.startswith("| independent | ITD3+BC | 1"))
+    assert "not recorded" in itd3bc and "0.00 ± –" in itd3bc
+
+
 def test_a_world_models_held_out_report_is_kept_in_results_and_shown(tmp_path):
     import world_model
 
