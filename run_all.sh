@@ -322,6 +322,7 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   # cells whose seeds swung most (full/full-replay, full/medium seed 2), then with the 50-step rollouts
   for s in 1 2 3; do run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --anneal-lr; done
   run diagnosis moma_ppo.py ant full medium 2 "${it[@]}" --anneal-lr
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --anneal-lr
   for s in 1 2; do
     run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --anneal-lr --rollout-horizon 50 --rollout-batch 400
   done
