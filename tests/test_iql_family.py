@@ -225,7 +225,11 @@ def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path)
                        history_dim=8, eval_every=3, eval_episodes=1, checkpoint_every=3, run_dir=str(tmp_path / "run"))
     summary = module.main(args)
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(on_disk) == SUMMARY_KEYS and on_disk["train_steps"] == 6 and on_disk["obs"] == obs
+    # Reacher records also keep each greedy episode's agent conventions (Table 4a's mechanism)
+    assert set(on_disk) == SUMMARY_KEYS | ({"conventions"} if env == "reacher" else set())
+    assert on_disk["train_steps"] == 6 and on_disk["obs"] == obs
+    if env == "reacher":
+        assert len(on_disk["conventions"]["agents"]) == 1 and 0 <= on_disk["conventions"]["same_share"] <= 1
     assert np.isfinite(summary["normalized_score_mean"]) and len(summary["episode_returns"]) == 1
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     weights = ck["agent" if module is iql else "agents"]

@@ -272,7 +272,11 @@ def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path)
     summary = module.main(_tiny(module, tmp_path, env=env, obs=obs, dataset=dataset,
                                 **(dict(eval_every=3) if env == "reacher" else {}), **extra))
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(on_disk) == SUMMARY_KEYS and on_disk["train_steps"] == 6 and on_disk["obs"] == obs
+    # Reacher records also keep each greedy episode's agent conventions (Table 4a's mechanism)
+    assert set(on_disk) == SUMMARY_KEYS | ({"conventions"} if env == "reacher" else set())
+    assert on_disk["train_steps"] == 6 and on_disk["obs"] == obs
+    if env == "reacher":
+        assert len(on_disk["conventions"]["agents"]) == 1 and 0 <= on_disk["conventions"]["same_share"] <= 1
     assert on_disk["algorithm"] == module.__name__ and on_disk["env"] == env
     assert np.isfinite(summary["normalized_score_mean"]) and len(summary["episode_returns"]) == 1
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
