@@ -1232,7 +1232,8 @@ import tempfile as _tempfile
 # is learned). The training length (--iterations / --total-steps) may change too, to extend a run, but never to
 # below what the checkpoint already trained. Every other field defines the run and must match.
 RESUME_MAY_CHANGE = frozenset({"run_dir", "resume", "results_dir", "budget", "exp_name", "torch_threads", "cuda",
-                               "eval_every", "eval_episodes", "eval_episodes_during", "checkpoint_every"})
+                               "eval_every", "eval_episodes", "eval_episodes_during", "checkpoint_every",
+                               "cross_play_with"})
 MIN_FREE_BYTES = 50 * 2**20  # free space a run needs at least (checkpoints, TensorBoard events, records)
 
 
@@ -1435,6 +1436,114 @@ def write_summary(run_dir, summary: dict) -> None:
         raise MomaError(f"the final evaluation gave non-finite returns ({summary['normalized_score_mean']}); "
                         f"no summary was written")
     write_text_atomic(pathlib.Path(run_dir) / "summary.json", _json.dumps(summary, indent=1))
+
+
+
+# ==================================================================================================
+# Cross-play (Table 4a's strategy-agreement problem made visible; the authors' evaluation code had it, off by
+# default): a team stitched from the agents of two finished runs of the same method and task, e.g. two seeds.
+# Self-play scores a run's own team. If each seed settled on a convention of its own, teams stitched across seeds
+# fail even where every self-play score is high; if all seeds agree on one convention, cross-play matches
+# self-play. Every script takes `--cross-play-with RUN_DIR ...`: after its final evaluation (or at once, for a
+# finished run resumed with --resume) it plays its agents with each partner's and writes cross_play.json to its
+# run folder and <results-dir>/crossplay/<record>.json.
+# ==================================================================================================
+def stitch_teams(own_act: Callable, partner_act: Callable, n_agents: int) -> Callable:
+    """The act() of a mixed team: agent i acts as in `own_act` for even i and as in `partner_act` for odd i
+    (Reacher: this run's shoulder, the partner's elbow; Ant: legs 0 and 2 from this run, 1 and 3 from the partner).
+    Exact for every method here: at execution each agent acts on its own observation and history only
+    (decentralised execution; IQL's centralised actor is split into its agents' parts the same way)."""
+    def act(observations, histories):
+        own, partner = own_act(observations, histories), partner_act(observations, histories)
+        return [own[i] if i % 2 == 0 else partner[i] for i in range(n_agents)]
+    return act
+
+
+def check_cross_play_partners(partners: Sequence[str], run_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Before any training: every --cross-play-with path is another run's folder holding a checkpoint.pt."""
+    folders = []
+    for path in partners:
+        folder = pathlib.Path(path)
+        folder = folder.parent if folder.name == "checkpoint.pt" else folder
+        if not (folder / "checkpoint.pt").exists():
+            raise MomaError(f"--cross-play-with {path}: no checkpoint.pt there; give the run folder of another "
+                            f"finished run of the same method and task (e.g. another seed's)")
+        if folder.resolve() == pathlib.Path(run_dir).resolve():
+            raise MomaError(f"--cross-play-with {path} is this run itself; its own team is the self-play score: "
+                            f"give other runs' folders")
+        folders.append(folder)
+    if len({f.resolve() for f in folders}) != len(folders):
+        raise MomaError(f"--cross-play-with names a run twice ({', '.join(map(str, partners))})")
+    return folders
+
+
+def load_team(agents, checkpoint: dict, key: str = "agents"):
+    """A copy of the script's `agents` module holding a partner checkpoint's weights (for cross-play)."""
+    import copy
+
+    team = copy.deepcopy(agents)
+    try:
+        team.load_state_dict(checkpoint[key])
+    except Exception as e:
+        raise MomaError(f"a --cross-play-with partner's networks do not fit this run's ({type(e).__name__}: "
+                        f"{str(e)[:200]}); cross-play runs of the same configuration (e.g. other seeds)") from None
+    return team
+
+
+def cross_play(*, run_dir, partners: Sequence[str], method: str, env: str, obs: str, data: "OfflineData",
+               own_act: Callable, eval_obs: Optional[str] = None, partner_act: Callable[[dict], Callable], n_episodes: int, seed: int,
+               history_len: int, record: str, results_dir: Optional[str], budget: Optional[str], code: dict,
+               device="cpu") -> dict:
+    """Play this (finished) run's agents with each partner run's (stitch_teams) for `n_episodes` greedy episodes
+    with the final evaluation's env seeds, and write the report. `partner_act(checkpoint)` is the script's own
+    greedy act() rebuilt from a partner's checkpoint. A partner must be finished (its summary.json) and be a run of
+    the same method, env, observation function and dataset; anything else is refused with the reason. `eval_obs`:
+    the observation function the teams play under, if not `obs` (IQL's centralised actor plays all-observant)."""
+    run_dir = pathlib.Path(run_dir)
+    own = _json.loads((run_dir / "summary.json").read_text())
+    report_partners = []
+    for folder in check_cross_play_partners(partners, run_dir):
+        summary_path = folder / "summary.json"
+        if not summary_path.exists():
+            raise MomaError(f"--cross-play-with {folder}: that run has not finished (no summary.json); let it finish "
+                            f"(or --resume it), then cross-play again")
+        theirs = _json.loads(summary_path.read_text())
+        ours = dict(method=method, env=env, obs=obs, dataset_fingerprint=data.fingerprint)
+        differ = [f"{k} {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
+        if differ:
+            raise MomaError(f"--cross-play-with {folder} is a run of another task or method ({'; '.join(differ)}); "
+                            f"cross-play stitches runs of the same method on the same task and dataset")
+        act = stitch_teams(own_act, partner_act(load_checkpoint(folder / "checkpoint.pt", device)), N_AGENTS[env])
+        returns, lengths, conventions = evaluate(env, eval_obs or obs, act, n_episodes, seed=seed,
+                                                 history_len=history_len, return_lengths=True, return_conventions=True)
+        scores = data.normalized_score(returns)
+        if not np.all(np.isfinite(scores)):
+            raise MomaError(f"cross-play with {folder} gave non-finite returns; nothing was written")
+        entry = dict(partner_run=str(folder), partner_seed=theirs.get("seed"),
+                     partner_self_play_score=theirs["normalized_score_mean"],
+                     normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
+                     episode_returns=returns.tolist(), episode_lengths=[int(x) for x in lengths])
+        if conventions is not None:
+            entry["conventions"] = convention_summary(conventions)
+        report_partners.append(entry)
+        print(f"cross-play {record} with seed {theirs.get('seed')}: {scores.mean():.3f} +- {scores.std():.3f} "
+              f"(self-play {own['normalized_score_mean']:.3f} and {theirs['normalized_score_mean']:.3f})")
+    report = dict(method=method, env=env, obs=obs, dataset_id=data.dataset_id, dataset_fingerprint=data.fingerprint,
+                  seed=own.get("seed"), budget=budget, eval_episodes=n_episodes, eval_seed=seed,
+                  stitching="agent i from this run for even i, from the partner for odd i",
+                  self_play=dict(normalized_score_mean=own["normalized_score_mean"],
+                                 conventions=own.get("conventions")),
+                  partners=report_partners,
+                  cross_play_score_mean=float(np.mean([p["normalized_score_mean"] for p in report_partners])),
+                  code_fingerprint=code)
+    text = _json.dumps(report, indent=1)
+    write_text_atomic(run_dir / "cross_play.json", text)
+    if results_dir is not None:
+        dest = pathlib.Path(results_dir) / "crossplay" / f"{record}.json"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(dest, text)
+        print(f"cross-play record: {dest}")
+    return report
 
 
 # Last, so that `python envs.py` finds every definition above (the locks and records come after Args).

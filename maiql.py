@@ -136,6 +136,10 @@ class Args:
     """gradient steps between atomic checkpoints"""
     resume: bool = False
     """continue the run in --run-dir from its checkpoint"""
+    cross_play_with: tuple[str, ...] = ()
+    """run folders of other finished runs of this method and task (e.g. the other seeds): after the final evaluation
+    (at once, for a finished run given with --resume), play teams stitched from this run's agents and each one's
+    and write cross_play.json (envs.py, "Cross-play"; off by default, as in the authors' evaluation code)"""
     run_dir: Optional[str] = None
     """fixed run folder (default: runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<unix time>)"""
     results_dir: Optional[str] = None
@@ -474,6 +478,7 @@ def main(args: Args) -> dict:
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
+    envs.check_cross_play_partners(args.cross_play_with, run_dir)  # a wrong path fails now, not after training
 
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
@@ -568,10 +573,21 @@ def main(args: Args) -> dict:
         hist_t = pad_stack(histories, hist_dim).to(device) if history_len > 0 else None
         return agents.features(obs_t, hist_t)
 
-    def greedy_act(observations, histories):
+    def greedy_act(observations, histories, agents=agents):  # agents=: another run's team, for cross-play
         with torch.no_grad():
             a = agents.act(policy_inputs(observations, histories), greedy=True).cpu().numpy()
         return list(a)
+
+
+    def cross_play():  # --cross-play-with: this run's agents in teams with other runs' agents (envs.py, "Cross-play")
+        return envs.cross_play(run_dir=run_dir, partners=args.cross_play_with, method=algorithm.replace("-", "_"), env=args.env,
+                               obs=obs_name, eval_obs=obs_name, data=data, own_act=greedy_act,
+                               partner_act=lambda ck: lambda o, h, team=envs.load_team(agents, ck, "agents"): greedy_act(o, h, team),
+                               n_episodes=args.eval_episodes, seed=10101 + 1 + args.seed, history_len=history_len,
+                               record=record, results_dir=args.results_dir, budget=args.budget, code=code, device=device)
+
+    if args.cross_play_with and step >= total_steps and (run_dir / "summary.json").exists():
+        return cross_play()  # a finished run given with --resume: only the teams are played; its record stays
 
     # ---- MAIQL-ft: short real-simulator rollouts from dataset states (docs/deviations.md §19.3) ----
     populations = max(1, offline_steps // args.populate_every)
@@ -697,6 +713,8 @@ def main(args: Args) -> dict:
     envs.write_summary(run_dir, summary)
     if args.results_dir is not None:
         print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
+    if args.cross_play_with:
+        cross_play()
     for sim in sims:
         sim.close()
     print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "

@@ -81,6 +81,10 @@ class Args:
     """run folder (default runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<time>); give it to --resume"""
     resume: bool = False
     """resume the run in --run-dir from its last checkpoint"""
+    cross_play_with: tuple[str, ...] = ()
+    """run folders of other finished runs of this method and task (e.g. the other seeds): after the final evaluation
+    (at once, for a finished run given with --resume), play teams stitched from this run's agents and each one's
+    and write cross_play.json (envs.py, "Cross-play"; off by default, as in the authors' evaluation code)"""
     results_dir: Optional[str] = None
     """when the run finishes, copy its small record (summary.json, curve.csv, command.txt; no checkpoints) to
     <results-dir>/<env>__<obs>__<dataset>__<method>__<seed>/ (run_all.sh passes results/<table>)"""
@@ -568,7 +572,6 @@ def start_histories(agents: Agents, layout: Layout, history_table: torch.Tensor,
     return entries.view(n, b, h, -1)
 
 
-@torch.no_grad()
 def value_range(rewards: np.ndarray, args: Args) -> tuple[float, float]:
     """[lowest, highest] discounted return of rewards in the dataset's range, less the capped penalties (Args.bound_values)."""
     lambdas = (args.lambda_aleatoric,) if args.penalty == "aleatoric" else (args.lambda_r, args.lambda_g)
@@ -723,6 +726,7 @@ def main(args: Args) -> dict:
     checkpoint_path = run_dir / "checkpoint.pt"
     if args.resume and not checkpoint_path.exists():
         raise MomaError(f"nothing to resume: {checkpoint_path} does not exist")
+    envs.check_cross_play_partners(args.cross_play_with, run_dir)  # a wrong path fails now, not after training
     ck = None
     if args.resume:  # refuse another configuration before any work (the checkpoint records the run's arguments)
         ck = envs.load_checkpoint(checkpoint_path, device)
@@ -785,6 +789,22 @@ def main(args: Args) -> dict:
     eval_seed = 10101 + 1 + args.seed
     k, b = args.rollout_horizon, args.rollout_batch
     values_between = value_range(data.rewards, args) if args.bound_values else None
+
+    def cross_play():  # --cross-play-with: this run's agents in teams with other runs' agents (envs.py, "Cross-play")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as evaluate(): batches of <= 100 observations
+        try:
+            return envs.cross_play(run_dir=run_dir, partners=args.cross_play_with, method=method, env=args.env,
+                                   obs=args.obs, data=data, own_act=act,
+                                   partner_act=lambda ck: greedy_policy(envs.load_team(agents, ck), layout, device),
+                                   n_episodes=args.eval_episodes, seed=eval_seed, history_len=envs.HISTORY_LEN,
+                                   record=record, results_dir=args.results_dir, budget=args.budget, code=code,
+                                   device=device)
+        finally:
+            torch.set_num_threads(threads)
+
+    if args.cross_play_with and start_iteration >= args.iterations and (run_dir / "summary.json").exists():
+        return cross_play()  # a finished run given with --resume: only the teams are played; its record stays
 
     def save_checkpoint(iteration: int) -> None:
         envs.check_weights(iteration, agents)  # a diverged network is never checkpointed
@@ -888,6 +908,8 @@ def main(args: Args) -> dict:
     envs.write_summary(run_dir, summary)
     if args.results_dir is not None:
         print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
+    if args.cross_play_with:
+        cross_play()
     print(f"{data.dataset_id} {args.obs} seed {args.seed}: normalised score {summary['normalized_score_mean']:.3f} "
           f"± {summary['normalized_score_std']:.3f} over {args.eval_episodes} greedy episodes; "
           f"{synthetic_steps} synthetic steps in {summary['wall_time_s']:.0f} s -> {run_dir}")

@@ -119,6 +119,10 @@ class Args:
     """gradient steps between atomic checkpoints"""
     resume: bool = False
     """continue the run in --run-dir from its checkpoint"""
+    cross_play_with: tuple[str, ...] = ()
+    """run folders of other finished runs of this method and task (e.g. the other seeds): after the final evaluation
+    (at once, for a finished run given with --resume), play teams stitched from this run's agents and each one's
+    and write cross_play.json (envs.py, "Cross-play"; off by default, as in the authors' evaluation code)"""
     run_dir: Optional[str] = None
     """fixed run folder (default: runs/<env>__<obs>__<dataset>__<exp_name>__<seed>__<unix time>)"""
     results_dir: Optional[str] = None
@@ -447,6 +451,7 @@ def main(args: Args) -> dict:
     ckpt_path = run_dir / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise envs.MomaError(f"no checkpoint at {ckpt_path} to resume; drop --resume to start a new run")
+    envs.check_cross_play_partners(args.cross_play_with, run_dir)  # a wrong path fails now, not after training
 
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
@@ -525,11 +530,22 @@ def main(args: Args) -> dict:
                                   torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), args=vars(args),
                                   dataset_fingerprint=data.fingerprint), ckpt_path)
 
-    def greedy_act(observations, histories):
+    def greedy_act(observations, histories, agents=agents):  # agents=: another run's team, for cross-play
         with torch.no_grad():
             obs_t = pad_stack(observations, obs_dim).to(device)
             hist_t = pad_stack(histories, hist_dim).to(device) if history_len > 0 else None
             return list(agents.act(agents.features(obs_t, hist_t)).cpu().numpy())
+
+
+    def cross_play():  # --cross-play-with: this run's agents in teams with other runs' agents (envs.py, "Cross-play")
+        return envs.cross_play(run_dir=run_dir, partners=args.cross_play_with, method=algorithm, env=args.env,
+                               obs=obs_name, eval_obs=obs_name, data=data, own_act=greedy_act,
+                               partner_act=lambda ck: lambda o, h, team=envs.load_team(agents, ck, "agents"): greedy_act(o, h, team),
+                               n_episodes=args.eval_episodes, seed=10101 + 1 + args.seed, history_len=history_len,
+                               record=record, results_dir=args.results_dir, budget=args.budget, code=code, device=device)
+
+    if args.cross_play_with and step >= total_steps and (run_dir / "summary.json").exists():
+        return cross_play()  # a finished run given with --resume: only the teams are played; its record stays
 
     # ---- training loop ----
     t_last, step_last, sps, start_step = time.time(), step, 0.0, step
@@ -589,6 +605,8 @@ def main(args: Args) -> dict:
     envs.write_summary(run_dir, summary)
     if args.results_dir is not None:
         print(f"record of this cell: {envs.save_record(run_dir, args.results_dir, record)}")
+    if args.cross_play_with:
+        cross_play()
     print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "
           f"{step} steps in {wall:.0f}s; run {run_dir}")
     return summary

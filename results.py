@@ -754,6 +754,57 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
     return lines + [""] if len(lines) > 6 else []
 
 
+def load_cross_play(results_dir: pathlib.Path, table: str = "4a") -> list:
+    """The cross-play reports of a table (envs.cross_play: results/<table>/crossplay/<record>.json), each with its
+    run's own greedy returns (`self_play_returns`) from the cell record of the same name, where that record exists."""
+    reports = []
+    for path in sorted((results_dir / table / "crossplay").glob("*.json")):
+        report = json.loads(path.read_text())
+        record = results_dir / table / path.stem / "summary.json"
+        if record.exists():
+            report["self_play_returns"] = json.loads(record.read_text()).get("episode_returns")
+        reports.append(report)
+    return reports
+
+
+def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
+    """Self-play vs cross-play per (budget, obs, method): teams stitched from the agents of different seeds
+    (`./run_all.sh crossplay`). Cross-play far below self-play = each seed found a convention of its own; equal =
+    the seeds agree on one. Scores on our scale and the paper's; the share of episodes whose two agents end in the
+    same convention, own teams vs stitched ones. Each ordered pair of seeds counts once."""
+    cells = collections.defaultdict(list)
+    for rep in reports:
+        cells[(rep.get("budget"), rep["obs"], rep["method"])].append(rep)
+    if not cells:
+        return []
+    lines = ["#### Cross-play: teams stitched from different seeds", "",
+             "Per budget, row and method: each seed's own team (self-play) against teams of its shoulder and another "
+             "seed's elbow (cross-play; every ordered pair of seeds once), 100 greedy episodes each, on our scale and "
+             "the paper's, and the share of episodes whose two agents end in the same convention. Made by "
+             "`./run_all.sh crossplay` from finished runs (`results/4a/crossplay/`). † = made with other code.", "",
+             "| budget | obs | method | seeds | pairs | self-play (ours) | cross-play (ours) | self-play (paper's "
+             "scale) | cross-play (paper's scale) | same convention: self / cross |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda m: f"{m[0]:.2f} ± {'–' if math.isnan(m[1]) else f'{m[1]:.2f}'}"  # noqa: E731
+    pct = lambda xs: f"{100 * np.mean(xs):.0f}%" if xs else "n/a"  # noqa: E731
+    order = {obs: i for i, (obs, _) in enumerate(LAYOUT["4a"]["rows"])}
+    for (budget, obs, method), reps in sorted(cells.items(), key=lambda kv: (str(kv[0][0]), order.get(kv[0][1], 9), kv[0][2])):
+        reps = sorted(reps, key=lambda r: r.get("seed") or 0)
+        stale = any(staleness.code_reason(r) for r in reps)
+        pairs = [p for r in reps for p in r["partners"]]
+        self_ours = [r["self_play"]["normalized_score_mean"] for r in reps]
+        cross_ours = [p["normalized_score_mean"] for p in pairs]
+        self_paper = [float(paper_scale_reacher(r["self_play_returns"]).mean()) for r in reps if r.get("self_play_returns")]
+        cross_paper = [float(paper_scale_reacher(p["episode_returns"]).mean()) for p in pairs]
+        same_self = [r["self_play"]["conventions"]["same_share"] for r in reps if (r["self_play"].get("conventions") or {})]
+        same_cross = [p["conventions"]["same_share"] for p in pairs if p.get("conventions")]
+        lines.append(f"| {budget} | {obs} | {METHOD_LABELS.get(method, method)} | "
+                     f"{','.join(str(r.get('seed')) for r in reps)}{' †' if stale else ''} | {len(pairs)} | "
+                     f"{fmt(mean_sem(self_ours))} | {fmt(mean_sem(cross_ours))} | "
+                     f"{fmt(mean_sem(self_paper)) if self_paper else 'n/a'} | {fmt(mean_sem(cross_paper))} | "
+                     f"{pct(same_self)} / {pct(same_cross)} |")
+    return lines + [""]
+
+
 DIAGNOSIS_TITLE = "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis"
 
 
@@ -809,6 +860,8 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
             continue
         for budget in sorted(by_table[table], key=lambda b: (BUDGETS.index(b) if b in BUDGETS else len(BUDGETS), b)):
             lines += results_table(table, budget, by_table[table][budget], staleness, plots_dir, stats)
+        if table == "4a":
+            lines += table4a_cross_play(load_cross_play(results_dir), staleness)
     legacy = results_dir / "legacy.md"
     if legacy.exists():
         lines += ["## Earlier measurements not reproducible from this repository (no record in results/)", "",

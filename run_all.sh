@@ -7,6 +7,7 @@
 #   ./run_all.sh 4b         # only Table 4b (four-agent Ant; many CPU hours)
 #   ./run_all.sh ablation   # the §6.3 ablation: MOMA-PPO's penalty and adaptive rollouts, ant full-replay FO and PO
 #   ./run_all.sh plan 4b    # only print what `./run_all.sh 4b` would do (cells, done, estimated CPU hours)
+#   ./run_all.sh crossplay  # Table 4a's cross-play: each finished seed's agents in teams with the other seeds'
 #   ./run_all.sh table      # only write docs/results.md from the records in results/
 #   ./run_all.sh plots      # only draw the learning curves docs/plots/*.png from results/ (and rewrite docs/results.md)
 #
@@ -328,6 +329,43 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   done
 }
 
+# Table 4a's cross-play (envs.py, "Cross-play"): for every row and method with two or more finished seeds at this
+# budget (run folders that still hold their checkpoints), each seed's agents in teams with every other seed's, written
+# to results/4a/crossplay/<cell>.json. Each run is resumed with its own first command: a finished run trains nothing
+# and keeps its record; only the stitched teams are played. A report newer than every run of its group is kept.
+crossplay() {
+  local obs method seed dir other report cmd fresh
+  for obs in all-observant independent leader-only; do
+    for method in iql maiql matd3bc ibc itd3bc icql omar moma_ppo; do
+      local dirs=()
+      for seed in $SEEDS_MUJOCO; do
+        dir="$RUNS/reacher__${obs}__expert-mix__${method}__$seed"
+        [ -f "$dir/summary.json" ] && [ -f "$dir/checkpoint.pt" ] && dirs+=("$dir")
+      done
+      [ ${#dirs[@]} -ge 2 ] || continue
+      for dir in "${dirs[@]}"; do
+        local others=()
+        report="$RESULTS/4a/crossplay/$(basename "$dir").json"
+        fresh=1
+        [ -f "$report" ] && [ "$report" -nt "$dir/summary.json" ] || fresh=0
+        for other in "${dirs[@]}"; do
+          [ "$other" = "$dir" ] && continue
+          others+=("$other")
+          [ -f "$report" ] && [ "$report" -nt "$other/summary.json" ] || fresh=0
+        done
+        if [ $fresh = 1 ]; then
+          echo "crossplay: $(basename "$dir") is up to date"
+          continue
+        fi
+        cmd=$(head -1 "$dir/command.txt" | sed -e 's/ --resume\b//g')  # how the run was started
+        echo ">>> $cmd --resume --cross-play-with ${others[*]} ${EXTRA[*]:-}"
+        eval "$cmd --resume --cross-play-with ${others[*]} ${EXTRA[*]:-}" || FAILED=$((FAILED + 1))
+      done
+    done
+  done
+  return 0
+}
+
 cells() {
   case $WHAT in
     3) table3 ;;
@@ -336,13 +374,18 @@ cells() {
     ablation) ablation ;;
     diagnosis) diagnosis ;;
     all) table3; table4a; table4b ;;
-    *) echo "usage: [BUDGET=quick|default|paper] ./run_all.sh [plan] [3|4a|4b|ablation|diagnosis|all|table|plots] [--slurm [--dry-run] [--partition P] [--account A] [--time T] [--mem M] [--gres G]] [extra flags]" >&2
+    *) echo "usage: [BUDGET=quick|default|paper] ./run_all.sh [plan] [3|4a|4b|ablation|diagnosis|all|crossplay|table|plots] [--slurm [--dry-run] [--partition P] [--account A] [--time T] [--mem M] [--gres G]] [extra flags]" >&2
        exit 2 ;;
   esac
 }
 
 case $WHAT in
   table) python results.py table; exit ;;
+  crossplay)
+    crossplay
+    [ "$RESULTS" = results ] && python results.py table
+    [ $FAILED = 0 ] || { echo "$FAILED cross-play evaluations failed" >&2; exit 1; }
+    exit ;;
   plots) python results.py plots; exit ;;
 esac
 

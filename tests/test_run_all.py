@@ -276,3 +276,38 @@ def test_slurm_records_a_finished_run_here_instead_of_submitting_it(tmp_path):
     (folder,) = (tmp_path / "runs/run_all/quick/slurm").iterdir()
     cells = [line.split()[:6] for line in (folder / "cells.txt").read_text().splitlines()]
     assert cells == [["3", "iql.py", "coordination", "full", "neutral", "1"]]  # only the cell left to run
+
+
+def test_crossplay_plays_each_finished_seed_with_the_others_once(tmp_path, tiny_mujoco_datasets):
+    """`./run_all.sh crossplay`: seeds with a finished run (summary.json and checkpoint) are stitched pairwise, a
+    stopped seed is left out, each run's record stays as it was, and a second call finds everything up to date."""
+    import os
+
+    env = _repo_copy(tmp_path)
+    shutil.copy(REPO / "ibc.py", tmp_path / "ibc.py")
+    env.update({k: os.environ[k] for k in ("MINARI_DATASETS_PATH", "MOMA_CACHE_DIR", "HF_HUB_OFFLINE")})
+    runs = tmp_path / "runs/run_all/quick"
+    for seed in (1, 2, 3):
+        subprocess.run(["python", "ibc.py", "--env", "reacher", "--obs", "independent", "--seed", str(seed),
+                        "--total-steps", "4", "--batch-size", "16", "--hidden", "16", "--history-dim", "8",
+                        "--eval-every", "0", "--eval-episodes", "2", "--results-dir", "results/4a",
+                        "--run-dir", f"runs/run_all/quick/reacher__independent__expert-mix__ibc__{seed}"],
+                       cwd=tmp_path, env=env, check=True, capture_output=True)
+    (runs / "reacher__independent__expert-mix__ibc__3" / "summary.json").unlink()  # seed 3 stopped before the end
+    records_before = {p: p.read_bytes() for p in (tmp_path / "results/4a").glob("*/summary.json")}
+
+    out = subprocess.run(["bash", "run_all.sh", "crossplay"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count(">>>") == 2
+    for seed, partner in ((1, 2), (2, 1)):
+        report = json.loads((tmp_path / f"results/4a/crossplay/reacher__independent__expert-mix__ibc__{seed}.json").read_text())
+        assert report["seed"] == seed and [p["partner_seed"] for p in report["partners"]] == [partner]
+        assert len(report["partners"][0]["episode_returns"]) == 2
+    assert not (tmp_path / "results/4a/crossplay/reacher__independent__expert-mix__ibc__3.json").exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "results/4a").glob("*/summary.json")} == records_before
+    assert "Cross-play: teams stitched from different seeds" in (tmp_path / "docs/results.md").read_text()
+
+    again = subprocess.run(["bash", "run_all.sh", "crossplay"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and ">>>" not in again.stdout and again.stdout.count("is up to date") == 2
