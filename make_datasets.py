@@ -255,18 +255,69 @@ def policy_returns(env: str, policy, n_episodes: int = 100, seed: int = 10101, g
 # ==================================================================================================
 # Collection: many environments in lockstep, one batched policy call per step
 # ==================================================================================================
+class LeanAntStep:
+    """gymnasium Ant-v5's step (include_cfrc_ext_in_observation=False) without its per-step layers (TimeLimit,
+    OrderEnforcing, PassiveEnvChecker, named-body lookups, the info dict): the same MuJoCo calls and the same numpy
+    expressions on the same dtypes, so observations, rewards and terminals are bit-identical to `sim.step`
+    (tests/test_make_datasets.py checks it over thousands of steps, falls included). About a third of a dataset
+    build's env time was those layers (docs/datasets.md, "Build time"). Resets still go through gymnasium; the caller
+    counts steps for the 1,000-step time limit."""
+
+    def __init__(self, sim):
+        import mujoco
+
+        ant = sim.unwrapped
+        self.mj_step, self.mj_rne_post_constraint = mujoco.mj_step, mujoco.mj_rnePostConstraint
+        self.model, self.data = ant.model, ant.data
+        self.main_body = ant.data.body(ant._main_body).id
+        self.dt, self.frame_skip = ant.dt, ant.frame_skip
+        self.forward_weight, self.healthy_reward = ant._forward_reward_weight, ant._healthy_reward
+        self.ctrl_cost_weight, self.contact_cost_weight = ant._ctrl_cost_weight, ant._contact_cost_weight
+        self.contact_force_range, self.healthy_z_range = ant._contact_force_range, ant._healthy_z_range
+        self.terminate_when_unhealthy = ant._terminate_when_unhealthy
+        if not ant._exclude_current_positions_from_observation or ant._include_cfrc_ext_in_observation:
+            raise ValueError("LeanAntStep reproduces the project's Ant-v5 (27-dim state) only")
+
+    def step(self, action):
+        """(observation, reward, terminated) as AntEnv.step returns them (gymnasium 1.x, Ant-v5)."""
+        data = self.data
+        xy_position_before = data.xpos[self.main_body, :2].copy()
+        data.ctrl[:] = action  # MujocoEnv.do_simulation
+        self.mj_step(self.model, data, nstep=self.frame_skip)
+        self.mj_rne_post_constraint(self.model, data)
+        xy_position_after = data.xpos[self.main_body, :2].copy()
+        x_velocity = ((xy_position_after - xy_position_before) / self.dt)[0]
+        observation = np.concatenate((data.qpos.flatten()[2:], data.qvel.flatten()))
+        state = np.concatenate([data.qpos.flat, data.qvel.flat])  # MujocoEnv.state_vector
+        min_z, max_z = self.healthy_z_range
+        is_healthy = np.isfinite(state).all() and min_z <= state[2] <= max_z
+        rewards = x_velocity * self.forward_weight + is_healthy * self.healthy_reward
+        ctrl_cost = self.ctrl_cost_weight * np.sum(np.square(action))
+        contact_cost = self.contact_cost_weight * np.sum(np.square(np.clip(data.cfrc_ext, *self.contact_force_range)))
+        reward = rewards - (ctrl_cost + contact_cost)
+        return observation, reward, (not is_healthy) and self.terminate_when_unhealthy
+
+
 def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bool = False, n_envs: int = 50,
-                     desc: str = "collecting") -> list[dict]:
+                     desc: str = "collecting", lean_ant: bool = True) -> list[dict]:
     """Episodes of `policy` (sampled actions unless greedy) totalling exactly n_transitions; the last
     episode is cut (marked truncated) to make the count exact, as D4RL's 1M-transition sets.
 
     Episodes run n_envs at a time in lockstep (one batched policy call per step). Episode k is reset
     with seed `seed * 1_000_003 + k` and the dataset is the prefix of episodes in k order, so short
-    episodes (which finish first) are not over-represented and the result does not depend on n_envs."""
+    episodes (which finish first) are not over-represented and the result does not depend on n_envs. Ant steps
+    through LeanAntStep (bit-identical, faster) unless `lean_ant` is False (bench/bench_datasets.py compares).
+
+    Episodes that cannot be in the prefix are not simulated: episode k is needed only while the episodes before it
+    may total fewer than n_transitions (their lengths so far are lower bounds). The policy is still called on every
+    slot, so each needed episode draws the noise it drew when every slot stepped: the dataset is the same, and
+    the tail of each call (up to n_envs unneeded episodes) costs nothing; full-replay makes one call per snapshot."""
     gen = torch.Generator().manual_seed(seed)
     max_steps = envs.EPISODE_STEPS[env]
     n_envs = max(1, min(n_envs, -(-n_transitions // max_steps) + 1))
     sims = [envs.make_single_agent_env(env) for _ in range(n_envs)]
+    lean = [LeanAntStep(sim) for sim in sims] if env == "ant" and lean_ant else None  # bit-identical, without gymnasium's layers
+    steps = np.zeros(n_envs, dtype=np.int64)  # steps of each slot's episode (the time limit, where `lean` steps)
     state = np.zeros((n_envs, envs.STATE_DIM[env]), np.float32)
     done_eps: dict[int, dict] = {}
     slot_ep = np.zeros(n_envs, dtype=np.int64)  # episode index each slot is running
@@ -277,6 +328,7 @@ def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bo
         nonlocal next_ep
         slot_ep[j] = next_ep
         state[j] = sims[j].reset(seed=seed * 1_000_003 + next_ep)[0]
+        steps[j] = 0
         bufs[j] = dict(obs=[state[j].copy()], act=[], rew=[], term=[], trunc=[])
         next_ep += 1
 
@@ -285,10 +337,31 @@ def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bo
     prefix_len, prefix_steps = 0, 0  # completed episodes 0..prefix_len-1 and their total length
     bar = envs.progress_bar(total=n_transitions, desc=desc, unit="step", unit_scale=True, mininterval=2.0)
     running = np.ones(n_envs, dtype=bool)
+    def lower_bounds():
+        """(running slots, for each the least total length of the episodes before its own, episodes that would
+        start next: the same for index next_ep)."""
+        slots = np.flatnonzero(running)
+        index = np.concatenate([slot_ep[slots], [k for k in done_eps if k >= prefix_len]]).astype(np.int64)
+        length = np.concatenate([steps[slots], [len(done_eps[k]["rew"]) for k in done_eps if k >= prefix_len]])
+        order = np.argsort(index, kind="stable")
+        before = prefix_steps + np.cumsum(length[order]) - length[order]
+        per_slot = np.empty(len(index), np.int64)
+        per_slot[order] = before
+        return slots, per_slot[: len(slots)], prefix_steps + int(length.sum())
+
     while prefix_steps < n_transitions:
         actions = policy.act(state, greedy=greedy, generator=gen)
+        near_the_end = prefix_steps + n_envs * max_steps >= n_transitions  # skipping is safe to check rarely
+        if near_the_end:
+            slots, before, _ = lower_bounds()
+            running[slots[before >= n_transitions]] = False  # episodes the prefix cannot reach
         for j in np.flatnonzero(running):
-            o, r, term, trunc, _ = sims[j].step(actions[j])
+            steps[j] += 1
+            if lean is None:
+                o, r, term, trunc, _ = sims[j].step(actions[j])
+            else:
+                o, r, term = lean[j].step(actions[j])
+                trunc = steps[j] >= max_steps  # gymnasium's TimeLimit
             b = bufs[j]
             b["act"].append(np.asarray(actions[j], np.float32))
             b["rew"].append(float(r))
@@ -304,10 +377,10 @@ def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bo
                     prefix_steps += add
                     prefix_len += 1
                 # start another episode only if the prefix may still need it
-                if prefix_steps < n_transitions:
+                running[j] = False
+                if prefix_steps < n_transitions and not (near_the_end and lower_bounds()[2] >= n_transitions):
                     start(j)
-                else:
-                    running[j] = False
+                    running[j] = True
     bar.close()
     episodes, total = [], 0
     for k in range(prefix_len):
@@ -412,22 +485,44 @@ def _file_key(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def reference_scores(env: str, seed: int = 0) -> tuple[float, float]:
+REFERENCE_PARTS = ("expert", "zero", "random")  # the episodes behind reference_scores, the longest first
+
+
+def reference_returns(env: str, seed: int, part: str) -> np.ndarray:
+    """The returns of one part of reference_scores: 100 uniform-random episodes (ref_min), 100 greedy expert episodes
+    (ref_max), or 100 zero-torque episodes (the standing team). Each draws only from its own generators, so the
+    parts can run in separate processes (make_datasets.py build --workers 2 does) and give the same numbers."""
+    torch.set_num_threads(1)
+    if part == "random":
+        return policy_returns(env, UniformRandomPolicy(envs.JOINT_ACTION_DIM[env], seed), REF_EPISODES,
+                              seed=20202 + seed, greedy=False)
+    if part == "expert":
+        return policy_returns(env, load_policy(SHIPPED[f"{env}_expert"]), REF_EPISODES, seed=30303 + seed, greedy=True)
+    # A team that applies zero torque: on Ant it stands still and collects the healthy reward (where walking
+    # starts on our scale); on reacher it is about the paper's "random" return (see the cards).
+    return policy_returns(env, ZeroPolicy(envs.JOINT_ACTION_DIM[env]), REF_EPISODES, seed=20202 + seed)
+
+
+def reference_scores_cached(env: str, seed: int = 0) -> bool:
+    cache = envs.CACHE_DIR / "reference_scores.json"
+    key = f"{env}:{_file_key(SHIPPED[f'{env}_expert'])}:{seed}:{REF_EPISODES}"
+    return cache.exists() and key in json.loads(cache.read_text())
+
+
+def reference_scores(env: str, seed: int = 0, parts: Optional[dict] = None) -> tuple[float, float]:
     """(ref_min, ref_max) = mean return of 100 uniform-random episodes and of 100 greedy expert episodes.
-    Cached under envs.CACHE_DIR, keyed by the expert file's hash."""
+    Cached under envs.CACHE_DIR, keyed by the expert file's hash. `parts`: reference_returns already computed
+    (e.g. in parallel), by part name."""
     expert_path = SHIPPED[f"{env}_expert"]
     key = f"{env}:{_file_key(expert_path)}:{seed}:{REF_EPISODES}"
     cache = envs.CACHE_DIR / "reference_scores.json"
     table = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in table:
-        random_ret = policy_returns(env, UniformRandomPolicy(envs.JOINT_ACTION_DIM[env], seed), REF_EPISODES,
-                                    seed=20202 + seed, greedy=False)
-        expert_ret = policy_returns(env, load_policy(expert_path), REF_EPISODES, seed=30303 + seed, greedy=True)
+        parts = parts or {}
+        random_ret, expert_ret, zero = (parts[p] if p in parts else reference_returns(env, seed, p)
+                                        for p in ("random", "expert", "zero"))
         table[key] = dict(ref_min=float(random_ret.mean()), ref_max=float(expert_ret.mean()),
                           ref_min_std=float(random_ret.std()), ref_max_std=float(expert_ret.std()))
-        # A team that applies zero torque: on Ant it stands still and collects the healthy reward (where walking
-        # starts on our scale); on reacher it is about the paper's "random" return (see the cards).
-        zero = policy_returns(env, ZeroPolicy(envs.JOINT_ACTION_DIM[env]), REF_EPISODES, seed=20202 + seed)
         table[key]["zero_action"] = float(zero.mean())
         cache.parent.mkdir(parents=True, exist_ok=True)
         # a name of its own: two builds of different datasets (e.g. run_all.sh --slurm's prepare tasks) may both
@@ -562,6 +657,11 @@ def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int
                 n_transitions=n_transitions, seed=seed)
     _record_build(env, dataset, info)
     return info
+
+
+# CPU seconds of each build on this project's 2-core machine (cards: "build wall / CPU"), for the build order only
+BUILD_COST = {("ant", "full-replay"): 600, ("ant", "random"): 400, ("ant", "medium"): 390, ("ant", "expert"): 350,
+              ("reacher", "expert-mix"): 160}
 
 
 def check_build_args(n_transitions: Optional[int], seed: int) -> None:
@@ -831,27 +931,39 @@ def main(args: Command) -> None:
     if args.workers < 1:
         raise envs.MomaError(f"--workers must be an integer >= 1, got {args.workers!r} (e.g. --workers 2)")
     todo = MUJOCO_DATASETS if args.only is None else [tuple(args.only.split("/"))]
-    for env in sorted({env for env, _ in todo}):  # once, before any worker needs them
-        lo, hi = reference_scores(env, args.seed)
-        log(f"{env} reference scores: random {lo:.3f}, expert {hi:.3f} ({REF_EPISODES} episodes each)")
     t0 = time.time()
+    ref_envs = sorted({env for env, _ in todo}, reverse=True)  # ant's episodes are the long ones
+    parts = {}
+    if args.workers > 1 and not all(reference_scores_cached(env, args.seed) for env in ref_envs):
+        import concurrent.futures
+        import multiprocessing
+
+        # the reference episodes in parallel too (on a fresh clone: 200k Ant steps, a tenth of the build)
+        with concurrent.futures.ProcessPoolExecutor(min(args.workers, 3 * len(ref_envs)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = {(env, part): pool.submit(reference_returns, env, args.seed, part)
+                    for env in ref_envs if not reference_scores_cached(env, args.seed) for part in REFERENCE_PARTS}
+            parts = {key: job.result() for key, job in jobs.items()}
+    for env in ref_envs:  # once, before any worker needs them
+        lo, hi = reference_scores(env, args.seed, {p: r for (e, p), r in parts.items() if e == env})
+        log(f"{env} reference scores: random {lo:.3f}, expert {hi:.3f} ({REF_EPISODES} episodes each)")
     if args.workers > 1 and len(todo) > 1:
         import concurrent.futures
         import multiprocessing
 
         with concurrent.futures.ProcessPoolExecutor(min(args.workers, len(todo)),
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
-            # the big Ant sets first, so the two workers finish together
+            # the longest builds first, so the workers finish together (CPU s per build measured here, lean steps)
             jobs = {pool.submit(build_locked, env, name, args.n_transitions, args.seed, args.full_replay_source,
                                 args.if_missing): (env, name)
-                    for env, name in sorted(todo, key=lambda t: t[0] == "reacher")}
+                    for env, name in sorted(todo, key=lambda t: -BUILD_COST.get(t, 0))}
             for job in concurrent.futures.as_completed(jobs):
                 _report_build(*jobs[job], job.result(), log)
     else:
         for env, name in todo:
             _report_build(env, name, build_locked(env, name, args.n_transitions, args.seed, args.full_replay_source,
                                                   args.if_missing), log)
-    log(f"all builds done in {time.time() - t0:.0f}s")
+    log(f"all builds done in {time.time() - t0:.0f}s (reference episodes included)")
     missing = [f"{env}/{name}" for env, name in MUJOCO_DATASETS if not envs.dataset_exists(env, name)]
     if missing:  # a partial build must not rewrite the committed page with only the datasets present here
         log(f"docs/datasets.md left as it is: {', '.join(missing)} not built here (`python make_datasets.py cards` once all are)")

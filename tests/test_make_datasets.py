@@ -162,6 +162,66 @@ def test_collect_is_exact_and_reproducible():
     np.testing.assert_array_equal(eps[0]["observations"], eps2[0]["observations"])
 
 
+def test_reference_episodes_in_worker_processes_match_the_serial_ones():
+    """`make_datasets.py build --workers 2` plays the reference episodes (random, expert, zero torque) in separate
+    processes: each part draws only from its own generators, so the scores are those of the serial computation."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {part: pool.submit(md.reference_returns, "reacher", 0, part) for part in md.REFERENCE_PARTS}
+        parallel = {part: job.result() for part, job in jobs.items()}
+    for part in md.REFERENCE_PARTS:
+        assert len(parallel[part]) == md.REF_EPISODES
+        np.testing.assert_array_equal(parallel[part], md.reference_returns("reacher", 0, part))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lean_ant_step_is_bit_identical_to_gymnasium(dtype):
+    """The dataset builds step Ant through make_datasets.LeanAntStep: the same observation, reward and terminal as
+    gymnasium's Ant-v5 step, bit for bit, over random episodes that fall (uniform random torques fall within a few
+    hundred steps) and with actions of either float width."""
+    rng = np.random.default_rng(0)
+    falls = steps = 0
+    for episode in range(4):
+        reference, lean_sim = envs.make_single_agent_env("ant"), envs.make_single_agent_env("ant")
+        lean = md.LeanAntStep(lean_sim)
+        np.testing.assert_array_equal(reference.reset(seed=episode)[0], lean_sim.reset(seed=episode)[0])
+        for _ in range(1000):
+            action = rng.uniform(-1, 1, 8).astype(dtype)
+            o1, r1, term1, _, _ = reference.step(action)
+            o2, r2, term2 = lean.step(action)
+            steps += 1
+            np.testing.assert_array_equal(o1, o2)
+            assert r1 == r2 and type(r1) is type(r2) and bool(term1) == bool(term2)
+            if term1:
+                falls += 1
+                break
+    assert falls >= 3 and steps > 200
+
+
+@pytest.mark.parametrize("policy,n", [(md.ZeroPolicy(8), 1100), (md.UniformRandomPolicy(8, seed=3), 700)])
+def test_ant_collection_replays_step_for_step_in_gymnasium(policy, n):
+    """Each collected Ant episode, its actions replayed in a plain gymnasium env from the same reset seed, gives the
+    same observations, rewards and terminals; a standing team's first episode ends at the 1,000-step time limit."""
+    episodes = md.collect_episodes("ant", policy, n, seed=5, n_envs=3)
+    assert sum(len(e["rewards"]) for e in episodes) == n
+    if isinstance(policy, md.ZeroPolicy):
+        assert len(episodes[0]["rewards"]) == 1000 and episodes[0]["truncations"][-1]
+        assert not episodes[0]["truncations"][:-1].any() and not episodes[0]["terminations"].any()
+    else:
+        assert any(e["terminations"].any() for e in episodes)
+    for k, ep in enumerate(episodes):
+        sim = envs.make_single_agent_env("ant")
+        np.testing.assert_array_equal(ep["observations"][0], sim.reset(seed=5 * 1_000_003 + k)[0].astype(np.float32))
+        for t, action in enumerate(ep["actions"]):
+            o, r, term, trunc, _ = sim.step(action)
+            np.testing.assert_array_equal(ep["observations"][t + 1], o.astype(np.float32))
+            assert ep["rewards"][t] == float(r) and ep["terminations"][t] == term
+            if t < len(ep["actions"]) - 1:
+                assert ep["truncations"][t] == trunc
+
+
 # ---------------------------------------------------------------------------------------------------
 # The Ant learner: checkpoint / resume and the replay it keeps for full-replay
 # ---------------------------------------------------------------------------------------------------
