@@ -240,16 +240,44 @@ class UniformRandomPolicy:
         return self.rng.uniform(-1.0, 1.0, (len(states), self.action_dim)).astype(np.float32)
 
 
-def policy_returns(env: str, policy, n_episodes: int = 100, seed: int = 10101, greedy: bool = True) -> np.ndarray:
-    """Returns through envs.evaluate (the same evaluation every algorithm script uses); the policies
-    here act on the global state, which every agent sees under the env's default observation."""
+def policy_returns(env: str, policy, n_episodes: int = 100, seed: int = 10101, greedy: bool = True,
+                   lean: bool = True) -> np.ndarray:
+    """Returns as envs.evaluate gives them (the same evaluation every algorithm script uses; with `lean`, its loop
+    on the lean steps); the policies here act on the global state, which every agent sees under the env's default
+    observation."""
     obs = envs.DEFAULT_OBS[env]
 
     def act(observations, histories):
         joint = policy.act(observations[0], greedy=greedy)
         return envs.split_actions(env, joint)
 
-    return envs.evaluate(env, obs, act, n_episodes, seed=seed)
+    if not lean or env not in LEAN_STEPS:
+        return envs.evaluate(env, obs, act, n_episodes, seed=seed)
+    # envs.evaluate's loop, step for step (batches of up to 100 episodes in lockstep, the policy queried on every
+    # row, finished rows keeping their last observation, actions cast and clipped as MultiAgentEnv.step does), with
+    # the bit-identical lean step: the same returns (tests compare them), a third less CPU.
+    returns = np.zeros(n_episodes)
+    for start in range(0, n_episodes, 100):
+        n = min(100, n_episodes - start)
+        sims = [envs.make_single_agent_env(env) for _ in range(n)]
+        steppers = [LEAN_STEPS[env](sim) for sim in sims]
+        states = np.stack([np.asarray(sim.reset(seed=seed + start + j)[0], dtype=np.float32)
+                           for j, sim in enumerate(sims)])
+        observations = envs.split_state(env, obs, states)  # per-agent [n, o_i] copies, updated row by row
+        steps, alive = np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
+        while alive.any():
+            actions = [np.asarray(a) for a in act(observations, None)]
+            for j in np.flatnonzero(alive):
+                acts = [np.asarray(a[j], dtype=np.float32).reshape(d) for a, d in zip(actions, envs.action_dims(env))]
+                o, r, term = steppers[j].step(np.clip(envs.join_actions(env, acts), -1.0, 1.0))
+                steps[j] += 1
+                returns[start + j] += float(r)
+                for i, o_i in enumerate(envs.split_state(env, obs, np.asarray(o, dtype=np.float32))):
+                    observations[i][j] = o_i
+                alive[j] = not (term or steps[j] >= envs.EPISODE_STEPS[env])
+        for sim in sims:
+            sim.close()
+    return returns
 
 
 # ==================================================================================================
@@ -298,15 +326,44 @@ class LeanAntStep:
         return observation, reward, (not is_healthy) and self.terminate_when_unhealthy
 
 
+class LeanReacherStep:
+    """gymnasium Reacher-v5's step without its per-step layers, bit-identical like LeanAntStep (Reacher's physics is
+    cheap, so those layers were about half of its step). Reacher never terminates; the caller counts the 50 steps."""
+
+    def __init__(self, sim):
+        import mujoco
+
+        reacher = sim.unwrapped
+        self.mj_step, self.mj_rne_post_constraint = mujoco.mj_step, mujoco.mj_rnePostConstraint
+        self.model, self.data, self.frame_skip = reacher.model, reacher.data, reacher.frame_skip
+        self.fingertip, self.target = reacher.data.body("fingertip").id, reacher.data.body("target").id
+        self.dist_weight, self.control_weight = reacher._reward_dist_weight, reacher._reward_control_weight
+
+    def step(self, action):
+        """(observation, reward, terminated) as ReacherEnv.step returns them (gymnasium 1.x, Reacher-v5)."""
+        data = self.data
+        data.ctrl[:] = action  # MujocoEnv.do_simulation
+        self.mj_step(self.model, data, nstep=self.frame_skip)
+        self.mj_rne_post_constraint(self.model, data)
+        qpos = data.qpos.flatten()
+        vec = data.xpos[self.fingertip] - data.xpos[self.target]
+        observation = np.concatenate([np.cos(qpos[:2]), np.sin(qpos[:2]), qpos[2:], data.qvel.flatten()[:2], vec[:2]])
+        reward = -np.linalg.norm(vec) * self.dist_weight + -np.square(action).sum() * self.control_weight
+        return observation, reward, False
+
+
+LEAN_STEPS = {"ant": LeanAntStep, "reacher": LeanReacherStep}
+
+
 def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bool = False, n_envs: int = 50,
-                     desc: str = "collecting", lean_ant: bool = True) -> list[dict]:
+                     desc: str = "collecting", lean: bool = True) -> list[dict]:
     """Episodes of `policy` (sampled actions unless greedy) totalling exactly n_transitions; the last
     episode is cut (marked truncated) to make the count exact, as D4RL's 1M-transition sets.
 
     Episodes run n_envs at a time in lockstep (one batched policy call per step). Episode k is reset
     with seed `seed * 1_000_003 + k` and the dataset is the prefix of episodes in k order, so short
-    episodes (which finish first) are not over-represented and the result does not depend on n_envs. Ant steps
-    through LeanAntStep (bit-identical, faster) unless `lean_ant` is False (bench/bench_datasets.py compares).
+    episodes (which finish first) are not over-represented and the result does not depend on n_envs. MuJoCo envs
+    step through LEAN_STEPS (bit-identical, faster) unless `lean` is False (bench/bench_datasets.py compares).
 
     Episodes that cannot be in the prefix are not simulated: episode k is needed only while the episodes before it
     may total fewer than n_transitions (their lengths so far are lower bounds). The policy is still called on every
@@ -316,7 +373,7 @@ def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bo
     max_steps = envs.EPISODE_STEPS[env]
     n_envs = max(1, min(n_envs, -(-n_transitions // max_steps) + 1))
     sims = [envs.make_single_agent_env(env) for _ in range(n_envs)]
-    lean = [LeanAntStep(sim) for sim in sims] if env == "ant" and lean_ant else None  # bit-identical, without gymnasium's layers
+    stepper = [LEAN_STEPS[env](sim) for sim in sims] if env in LEAN_STEPS and lean else None  # bit-identical
     steps = np.zeros(n_envs, dtype=np.int64)  # steps of each slot's episode (the time limit, where `lean` steps)
     state = np.zeros((n_envs, envs.STATE_DIM[env]), np.float32)
     done_eps: dict[int, dict] = {}
@@ -357,10 +414,10 @@ def collect_episodes(env: str, policy, n_transitions: int, seed: int, greedy: bo
             running[slots[before >= n_transitions]] = False  # episodes the prefix cannot reach
         for j in np.flatnonzero(running):
             steps[j] += 1
-            if lean is None:
+            if stepper is None:
                 o, r, term, trunc, _ = sims[j].step(actions[j])
             else:
-                o, r, term = lean[j].step(actions[j])
+                o, r, term = stepper[j].step(actions[j])
                 trunc = steps[j] >= max_steps  # gymnasium's TimeLimit
             b = bufs[j]
             b["act"].append(np.asarray(actions[j], np.float32))
@@ -563,7 +620,8 @@ def build_reacher_expert_mix(n_transitions: Optional[int], seed: int) -> dict:
                 expert_ccw_share=float(conv_a), mirror_ccw_share=float(conv_b))
 
 
-def build_ant(dataset: str, n_transitions: Optional[int], seed: int, full_replay_source: str = "snapshots") -> dict:
+def build_ant(dataset: str, n_transitions: Optional[int], seed: int, full_replay_source: str = "snapshots",
+              episodes: Optional[list] = None) -> dict:
     n = 1_000_000 if n_transitions is None else n_transitions
     info = {}
     if dataset == "random":
@@ -577,14 +635,14 @@ def build_ant(dataset: str, n_transitions: Optional[int], seed: int, full_replay
                 f"with Gaussian action noise N(0, {policy.log_std.exp().mean().item():.2f}²)")
     else:  # full-replay: the learner's whole replay buffer up to the expert (D4RL's full-replay)
         expert_step = load_policy(SHIPPED["ant_expert"]).meta.get("step")
-        n = min(n, expert_step)
+        n = full_replay_size(n_transitions)
         # Re-enacted from the shipped snapshots on every machine, so every machine builds the same dataset (the
         # same fingerprint); the learner's own buffer exists only where it was trained (`full_replay_source`).
         if full_replay_source == "buffer":
             episodes = replay_episodes(ANT_TRAIN_DIR, expert_step, n)
             algo = f"every transition the TD3 learner collected up to step {expert_step} (whole episodes)"
         else:
-            episodes = snapshot_replay(n, seed)
+            episodes = snapshot_replay(n, seed) if episodes is None else episodes  # (or collected in parallel)
             algo = (f"a re-enactment of the TD3 learner's replay up to step {expert_step}: uniform random actions for "
                     f"its warm-up steps, then shipped snapshots collecting (with exploration noise) their shares")
         info["source"] = full_replay_source
@@ -595,23 +653,48 @@ def build_ant(dataset: str, n_transitions: Optional[int], seed: int, full_replay
     return info
 
 
-def snapshot_replay(n: int, seed: int) -> list[dict]:
-    """full-replay re-enacted from the shipped snapshots: uniform random actions for the learner's warm-up steps,
-    then each snapshot (with the learner's exploration noise) collecting the share of n that the learner
-    collected in the interval of steps it `covers` (it is the learner's snapshot nearest that interval's middle)."""
+def full_replay_size(n_transitions: Optional[int]) -> int:
+    """full-replay's transitions: n_transitions (default 1M), at most the learner's steps up to the expert."""
+    n = 1_000_000 if n_transitions is None else n_transitions
+    return min(n, load_policy(SHIPPED["ant_expert"]).meta.get("step"))
+
+
+def snapshot_replay_tasks(n: int, seed: int) -> list[tuple[int, int, int]]:
+    """The independent collections full-replay is made of, in order: (snapshot index, or -1 for the warm-up's
+    uniform random actions; transitions; collection seed). Each has its own generators, so they can run in separate
+    processes (make_datasets.py build --workers 2 does) and give the same episodes."""
     blob = torch.load(ANT_REPLAY_SNAPSHOTS, weights_only=True)
     warmup = int(blob["learning_starts"])
     spans = np.array([warmup] + [s["meta"]["covers"][1] - s["meta"]["covers"][0] for s in blob["snapshots"]], float)
     counts = np.floor(spans / spans.sum() * n).astype(int)
     counts[-1] += n - counts.sum()
-    episodes = collect_episodes("ant", UniformRandomPolicy(8, seed), int(counts[0]), seed=10 * seed + 99,
-                                desc="ant replay warm-up") if counts[0] > 0 else []
-    for k, (snap, c) in enumerate(zip(blob["snapshots"], counts[1:])):
-        if c > 0:
-            policy = load_gaussian_policy({**snap, "state_dict": {k2: v.float() for k2, v in snap["state_dict"].items()}})
-            episodes += collect_episodes("ant", policy, int(c), seed=10 * seed + 100 + k,
-                                         desc=f"ant replay snapshot {k + 1}/{len(counts) - 1}")
-    return episodes
+    return [(k - 1, int(c), 10 * seed + (99 if k == 0 else 99 + k)) for k, c in enumerate(counts) if c > 0]
+
+
+def snapshot_replay_task(task: tuple[int, int, int], seed: int) -> list[dict]:
+    """One collection of snapshot_replay_tasks."""
+    k, count, collect_seed = task
+    torch.set_num_threads(1)
+    if k < 0:
+        return collect_episodes("ant", UniformRandomPolicy(8, seed), count, seed=collect_seed, desc="ant replay warm-up")
+    blob = torch.load(ANT_REPLAY_SNAPSHOTS, weights_only=True)
+    snap = blob["snapshots"][k]
+    policy = load_gaussian_policy({**snap, "state_dict": {k2: v.float() for k2, v in snap["state_dict"].items()}})
+    return collect_episodes("ant", policy, count, seed=collect_seed,
+                            desc=f"ant replay snapshot {k + 1}/{len(blob['snapshots'])}")
+
+
+def snapshot_replay_task_timed(task: tuple[int, int, int], seed: int) -> tuple[list[dict], float]:
+    """snapshot_replay_task and the CPU seconds it took (for the build record of a parallel build)."""
+    cpu = time.process_time()
+    return snapshot_replay_task(task, seed), time.process_time() - cpu
+
+
+def snapshot_replay(n: int, seed: int) -> list[dict]:
+    """full-replay re-enacted from the shipped snapshots: uniform random actions for the learner's warm-up steps,
+    then each snapshot (with the learner's exploration noise) collecting the share of n that the learner
+    collected in the interval of steps it `covers` (it is the learner's snapshot nearest that interval's middle)."""
+    return [episode for task in snapshot_replay_tasks(n, seed) for episode in snapshot_replay_task(task, seed)]
 
 
 def update_reference_scores(env: str, seed: int = 0) -> list[str]:
@@ -630,7 +713,7 @@ def update_reference_scores(env: str, seed: int = 0) -> list[str]:
 
 
 def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,
-          full_replay_source: str = "snapshots") -> dict:
+          full_replay_source: str = "snapshots", episodes: Optional[list] = None, collect_cpu_s: float = 0.0) -> dict:
     """envs.build_dataset's hook: write the Minari dataset envs.dataset_id(env, dataset). The caller holds the
     dataset's build lock (envs.build_dataset, or build_locked for `make_datasets.py build`)."""
     envs.check_names(env, None, dataset)
@@ -647,21 +730,21 @@ def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int
     try:
         with torch.random.fork_rng(devices=[]):
             info = (build_reacher_expert_mix(n_transitions, seed) if env == "reacher"
-                    else build_ant(dataset, n_transitions, seed, full_replay_source))
+                    else build_ant(dataset, n_transitions, seed, full_replay_source, episodes))
     finally:
         torch.set_num_threads(threads)
         random.setstate(py_state)
         np.random.set_state(np_state)
     # wall time, and this process's CPU time (what the build costs on a machine shared with other jobs)
-    info.update(build_time_s=round(time.time() - t0, 1), cpu_time_s=round(time.process_time() - c0, 1),
+    info.update(build_time_s=round(time.time() - t0, 1), cpu_time_s=round(time.process_time() - c0 + collect_cpu_s, 1),
                 n_transitions=n_transitions, seed=seed)
     _record_build(env, dataset, info)
     return info
 
 
 # CPU seconds of each build on this project's 2-core machine (cards: "build wall / CPU"), for the build order only
-BUILD_COST = {("ant", "full-replay"): 600, ("ant", "random"): 400, ("ant", "medium"): 390, ("ant", "expert"): 350,
-              ("reacher", "expert-mix"): 160}
+BUILD_COST = {("ant", "full-replay"): 430, ("ant", "random"): 345, ("ant", "medium"): 335, ("ant", "expert"): 330,
+              ("reacher", "expert-mix"): 130}
 
 
 def check_build_args(n_transitions: Optional[int], seed: int) -> None:
@@ -674,14 +757,15 @@ def check_build_args(n_transitions: Optional[int], seed: int) -> None:
 
 
 def build_locked(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,
-                 full_replay_source: str = "snapshots", only_if_missing: bool = False) -> Optional[dict]:
+                 full_replay_source: str = "snapshots", only_if_missing: bool = False, episodes: Optional[list] = None,
+                 collect_cpu_s: float = 0.0) -> Optional[dict]:
     """build() under the dataset's build lock: two `make_datasets.py build`s (a script that finds a dataset missing
     runs one, through envs.build_dataset) never write the same dataset at once; the second waits for the first, and
     with only_if_missing then finds it built (None: nothing was built)."""
     with envs._build_lock(env, dataset):
         if only_if_missing and envs.dataset_exists(env, dataset):
             return None
-        return build(env, dataset, n_transitions, seed, full_replay_source)
+        return build(env, dataset, n_transitions, seed, full_replay_source, episodes, collect_cpu_s)
 
 
 def _record_build(env: str, dataset: str, info: dict) -> None:
@@ -915,6 +999,57 @@ def _report_build(env: str, name: str, info: Optional[dict], log) -> None:
         f"{st['ref_max_score']:.2f} | {info}")
 
 
+def build_in_parallel(todo: list, ref_envs: list, args: "Build", log) -> None:
+    """One pool of `args.workers` processes for everything, so that no core waits: first the reference episodes (a
+    build needs its env's scores only when it writes, minutes later), then the builds, longest first, and last
+    full-replay as its independent collections (snapshot_replay_tasks, ~25 CPU s each), which fill the workers'
+    final minutes; this process writes full-replay once they are all in. The datasets are those of a serial build."""
+    import collections
+    import concurrent.futures
+    import multiprocessing
+
+    full_replay = ("ant", "full-replay")
+    split = (full_replay in todo and args.full_replay_source == "snapshots"
+             and not (args.if_missing and envs.dataset_exists(*full_replay)))
+    for env in ref_envs:
+        if reference_scores_cached(env, args.seed):
+            lo, hi = reference_scores(env, args.seed)
+            log(f"{env} reference scores: random {lo:.3f}, expert {hi:.3f} ({REF_EPISODES} episodes each)")
+    t0 = time.time()
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {}
+        for env in ref_envs:
+            if not reference_scores_cached(env, args.seed):
+                for part in REFERENCE_PARTS:
+                    jobs[pool.submit(reference_returns, env, args.seed, part)] = ("reference", env, part)
+        for env, name in sorted(todo, key=lambda t: -BUILD_COST.get(t, 0)):
+            if not (split and (env, name) == full_replay):
+                jobs[pool.submit(build_locked, env, name, args.n_transitions, args.seed, args.full_replay_source,
+                                 args.if_missing)] = ("build", env, name)
+        tasks = snapshot_replay_tasks(full_replay_size(args.n_transitions), args.seed) if split else []
+        for i, task in enumerate(tasks):
+            jobs[pool.submit(snapshot_replay_task_timed, task, args.seed)] = ("replay", i, None)
+        references, replayed, replay_cpu = collections.defaultdict(dict), {}, 0.0
+        for job in concurrent.futures.as_completed(jobs):
+            kind, key, part = jobs[job]
+            if kind == "reference":
+                references[key][part] = job.result()
+                if len(references[key]) == len(REFERENCE_PARTS):
+                    lo, hi = reference_scores(key, args.seed, references[key])
+                    log(f"{key} reference scores: random {lo:.3f}, expert {hi:.3f} ({REF_EPISODES} episodes each)")
+            elif kind == "build":
+                _report_build(key, part, job.result(), log)
+            else:
+                replayed[key], cpu = job.result()
+                replay_cpu += cpu
+                if len(replayed) == len(tasks):
+                    episodes = [episode for i in range(len(tasks)) for episode in replayed.pop(i)]
+                    info = build_locked(*full_replay, args.n_transitions, args.seed, "snapshots", False, episodes,
+                                        replay_cpu)
+                    info["build_time_s"] = round(time.time() - t0, 1)  # from the first collection's start
+                    _report_build(*full_replay, info, log)
+
+
 def main(args: Command) -> None:
     torch.set_num_threads(1)  # small policies; extra threads only spin against other jobs
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -933,33 +1068,12 @@ def main(args: Command) -> None:
     todo = MUJOCO_DATASETS if args.only is None else [tuple(args.only.split("/"))]
     t0 = time.time()
     ref_envs = sorted({env for env, _ in todo}, reverse=True)  # ant's episodes are the long ones
-    parts = {}
-    if args.workers > 1 and not all(reference_scores_cached(env, args.seed) for env in ref_envs):
-        import concurrent.futures
-        import multiprocessing
-
-        # the reference episodes in parallel too (on a fresh clone: 200k Ant steps, a tenth of the build)
-        with concurrent.futures.ProcessPoolExecutor(min(args.workers, 3 * len(ref_envs)),
-                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = {(env, part): pool.submit(reference_returns, env, args.seed, part)
-                    for env in ref_envs if not reference_scores_cached(env, args.seed) for part in REFERENCE_PARTS}
-            parts = {key: job.result() for key, job in jobs.items()}
-    for env in ref_envs:  # once, before any worker needs them
-        lo, hi = reference_scores(env, args.seed, {p: r for (e, p), r in parts.items() if e == env})
-        log(f"{env} reference scores: random {lo:.3f}, expert {hi:.3f} ({REF_EPISODES} episodes each)")
     if args.workers > 1 and len(todo) > 1:
-        import concurrent.futures
-        import multiprocessing
-
-        with concurrent.futures.ProcessPoolExecutor(min(args.workers, len(todo)),
-                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
-            # the longest builds first, so the workers finish together (CPU s per build measured here, lean steps)
-            jobs = {pool.submit(build_locked, env, name, args.n_transitions, args.seed, args.full_replay_source,
-                                args.if_missing): (env, name)
-                    for env, name in sorted(todo, key=lambda t: -BUILD_COST.get(t, 0))}
-            for job in concurrent.futures.as_completed(jobs):
-                _report_build(*jobs[job], job.result(), log)
+        build_in_parallel(todo, ref_envs, args, log)
     else:
+        for env in ref_envs:  # once, before the builds need them
+            lo, hi = reference_scores(env, args.seed)
+            log(f"{env} reference scores: random {lo:.3f}, expert {hi:.3f} ({REF_EPISODES} episodes each)")
         for env, name in todo:
             _report_build(env, name, build_locked(env, name, args.n_transitions, args.seed, args.full_replay_source,
                                                   args.if_missing), log)

@@ -200,6 +200,35 @@ def test_lean_ant_step_is_bit_identical_to_gymnasium(dtype):
     assert falls >= 3 and steps > 200
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lean_reacher_step_is_bit_identical_to_gymnasium(dtype):
+    rng = np.random.default_rng(1)
+    for episode in range(3):
+        reference, lean_sim = envs.make_single_agent_env("reacher"), envs.make_single_agent_env("reacher")
+        lean = md.LeanReacherStep(lean_sim)
+        np.testing.assert_array_equal(reference.reset(seed=episode)[0], lean_sim.reset(seed=episode)[0])
+        for _ in range(50):
+            action = rng.uniform(-1, 1, 2).astype(dtype)
+            o1, r1, term1, _, _ = reference.step(action)
+            o2, r2, term2 = lean.step(action)
+            np.testing.assert_array_equal(o1, o2)
+            assert r1 == r2 and type(r1) is type(r2) and term1 is False and term2 is False
+
+
+def test_reacher_collection_replays_step_for_step_in_gymnasium():
+    episodes = md.collect_episodes("reacher", md.load_policy(md.SHIPPED["reacher_expert"]), 230, seed=4, n_envs=3)
+    assert [len(e["rewards"]) for e in episodes] == [50, 50, 50, 50, 30] and episodes[-1]["truncations"][-1]
+    for k, ep in enumerate(episodes):
+        sim = envs.make_single_agent_env("reacher")
+        np.testing.assert_array_equal(ep["observations"][0], sim.reset(seed=4 * 1_000_003 + k)[0].astype(np.float32))
+        for t, action in enumerate(ep["actions"]):
+            o, r, term, trunc, _ = sim.step(action)
+            np.testing.assert_array_equal(ep["observations"][t + 1], o.astype(np.float32))
+            assert ep["rewards"][t] == float(r) and not ep["terminations"][t]
+            cut_here = k == len(episodes) - 1 and t == len(ep["actions"]) - 1  # the cut episode ends as a timeout
+            assert ep["truncations"][t] == (trunc or cut_here)
+
+
 @pytest.mark.parametrize("policy,n", [(md.ZeroPolicy(8), 1100), (md.UniformRandomPolicy(8, seed=3), 700)])
 def test_ant_collection_replays_step_for_step_in_gymnasium(policy, n):
     """Each collected Ant episode, its actions replayed in a plain gymnasium env from the same reset seed, gives the
@@ -393,6 +422,28 @@ def test_partial_build_leaves_the_dataset_page_alone(monkeypatch, few_ref_episod
     assert envs.dataset_exists("ant", "random")
     assert not all(envs.dataset_exists(e, n) for e, n in md.MUJOCO_DATASETS)
     assert written == []
+
+
+def test_a_parallel_build_writes_the_datasets_a_serial_build_writes(monkeypatch):
+    """`make_datasets.py build --workers 2` (one pool: reference episodes, the builds, full-replay split into its
+    snapshot collections and written here) gives every dataset the content fingerprint of `--workers 1`."""
+    monkeypatch.setattr(md, "dataset_cards", lambda *a, **k: None)  # never the repository's docs/datasets.md
+    # The workers are new processes (REF_EPISODES = 100 there): give both builds the same cached reference scores,
+    # so that this test plays no reference episodes; the scores only enter the metadata, not the fingerprints.
+    cache = envs.CACHE_DIR / "reference_scores.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    table = json.loads(cache.read_text()) if cache.exists() else {}
+    for env, lo, hi in (("reacher", -43.0, -4.0), ("ant", -53.0, 4861.0)):
+        key = f"{env}:{md._file_key(md.SHIPPED[f'{env}_expert'])}:0:{md.REF_EPISODES}"
+        table.setdefault(key, dict(ref_min=lo, ref_max=hi, ref_min_std=1.0, ref_max_std=1.0, zero_action=0.0))
+    cache.write_text(json.dumps(table))
+    fingerprints = {}
+    for workers in (1, 2):
+        md.main(md.Build(n_transitions=1500, workers=workers))
+        fingerprints[workers] = {d: envs.dataset_fingerprint(*d) for d in md.MUJOCO_DATASETS}
+    assert fingerprints[1] == fingerprints[2] and None not in fingerprints[1].values()
+    builds = json.loads((envs.DATA_DIR / "moma" / "builds" / "moma__ant__full-replay-v0.json").read_text())
+    assert builds["cpu_time_s"] > 0 and builds["source"] == "snapshots"
 
 
 def test_shipped_policies_load_without_any_training_script():
