@@ -713,7 +713,8 @@ def update_reference_scores(env: str, seed: int = 0) -> list[str]:
 
 
 def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,
-          full_replay_source: str = "snapshots", episodes: Optional[list] = None, collect_cpu_s: float = 0.0) -> dict:
+          full_replay_source: str = "snapshots", episodes: Optional[list] = None, collect_cpu_s: float = 0.0,
+          collect_wall_s: float = 0.0) -> dict:
     """envs.build_dataset's hook: write the Minari dataset envs.dataset_id(env, dataset). The caller holds the
     dataset's build lock (envs.build_dataset, or build_locked for `make_datasets.py build`)."""
     envs.check_names(env, None, dataset)
@@ -736,7 +737,9 @@ def build(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int
         random.setstate(py_state)
         np.random.set_state(np_state)
     # wall time, and this process's CPU time (what the build costs on a machine shared with other jobs)
-    info.update(build_time_s=round(time.time() - t0, 1), cpu_time_s=round(time.process_time() - c0 + collect_cpu_s, 1),
+    # (`episodes` collected elsewhere, e.g. in parallel: their CPU and wall time are added)
+    info.update(build_time_s=round(time.time() - t0 + collect_wall_s, 1),
+                cpu_time_s=round(time.process_time() - c0 + collect_cpu_s, 1),
                 n_transitions=n_transitions, seed=seed)
     _record_build(env, dataset, info)
     return info
@@ -758,14 +761,14 @@ def check_build_args(n_transitions: Optional[int], seed: int) -> None:
 
 def build_locked(env: str, dataset: str, n_transitions: Optional[int] = None, seed: int = 0,
                  full_replay_source: str = "snapshots", only_if_missing: bool = False, episodes: Optional[list] = None,
-                 collect_cpu_s: float = 0.0) -> Optional[dict]:
+                 collect_cpu_s: float = 0.0, collect_wall_s: float = 0.0) -> Optional[dict]:
     """build() under the dataset's build lock: two `make_datasets.py build`s (a script that finds a dataset missing
     runs one, through envs.build_dataset) never write the same dataset at once; the second waits for the first, and
     with only_if_missing then finds it built (None: nothing was built)."""
     with envs._build_lock(env, dataset):
         if only_if_missing and envs.dataset_exists(env, dataset):
             return None
-        return build(env, dataset, n_transitions, seed, full_replay_source, episodes, collect_cpu_s)
+        return build(env, dataset, n_transitions, seed, full_replay_source, episodes, collect_cpu_s, collect_wall_s)
 
 
 def _record_build(env: str, dataset: str, info: dict) -> None:
@@ -1044,10 +1047,9 @@ def build_in_parallel(todo: list, ref_envs: list, args: "Build", log) -> None:
                 replay_cpu += cpu
                 if len(replayed) == len(tasks):
                     episodes = [episode for i in range(len(tasks)) for episode in replayed.pop(i)]
-                    info = build_locked(*full_replay, args.n_transitions, args.seed, "snapshots", False, episodes,
-                                        replay_cpu)
-                    info["build_time_s"] = round(time.time() - t0, 1)  # from the first collection's start
-                    _report_build(*full_replay, info, log)
+                    # its wall time counts from the pool's start (its collections share the workers with the rest)
+                    _report_build(*full_replay, build_locked(*full_replay, args.n_transitions, args.seed, "snapshots",
+                                                             False, episodes, replay_cpu, time.time() - t0), log)
 
 
 def main(args: Command) -> None:
