@@ -257,6 +257,8 @@ def policy_returns(env: str, policy, n_episodes: int = 100, seed: int = 10101, g
     # row, finished rows keeping their last observation, actions cast and clipped as MultiAgentEnv.step does), with
     # the bit-identical lean step: the same returns (tests compare them), a third less CPU.
     returns = np.zeros(n_episodes)
+    # a plain line a minute in a log (about a minute of Ant steps per 100 episodes, otherwise silent)
+    bar = envs.progress_bar(total=n_episodes * envs.EPISODE_STEPS[env], desc=f"reference episodes {env}", leave=False)
     for start in range(0, n_episodes, 100):
         n = min(100, n_episodes - start)
         sims = [envs.make_single_agent_env(env) for _ in range(n)]
@@ -267,6 +269,7 @@ def policy_returns(env: str, policy, n_episodes: int = 100, seed: int = 10101, g
         steps, alive = np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
         while alive.any():
             actions = [np.asarray(a) for a in act(observations, None)]
+            bar.update(int(alive.sum()))
             for j in np.flatnonzero(alive):
                 acts = [np.asarray(a[j], dtype=np.float32).reshape(d) for a, d in zip(actions, envs.action_dims(env))]
                 o, r, term = steppers[j].step(np.clip(envs.join_actions(env, acts), -1.0, 1.0))
@@ -275,8 +278,10 @@ def policy_returns(env: str, policy, n_episodes: int = 100, seed: int = 10101, g
                 for i, o_i in enumerate(envs.split_state(env, obs, np.asarray(o, dtype=np.float32))):
                     observations[i][j] = o_i
                 alive[j] = not (term or steps[j] >= envs.EPISODE_STEPS[env])
+        bar.update(int(envs.EPISODE_STEPS[env] * n - steps.sum()))  # episodes that ended early count as done
         for sim in sims:
             sim.close()
+    bar.close()
     return returns
 
 
@@ -287,8 +292,8 @@ class LeanAntStep:
     """gymnasium Ant-v5's step (include_cfrc_ext_in_observation=False) without its per-step layers (TimeLimit,
     OrderEnforcing, PassiveEnvChecker, named-body lookups, the info dict): the same MuJoCo calls and the same numpy
     expressions on the same dtypes, so observations, rewards and terminals are bit-identical to `sim.step`
-    (tests/test_make_datasets.py checks it over thousands of steps, falls included). About a third of a dataset
-    build's env time was those layers (docs/datasets.md, "Build time"). Resets still go through gymnasium; the caller
+    (tests/test_make_datasets.py checks it over thousands of steps, falls included). Those layers were about a fifth of
+    a dataset build's CPU time per transition (536 -> 417 µs, docs/benchmarks.md, "Dataset builds"). Resets still go through gymnasium; the caller
     counts steps for the 1,000-step time limit."""
 
     def __init__(self, sim):

@@ -148,7 +148,8 @@ def environment_lines(cpus_var: str = "${SLURM_CPUS_PER_TASK:-1}") -> str:
     return "\n".join(lines)
 
 
-def write(target: str, plan_file: str, stale_file: str, options: dict, extra: list) -> pathlib.Path:
+def write(target: str, plan_file: str, stale_file: str, options: dict, extra: list,
+          dry_run: bool = False) -> pathlib.Path:
     budget = os.environ.get("BUDGET", "quick")
     results_dir = pathlib.Path(os.environ.get("RESULTS", "results"))
     runs = pathlib.Path(os.environ["RUNS"]).resolve()
@@ -160,6 +161,11 @@ def write(target: str, plan_file: str, stale_file: str, options: dict, extra: li
         state = results.cell_state(cell, budget, results_dir, str(runs))
         if state == "copy":
             # a finished run whose record is missing: copied here, as the local path does, not given a node
+            # (a dry run writes the array folder only: it says what it would copy)
+            if dry_run:
+                print(f"would record the finished run {runs / cell.name} into {results_dir / cell.table}")
+                copied += 1
+                continue
             import envs
 
             envs.save_record(runs / cell.name, results_dir / cell.table, cell.name)
@@ -167,7 +173,7 @@ def write(target: str, plan_file: str, stale_file: str, options: dict, extra: li
             continue
         if state != "done" or (refresh and f"{cell.table}/{cell.name}" in stale):
             cells.append((cell, line))
-    if copied:
+    if copied and not dry_run:
         print(f"recorded {copied} finished run(s) into {results_dir} here (no Slurm task needed)")
     if not cells:
         print(f"nothing to submit: every cell of {target} is done at budget {budget}")
@@ -289,7 +295,7 @@ def main(argv: list) -> None:
     if not dry_run and shutil.which("sbatch") is None:
         raise SystemExit("error: sbatch not found: run this on a Slurm login node, or add --dry-run to only write the "
                          "array")
-    folder = write(target, plan_file, stale_file, options, extra)
+    folder = write(target, plan_file, stale_file, options, extra, dry_run)
     if folder is None:
         return
     if dry_run:

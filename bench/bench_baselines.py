@@ -92,7 +92,7 @@ def make_stepper(mod, script: str, data, obs: str, batch_size: int, seed: int = 
     """-> a function running one update() of `mod` (the script) on a fresh minibatch."""
     torch.manual_seed(seed)
     device = torch.device("cpu")
-    history_len = envs.HISTORY_LEN if obs == "partial" else 0
+    history_len = envs.HISTORY_LEN if ("ant", obs) in envs.PARTIALLY_OBSERVABLE else 0
     n = data.n_agents
     obs_dim, hist_dim = max(envs.obs_dims("ant", obs)), max(envs.history_dims("ant", obs))
     action_dim = envs.action_dims("ant")[0]

@@ -473,3 +473,46 @@ def test_an_interrupted_write_leaves_no_dataset_behind(monkeypatch):
         envs.write_minari_dataset("coordination", "favorable", episodes, 0.0, 10.0, "test", "interrupted")
     assert envs.dataset_exists("coordination", "favorable") == existed  # the earlier dataset (if any) is intact
     assert not list((envs.DATA_DIR / ".staging").glob("*"))
+
+
+def test_a_build_killed_with_sigkill_leaves_no_dataset_and_the_next_load_rebuilds_it(tmp_path):
+    """A real kill (SIGKILL: no `finally`, no cleanup) in the middle of Minari's write: no dataset appears, and the
+    next load builds it from scratch, dropping the dead build's staging folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), MOMA_CACHE_DIR=str(tmp_path / "cache"))
+    # the child writes part of the files in its staging folder, then hangs there until it is killed
+    code = """if True:
+        import pathlib, time, minari, numpy as np, envs
+        def hangs_half_way(dataset_id, *args, **kwargs):
+            path = minari.storage.get_dataset_path(dataset_id) / "data"
+            path.mkdir(parents=True)
+            (path / "metadata.json").write_text("{}")
+            time.sleep(600)
+        minari.create_dataset_from_buffers = hangs_half_way
+        episodes = [dict(observations=np.zeros((3, 1), np.float32), actions=np.zeros((2, 2), np.int64),
+                         rewards=np.zeros(2), terminations=np.zeros(2, bool), truncations=np.array([False, True]))]
+        envs.write_minari_dataset("coordination", "favorable", episodes, 0.0, 10.0, "test", "killed")
+    """
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=envs.REPO_DIR, env=env)
+    staging = tmp_path / "minari" / ".staging"
+    deadline = time.time() + 120
+    while not list(staging.glob("*/**/metadata.json")) and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    assert list(staging.glob("*/**/metadata.json")), "the child never reached the write"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert list(staging.glob("*")), "the killed build's staging folder is left (nothing cleaned it)"
+    check = "import envs; print(envs.dataset_exists('coordination', 'favorable'))"
+    out = subprocess.run([sys.executable, "-c", check], cwd=envs.REPO_DIR, env=env, capture_output=True, text=True)
+    assert out.stdout.split()[-1] == "False", out.stderr[-500:]  # half a dataset is not a dataset
+    load = "import envs; print(len(envs.load_dataset('coordination', 'favorable')))"
+    out = subprocess.run([sys.executable, "-c", load], cwd=envs.REPO_DIR, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert int(out.stdout.split()[-1]) == envs.COORDINATION_EPISODES * envs.COORDINATION_ROUNDS
+    assert not list(staging.glob("*"))  # the dead build's folder is gone

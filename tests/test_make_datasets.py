@@ -123,6 +123,8 @@ def test_reacher_expert_mix_round_trip(few_ref_episodes):
     assert info["expert_ccw_share"] >= 0.75 and info["mirror_ccw_share"] <= 0.25, info
     builds = md.build_records()
     assert builds["moma/reacher/expert-mix-v0"]["build_time_s"] >= 0
+    # true metadata only: no made-up code permalink or author e-mail (Minari accepts None)
+    assert ds.storage.metadata.get("code_permalink") is None and ds.storage.metadata.get("author_email") is None
 
 
 def test_shipped_reacher_expert_bends_one_way_and_mirror_the_other():

@@ -267,13 +267,25 @@ def test_slurm_records_a_finished_run_here_instead_of_submitting_it(tmp_path):
     env = _slurm_copy(tmp_path)
     name = "coordination__full__favorable__iql__1"
     _record(tmp_path / "runs/run_all/quick" / name, "iql", "favorable", 1, 1.0, "quick")  # the finished run
-    out = subprocess.run(["bash", "run_all.sh", "3", "--slurm", "--dry-run"], cwd=tmp_path,
-                         env={**env, "SEEDS_GAME": "1", "ONLY": "__favorable__iql__ __neutral__iql__"},
+    env = {**env, "SEEDS_GAME": "1", "ONLY": "__favorable__iql__ __neutral__iql__"}
+    # --dry-run writes the array folder and nothing else: it names the run it would record
+    out = subprocess.run(["bash", "run_all.sh", "3", "--slurm", "--dry-run"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"would record the finished run {tmp_path / 'runs/run_all/quick' / name}" in out.stdout
+    assert not (tmp_path / "results/3" / name).exists()
+    # a real submission (sbatch stood in for by a script that prints a job id) records it here
+    bin_dir = tmp_path / "fake_bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    out = subprocess.run(["bash", "run_all.sh", "3", "--slurm"], cwd=tmp_path,
+                         env={**env, "PATH": f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "recorded 1 finished run(s)" in out.stdout
     assert json.loads((tmp_path / "results/3" / name / "summary.json").read_text())["normalized_score_mean"] == 1.0
-    (folder,) = (tmp_path / "runs/run_all/quick/slurm").iterdir()
+    folder = sorted((tmp_path / "runs/run_all/quick/slurm").iterdir())[-1]
     cells = [line.split()[:6] for line in (folder / "cells.txt").read_text().splitlines()]
     assert cells == [["3", "iql.py", "coordination", "full", "neutral", "1"]]  # only the cell left to run
 
@@ -311,3 +323,18 @@ def test_crossplay_plays_each_finished_seed_with_the_others_once(tmp_path, tiny_
     again = subprocess.run(["bash", "run_all.sh", "crossplay"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0 and ">>>" not in again.stdout and again.stdout.count("is up to date") == 2
+
+
+def test_run_all_partial_observabilities_are_envs():
+    """run_all.sh restates the partially observable settings (its quick budget shortens their runs): they must be
+    envs.PARTIALLY_OBSERVABLE's, so a setting added there is not silently budgeted as a fully observable one."""
+    import re
+
+    sys.path.insert(0, str(REPO))
+    import envs
+
+    text = (REPO / "run_all.sh").read_text()
+    match = re.search(r"case \$obs in ([^)]*)\) po=1", text)
+    assert match, "run_all.sh's budget_flags no longer marks partially observable settings with po=1"
+    listed = {name.strip() for name in match.group(1).split("|")}
+    assert listed == {obs for _, obs in envs.PARTIALLY_OBSERVABLE}

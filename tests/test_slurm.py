@@ -156,7 +156,7 @@ def cluster(tmp_path_factory):
         c.start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         c.stop()
-        pytest.skip(f"could not start a single-node Slurm here (the daemons need root): {e}")
+        pytest.skip(f"could not start a single-node Slurm here: {e}")
     yield c
     c.stop()
 
