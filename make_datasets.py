@@ -292,9 +292,9 @@ class LeanAntStep:
     """gymnasium Ant-v5's step (include_cfrc_ext_in_observation=False) without its per-step layers (TimeLimit,
     OrderEnforcing, PassiveEnvChecker, named-body lookups, the info dict): the same MuJoCo calls and the same numpy
     expressions on the same dtypes, so observations, rewards and terminals are bit-identical to `sim.step`
-    (tests/test_make_datasets.py checks it over thousands of steps, falls included). Those layers were about a fifth of
-    a dataset build's CPU time per transition (536 -> 417 µs, docs/benchmarks.md, "Dataset builds"). Resets still go through gymnasium; the caller
-    counts steps for the 1,000-step time limit."""
+    (tests/test_make_datasets.py checks it over thousands of steps, falls included). Those layers were about a
+    fifth of a dataset build's CPU time per transition (536 -> 417 µs, docs/benchmarks.md, "Dataset builds").
+    Resets still go through gymnasium; the caller counts steps for the 1,000-step time limit."""
 
     def __init__(self, sim):
         import mujoco
