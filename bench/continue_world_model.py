@@ -40,8 +40,12 @@ def main() -> None:
         raise SystemExit(f"error: no cached world model {source}; train it first (python world_model.py --env {a.env} "
                          f"--dataset {a.dataset})")
     previous = world_model.load(source, a.env, a.dataset, seed=a.seed)
-    args = world_model.resolve(world_model.Args(env=a.env, dataset=a.dataset, seed=a.seed, max_steps=a.steps,
-                                                lr_decays=0, patience=10**9, torch_threads=a.threads))
+    # the settings the cached model was trained with (its network sizes above all), for a.steps more steps
+    fields = {f.name for f in dataclasses.fields(world_model.Args)}
+    trained_with = {k: v for k, v in previous.config.items() if k in fields}
+    args = world_model.resolve(world_model.Args(**{**trained_with, "env": a.env, "dataset": a.dataset, "seed": a.seed,
+                                                   "max_steps": a.steps, "lr_decays": 0, "patience": 10**9,
+                                                   "torch_threads": a.threads, "resume": False, "force": False}))
     lr_start = args.learning_rate
 
     class CosineAdam(torch.optim.Adam):  # world_model.train's optimiser with the annealed learning rate
@@ -73,7 +77,8 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     world_model.WorldModel = fresh
     world_model.save(model, path, a.seed, dataclasses.asdict(args), metrics)
-    shutil.copy(envs.CACHE_DIR / "reference_scores.json", cache / "reference_scores.json")
+    if (envs.CACHE_DIR / "reference_scores.json").exists():  # the MuJoCo envs' scores (the game's are fixed)
+        shutil.copy(envs.CACHE_DIR / "reference_scores.json", cache / "reference_scores.json")
     if not (cache / "datasets").exists():
         (cache / "datasets").symlink_to((envs.CACHE_DIR / "datasets").resolve())
     report = world_model.format_report(metrics, data.dataset_id)

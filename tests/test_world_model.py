@@ -404,3 +404,33 @@ def test_concurrent_processes_train_a_missing_world_model_once(tmp_path):
     trained = [o for o in outs if "saved " in o]
     assert len(trained) == 1, outs  # one trained and saved it; the other waited (or came after) and loaded it
     assert outs[0].splitlines()[-1] == outs[1].splitlines()[-1]  # the same model
+
+
+def test_continue_world_model_trains_the_cached_model_further_into_its_own_cache(tmp_path):
+    """bench/continue_world_model.py (docs/diagnosis.md row f): the cached model, trained further with its own
+    settings, lands in the given folder with what MOMA_CACHE_DIR needs; the project's cached model is untouched."""
+    import os
+    import subprocess
+    import sys
+
+    import world_model as wm
+
+    small = dict(hidden_dim=16, n_hidden_layers=1, max_steps=60, eval_every=30, rollout_eval_starts=10)
+    envs.build_dataset("coordination", "neutral", seed=0, only_if_missing=True)
+    wm.load_or_train("coordination", "neutral", seed=31, **small)
+    cached = wm.artifact_path("coordination", "neutral", 31)
+    first = wm.load(cached, "coordination", "neutral", seed=31)
+    before = cached.read_bytes()
+    out = subprocess.run([sys.executable, str(envs.REPO_DIR / "bench" / "continue_world_model.py"), "--env",
+                          "coordination", "--dataset", "neutral", "--seed", "31", "--steps", "40", "--out",
+                          str(tmp_path / "longer")], env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert cached.read_bytes() == before
+    cache = tmp_path / "longer" / "cache"
+    longer = wm.load(cache / "world_models" / cached.name, "coordination", "neutral", seed=31)
+    assert longer.metrics["train_steps"] == 40
+    assert longer.metrics["continued_from"]["train_steps"] == first.metrics["train_steps"] == 60
+    assert longer.config["hidden_dim"] == 16 and longer.config["n_hidden_layers"] == 1  # the cached model's sizes
+    assert not torch.equal(longer.network.hidden[0].weight, first.network.hidden[0].weight)
+    assert (cache / "reference_scores.json").exists() or not (envs.CACHE_DIR / "reference_scores.json").exists()
+    assert (cache / "datasets").is_symlink() and (tmp_path / "longer" / "report.txt").read_text().startswith("World model")
