@@ -65,6 +65,9 @@ class Args:
     """use the GPU (CPU by default)"""
     torch_threads: int = 1
     """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
+    bf16: bool = False
+    """run the updates' matrix products in bfloat16 (torch.autocast; output layers, losses, weights and Adam stay
+    fp32): 1.7-2.4x the gradient steps/s on CPUs with AVX512-BF16 or AMX (docs/benchmarks.md, "bfloat16")"""
     total_steps: Optional[int] = None
     """gradient steps (authors: 1,000,001). None = 5k on the coordination game (solved after ~1k), 50k
     otherwise. Measured on the shared 2-core CPU (1 thread, nets 256-256, batch 256): ~45 steps/s on ant,
@@ -125,11 +128,18 @@ class AgentsMLP(nn.Module):
             self.biases.append(nn.Parameter(torch.stack([l.bias.detach() for l in layers])[:, None, :]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.weights) - 1
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x, w)
-            if k < len(self.weights) - 1:
-                x = torch.relu(x)
+            x = torch.relu(torch.baddbmm(b, x, w)) if k < last else output_layer(b, x, w)
         return x
+
+
+def output_layer(b: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """b + x w for a network's output layer, always in fp32. Under --bf16's autocast the hidden layers' products
+    run in bfloat16, whose 8-bit mantissa would round a Q-value of 300 to a multiple of 2, coarser than the TD
+    errors the critic learns from; without autocast this is plain baddbmm."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.baddbmm(b, x.to(w.dtype), w)
 
 
 class AgentsHistoryEncoder(nn.Module):
@@ -386,17 +396,18 @@ def main(args: Args) -> dict:
         hist = table[hist_index[rows]] if history_len > 0 else None
         next_hist = table[next_hist_index[rows]] if history_len > 0 else None
         a = actions[rows]
-        with torch.no_grad():
-            x_target = agent.features(states[rows], hist, target_encoder)
-            q_target = agent.q_values(x_target, a, target_q).min(0).values  # Q̂ = min(Q1', Q2')
-            x_next = agent.features(next_states[rows], next_hist, target_encoder)
-            y = rewards[rows] + args.gamma * (1.0 - terminals[rows]) * agent.v(x_next)[0, :, 0]
-        x = agent.features(states[rows], hist)
-        v = agent.v(x)[0, :, 0]
-        v_loss = expectile_loss(q_target - v, args.expectile)  # V-step
-        weights = awr_weights(q_target - v.detach(), args.beta, args.max_weight)
-        policy_loss = -(weights * agent.log_prob(x, a)).mean()  # π-step (AWR)
-        q_loss = (y - agent.q_values(x, a)).pow(2).sum(0).mean()  # Q-step
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):  # --bf16; backward outside
+            with torch.no_grad():
+                x_target = agent.features(states[rows], hist, target_encoder)
+                q_target = agent.q_values(x_target, a, target_q).min(0).values  # Q̂ = min(Q1', Q2')
+                x_next = agent.features(next_states[rows], next_hist, target_encoder)
+                y = rewards[rows] + args.gamma * (1.0 - terminals[rows]) * agent.v(x_next)[0, :, 0]
+            x = agent.features(states[rows], hist)
+            v = agent.v(x)[0, :, 0]
+            v_loss = expectile_loss(q_target - v, args.expectile)  # V-step
+            weights = awr_weights(q_target - v.detach(), args.beta, args.max_weight)
+            policy_loss = -(weights * agent.log_prob(x, a)).mean()  # π-step (AWR)
+            q_loss = (y - agent.q_values(x, a)).pow(2).sum(0).mean()  # Q-step
         optimizer.zero_grad(set_to_none=True)
         (v_loss + policy_loss + q_loss).backward()
         optimizer.step()

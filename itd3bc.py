@@ -31,6 +31,8 @@ Other choices (not fixed by the paper; a researcher comparing offline MARL metho
 * continuous actions only: the coordination game's discrete baselines are iql.py, maiql.py and ibc.py.
 * all agents' networks are stacks of per-agent weights [n, in, out] run with one bmm per layer.
 * one fused Adam kernel per optimizer step (torch's `fused=True`) and one foreach lerp per soft target update.
+* `--bf16`: the updates' matrix products in bfloat16 (torch.autocast), every network's output layer, the losses,
+  the weights and Adam in fp32; off by default (docs/benchmarks.md, "bfloat16": speed and paired scores).
 
     python itd3bc.py --env reacher --obs all-observant
     python itd3bc.py --env ant --obs partial --dataset expert --mixer
@@ -74,6 +76,9 @@ class Args:
     """use the GPU (CPU by default)"""
     torch_threads: int = 1
     """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
+    bf16: bool = False
+    """run the updates' matrix products in bfloat16 (torch.autocast; output layers, losses, weights and Adam stay
+    fp32): 1.7-2.4x the gradient steps/s on CPUs with AVX512-BF16 or AMX (docs/benchmarks.md, "bfloat16")"""
     total_steps: Optional[int] = None
     """critic gradient steps (authors: 1,000,001). None = a budget that fits a 2-core CPU: 50k without
     histories (fully observable), 10k with the history encoder (partially observable), which dominates
@@ -136,11 +141,18 @@ class AgentsMLP(nn.Module):
             self.biases.append(nn.Parameter(torch.stack([l.bias.detach() for l in layers])[:, None, :]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.weights) - 1
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x, w)
-            if k < len(self.weights) - 1:
-                x = torch.relu(x)
+            x = torch.relu(torch.baddbmm(b, x, w)) if k < last else output_layer(b, x, w)
         return x
+
+
+def output_layer(b: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """b + x w for a network's output layer, always in fp32. Under --bf16's autocast the hidden layers' products
+    run in bfloat16, whose 8-bit mantissa would round a Q-value of 300 to a multiple of 2, coarser than the TD
+    errors the critic learns from; without autocast this is plain baddbmm."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.baddbmm(b, x.to(w.dtype), w)
 
 
 class AgentsHistoryEncoder(nn.Module):
@@ -199,7 +211,9 @@ class Mixer(nn.Module):
 
     def forward(self, values: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """values [..., n, B], states [B, S] -> [..., B]."""
-        wb = self.net(states)
+        out = self.net[-1]  # the output layer in fp32 (output_layer)
+        with torch.autocast(states.device.type, enabled=False):
+            wb = F.linear(self.net[:-1](states).to(out.weight.dtype), out.weight, out.bias)
         return (wb[:, :-1].abs().T * values).sum(-2) + wb[:, -1]
 
 
@@ -233,10 +247,10 @@ class TD3Agents(nn.Module):
         detached: the actor step differentiates Q1 with respect to the actions only."""
         w, b = self.critic.weights, self.critic.biases
         h = torch.cat([x, actions], -1)
+        last = len(w) - 1
         for k in range(len(w)):
-            h = torch.baddbmm(b[k][: self.n].detach(), h, w[k][: self.n].detach())
-            if k < len(w) - 1:
-                h = torch.relu(h)
+            wk, bk = w[k][: self.n].detach(), b[k][: self.n].detach()
+            h = torch.relu(torch.baddbmm(bk, h, wk)) if k < last else output_layer(bk, h, wk)
         return h.squeeze(-1)
 
 
@@ -499,7 +513,8 @@ def main(args: Args) -> dict:
         b = buffer.sample(args.batch_size, generator)
         step += 1
         bar.update(1)
-        losses = update(learner, b, step, args, generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            losses = update(learner, b, step, args, generator)
         critic_loss, q = losses["critic_loss"], losses["q"]
         actor_loss = losses.get("actor_loss", actor_loss)
 

@@ -2,6 +2,7 @@
 
     python bench/bench_baselines.py                                  # all five scripts, PO and FO Ant
     python bench/bench_baselines.py --scripts icql omar --obs partial --threads 2
+    python bench/bench_baselines.py --bf16 --threads 2                # fp32 vs --bf16 (bfloat16 autocast), A/B
 
 For each script (itd3bc, icql, omar, ibc, maiql) and each Ant observation function (partial: 4 agents with
 10-step history encoders; full: no histories), builds the script's learner with its defaults (make_learner)
@@ -57,6 +58,8 @@ class BenchArgs:
     round_s: float = 1.5
     """minimum seconds of one round (at least 2 steps)"""
     baseline: Optional[str] = BASELINE
+    bf16: bool = False
+    """instead of old vs new: the current scripts in fp32 vs under --bf16's bfloat16 autocast (A/B, same rounds)"""
     """git revision of the old scripts (None: time the current scripts only)"""
 
 
@@ -139,14 +142,22 @@ def main(b: BenchArgs) -> None:
     torch.set_num_threads(b.threads)
     print(f"bench_baselines {datetime.datetime.now().isoformat(timespec='seconds')} | {machine()}")
     print(f"torch {torch.__version__}, {b.threads} threads, batch {b.batch_size}, ant/{b.dataset}, "
-          f"{b.rounds} rounds >= {b.round_s} s per version, alternating; baseline {b.baseline}")
+          f"{b.rounds} rounds >= {b.round_s} s per version, alternating; "
+          + ("fp32 vs bf16 autocast" if b.bf16 else f"baseline {b.baseline}"))
     tmp = tempfile.TemporaryDirectory(prefix="bench_baselines_")
     new = {s: load_module(f"new_{s}", REPO / f"{s}.py") for s in b.scripts}
-    old = {s: old_module(s, b.baseline, pathlib.Path(tmp.name)) for s in b.scripts} if b.baseline else {}
+    old = {s: old_module(s, b.baseline, pathlib.Path(tmp.name)) for s in b.scripts} if b.baseline and not b.bf16 else {}
     for obs in b.obs:
         data = envs.load_dataset("ant", b.dataset, obs, history_len=envs.HISTORY_LEN)
         for script in b.scripts:
             versions = {"new": make_stepper(new[script], script, data, obs, b.batch_size)}
+            if b.bf16:  # the same script, its update under the autocast that --bf16 puts around it
+                fp32_step, bf16_step = versions["new"], make_stepper(new[script], script, data, obs, b.batch_size)
+
+                def autocast_step(step=bf16_step):
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        step()
+                versions = {"fp32": fp32_step, "bf16": autocast_step}
             if script in old:
                 versions = {"old": make_stepper(old[script], script, data, obs, b.batch_size), **versions}
             for step in versions.values():  # warm-up (allocator, first-call costs)
@@ -164,6 +175,8 @@ def main(b: BenchArgs) -> None:
                 line += f" | {k} {sps[k]:7.2f} steps/s ({cpu_ms:6.0f} CPU-ms/step)"
             if "old" in sps:
                 line += f" | new/old {sps['new'] / sps['old']:.2f}x"
+            if "bf16" in sps:
+                line += f" | bf16/fp32 {sps['bf16'] / sps['fp32']:.2f}x"
             print(line, flush=True)
     tmp.cleanup()
 

@@ -355,3 +355,48 @@ def test_history_encoder_with_fused_projections_is_the_unfused_one(module_name):
     grads = [torch.autograd.grad(out.pow(2).sum(), list(enc.parameters())) for out in (enc(h), _unfused_encoder(enc, h))]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# --bf16: bfloat16 matrix products under torch.autocast, output layers in fp32
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module,mixer,history_len", [(itd3bc, False, 0), (itd3bc, True, 0), (itd3bc, False, 3),
+                                                      (icql, False, 0), (icql, False, 3), (omar, False, 0)],
+                         ids=lambda v: getattr(v, "__name__", v))
+def test_bf16_update_tracks_the_fp32_update(module, mixer, history_len):
+    """Two updates (critic, then critic + actor) under bfloat16 autocast give the fp32 updates' losses within
+    bfloat16's precision; the Q-values come out of fp32 output layers (in bfloat16 a Q near 300 would be rounded
+    to a multiple of 2), and the weights and Adam's state stay fp32."""
+    import copy
+    torch.manual_seed(0)
+    n, B, o, A, S, hd = 2, 256, 6, 2, 10, 5
+    args = module.Args(env="reacher", hidden=64, history_dim=16, **(dict(mixer=mixer) if module is itd3bc else {}))
+    extra = (S,) if module is itd3bc else ()
+    fp32 = module.make_learner(args, n, o, A, history_len, hd, *extra, torch.device("cpu"))
+    bf16 = copy.deepcopy(fp32)
+    hist = (lambda: torch.randn(n, B, history_len, hd)) if history_len else (lambda: None)
+    b = dict(obs=torch.randn(n, B, o), next_obs=torch.randn(n, B, o), actions=torch.rand(n, B, A) * 2 - 1,
+             rewards=300 + torch.randn(B), terminals=(torch.rand(B) < 0.1).float(), hist=hist(), next_hist=hist(),
+             states=torch.randn(B, S), next_states=torch.randn(B, S))
+    for step in (1, 2):
+        ref = module.update(fp32, b, step, args, torch.Generator().manual_seed(step))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module.update(bf16, b, step, args, torch.Generator().manual_seed(step))
+        assert out["q"].dtype == torch.float32
+        for k in ("critic_loss", "actor_loss"):
+            if k in ref:
+                assert torch.isfinite(out[k]) and out[k].item() == pytest.approx(ref[k].item(), rel=0.03), k
+    assert "actor_loss" in out
+    for p in bf16["agents"].parameters():
+        assert p.dtype == torch.float32
+    for state in bf16["critic_optimizer"].state.values():
+        assert state["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("module", [itd3bc, icql, omar])
+def test_bf16_smoke(module, tiny_mujoco_datasets, tmp_path):
+    """--bf16 end to end on a partially observable task (history encoders): trains, evaluates, records the flag."""
+    extra = dict(cql_samples=2) if module is not itd3bc else {}
+    summary = module.main(_tiny(module, tmp_path, env="ant", obs="partial", dataset="random", bf16=True, **extra))
+    assert summary["train_steps"] == 6 and np.isfinite(summary["normalized_score_mean"])
+    assert summary["config"]["bf16"] is True
