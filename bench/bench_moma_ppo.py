@@ -39,11 +39,14 @@ class BenchArgs:
     use_history: Optional[bool] = None
     minibatch_size: Optional[int] = None
     """None = the script's default (histories only on partially observable tasks)"""
+    bf16: bool = False
+    """a probe: the loop (rollouts and updates) under torch.autocast(bfloat16), against the bfloat16 GEMM rate
+    (moma_ppo.py has no such switch yet: this measures what one would buy, docs/benchmarks.md "bfloat16")"""
 
 
-def gemm_rate(n_agents: int, rows: int, width: int, repeats: int = 20) -> float:
-    """Achieved fp32 GFLOP/s of the loop's dominant GEMM: a bmm [n_agents, rows, width] x [n_agents, width, width]."""
-    a, b = torch.randn(n_agents, rows, width), torch.randn(n_agents, width, width)
+def gemm_rate(n_agents: int, rows: int, width: int, repeats: int = 20, dtype=torch.float32) -> float:
+    """Achieved GFLOP/s of the loop's dominant GEMM: a bmm [n_agents, rows, width] x [n_agents, width, width]."""
+    a, b = torch.randn(n_agents, rows, width, dtype=dtype), torch.randn(n_agents, width, width, dtype=dtype)
     for _ in range(3):
         torch.bmm(a, b)
     times = []
@@ -86,6 +89,8 @@ def main(bench: BenchArgs) -> None:
         counter = FlopCounterMode(display=False) if counting else None
         if counting:
             counter.__enter__()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bench.bf16)
+        autocast.__enter__()
         t0 = time.perf_counter()
         batch, _ = moma_ppo.collect_rollouts(agents, model, layout, states, table, index, args, gen)
         t1 = time.perf_counter()
@@ -106,6 +111,7 @@ def main(bench: BenchArgs) -> None:
                 torch.nn.utils.clip_grad_norm_(agents.parameters(), 1.0)
                 optimizer.step()
         t2 = time.perf_counter()
+        autocast.__exit__(None, None, None)
         if counting:
             counter.__exit__(None, None, None)
             flops_per_transition = counter.get_total_flops() / n
@@ -114,13 +120,15 @@ def main(bench: BenchArgs) -> None:
     r, u, n = np.median(rollout_t), np.median(update_t), int(np.median(steps))
     sps = n / (r + u)
     achieved = sps * flops_per_transition / 1e9
-    roofline = gemm_rate(layout.n, min(args.minibatch_size, n), args.hidden_dim)
+    dtype = torch.bfloat16 if bench.bf16 else torch.float32
+    roofline = gemm_rate(layout.n, min(args.minibatch_size, n), args.hidden_dim, dtype=dtype)
     print(f"{bench.env}/{args.obs}: history={args.use_history} b={args.rollout_batch} k={args.rollout_horizon} "
-          f"minibatch={args.minibatch_size} epochs={args.update_epochs} threads={bench.threads}")
+          f"minibatch={args.minibatch_size} epochs={args.update_epochs} threads={bench.threads}"
+          f"{' bf16 autocast' if bench.bf16 else ''}")
     print(f"  {n} synthetic transitions per iteration; rollouts {r:.2f} s ({n / r:,.0f} steps/s), "
           f"updates {u:.2f} s; whole loop {sps:,.0f} synthetic steps/s")
     print(f"  {flops_per_transition / 1e6:.1f} MFLOP per synthetic transition (rollout + {args.update_epochs} epochs, "
-          f"forward + backward) -> {achieved:.1f} GFLOP/s; fp32 GEMM rate of [{layout.n} x {min(args.minibatch_size, n)} "
+          f"forward + backward) -> {achieved:.1f} GFLOP/s; {'bf16' if bench.bf16 else 'fp32'} GEMM rate of [{layout.n} x {min(args.minibatch_size, n)} "
           f"x {args.hidden_dim} x {args.hidden_dim}] here: {roofline:.1f} GFLOP/s -> {100 * achieved / roofline:.0f}% "
           f"of the roofline")
 
