@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.util
+import json
 import os
 import pathlib
 import statistics
@@ -58,9 +59,11 @@ class BenchArgs:
     round_s: float = 1.5
     """minimum seconds of one round (at least 2 steps)"""
     baseline: Optional[str] = BASELINE
+    """git revision of the old scripts (None: time the current scripts only)"""
     bf16: bool = False
     """instead of old vs new: the current scripts in fp32 vs under --bf16's bfloat16 autocast (A/B, same rounds)"""
-    """git revision of the old scripts (None: time the current scripts only)"""
+    save: Optional[str] = None
+    """also write the figures as JSON to this file (bench/speed_table.py puts them in the README's speed table)"""
 
 
 def machine() -> str:
@@ -145,6 +148,8 @@ def main(b: BenchArgs) -> None:
           f"{b.rounds} rounds >= {b.round_s} s per version, alternating; "
           + ("fp32 vs bf16 autocast" if b.bf16 else f"baseline {b.baseline}"))
     tmp = tempfile.TemporaryDirectory(prefix="bench_baselines_")
+    record = dict(bench="bench_baselines", date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
+                  torch=torch.__version__, threads=b.threads, command="python " + " ".join(sys.argv), rows=[])
     new = {s: load_module(f"new_{s}", REPO / f"{s}.py") for s in b.scripts}
     old = {s: old_module(s, b.baseline, pathlib.Path(tmp.name)) for s in b.scripts} if b.baseline and not b.bf16 else {}
     for obs in b.obs:
@@ -178,7 +183,12 @@ def main(b: BenchArgs) -> None:
             if "bf16" in sps:
                 line += f" | bf16/fp32 {sps['bf16'] / sps['fp32']:.2f}x"
             print(line, flush=True)
+            record["rows"].append(dict(script=script, obs=obs, steps_per_s=sps))
     tmp.cleanup()
+    if b.save:
+        pathlib.Path(b.save).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(b.save).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {b.save}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class BenchArgs:
     use_history: Optional[bool] = None
     minibatch_size: Optional[int] = None
     """None = the script's default (histories only on partially observable tasks)"""
+    save: Optional[str] = None
+    """also write the figures as JSON to this file (bench/speed_table.py puts them in the README's speed table)"""
     bf16: bool = False
     """a probe: the loop (rollouts and updates) under torch.autocast(bfloat16), against the bfloat16 GEMM rate
     (moma_ppo.py has no such switch yet: this measures what one would buy, docs/benchmarks.md "bfloat16")"""
@@ -131,6 +133,23 @@ def main(bench: BenchArgs) -> None:
           f"forward + backward) -> {achieved:.1f} GFLOP/s; {'bf16' if bench.bf16 else 'fp32'} GEMM rate of [{layout.n} x {min(args.minibatch_size, n)} "
           f"x {args.hidden_dim} x {args.hidden_dim}] here: {roofline:.1f} GFLOP/s -> {100 * achieved / roofline:.0f}% "
           f"of the roofline")
+    if bench.save:
+        import datetime, json, os
+        machine = "unknown CPU"
+        for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else []:
+            if line.startswith("model name"):
+                machine = line.split(":", 1)[1].strip()
+                break
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        record = dict(bench="bench_moma_ppo", date=datetime.datetime.now().isoformat(timespec="seconds"),
+                      machine=f"{machine}, {os.cpu_count()} logical CPUs, load average {load}", torch=torch.__version__,
+                      threads=bench.threads, command="python " + " ".join(sys.argv),
+                      rows=[dict(env=bench.env, obs=args.obs, history=bool(args.use_history), bf16=bench.bf16,
+                                 synthetic_steps_per_s=sps, mflop_per_transition=flops_per_transition / 1e6,
+                                 gflop_per_s=achieved, gemm_gflop_per_s=roofline, roofline_share=achieved / roofline)])
+        pathlib.Path(bench.save).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(bench.save).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {bench.save}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ class BenchArgs:
     """inference batch sizes (2,000 = one MOMA-PPO rollout step on ant)"""
     batch_size: int = 256
     """minibatch per member and training step"""
+    bf16: bool = False
+    """a probe: also time our training step with the network's forward under torch.autocast(bfloat16), losses in
+    fp32 (world_model.py has no such switch yet; docs/benchmarks.md "bfloat16")"""
 
 
 class LoopEnsemble(nn.Module):
@@ -91,10 +94,12 @@ def main(bench: BenchArgs) -> None:
     net = model.network
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
 
-    def train_ours():
+    def train_ours(bf16: bool = False):
         for _ in range(bench.train_steps):
             idx = torch.randint(n_data, (E, bench.batch_size), generator=gen)
-            mean, logvar, logit = net(inputs[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                mean, logvar, logit = net(inputs[idx])
+            mean, logvar, logit = mean.float(), logvar.float(), logit.float()
             nll = world_model.gaussian_nll(mean, logvar, targets[idx])
             bce = F.binary_cross_entropy_with_logits(logit, not_terminal[idx], reduction="none").mean(1)
             loss = (nll + bce).sum()
@@ -117,6 +122,9 @@ def main(bench: BenchArgs) -> None:
 
     t_ours = median_time(train_ours, bench.repeats) / bench.train_steps
     t_loop = median_time(train_loop, bench.repeats) / bench.train_steps
+    if bench.bf16:
+        t_bf16 = median_time(lambda: train_ours(bf16=True), bench.repeats) / bench.train_steps
+        print(f"training steps/s: fp32 {1 / t_ours:,.1f}, bf16 autocast {1 / t_bf16:,.1f} ({t_ours / t_bf16:.2f}x)")
     print(f"world model {bench.env} (S={S}, A={A}; {E} members x {model.hyper['n_hidden_layers']} x "
           f"{model.hyper['hidden_dim']}, {model.hyper['n_elites']} elites), torch {torch.__version__}, "
           f"{bench.threads} thread(s), median of {bench.repeats}")
