@@ -67,7 +67,7 @@ class Args:
     """torch CPU threads: 1 is fastest for these batch-256 networks on a shared 2-core machine"""
     bf16: bool = False
     """run the updates' matrix products in bfloat16 (torch.autocast; output layers, losses, weights and Adam stay
-    fp32): 1.7-2.4x the gradient steps/s on CPUs with AVX512-BF16 or AMX (docs/benchmarks.md, "bfloat16")"""
+    fp32): 1.4-1.9x the gradient steps/s on Ant with this CPU's AVX512-BF16 (docs/benchmarks.md, "bfloat16")"""
     total_steps: Optional[int] = None
     """gradient steps (authors: 1,000,001). None = 5k on the coordination game (solved after ~1k), 50k
     otherwise. Measured on the shared 2-core CPU (1 thread, nets 256-256, batch 256): ~45 steps/s on ant,
