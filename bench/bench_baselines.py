@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.util
-import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -37,6 +35,7 @@ import tyro
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import envs  # noqa: E402
+from speed_table import machine, save  # noqa: E402  (bench/, beside this file)
 
 SCRIPTS = ("itd3bc", "icql", "omar", "ibc", "maiql")
 # The commit that gave every script a module-level make_learner/update with the computations of before the
@@ -64,19 +63,6 @@ class BenchArgs:
     """instead of old vs new: the current scripts in fp32 vs under --bf16's bfloat16 autocast (A/B, same rounds)"""
     save: Optional[str] = None
     """also write the figures as JSON to this file (bench/speed_table.py puts them in the README's speed table)"""
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model}, {os.cpu_count()} logical CPUs, load average {load}, nice {os.nice(0)}"
 
 
 def load_module(name: str, path: pathlib.Path):
@@ -148,8 +134,7 @@ def main(b: BenchArgs) -> None:
           f"{b.rounds} rounds >= {b.round_s} s per version, alternating; "
           + ("fp32 vs bf16 autocast" if b.bf16 else f"baseline {b.baseline}"))
     tmp = tempfile.TemporaryDirectory(prefix="bench_baselines_")
-    record = dict(bench="bench_baselines", date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
-                  torch=torch.__version__, threads=b.threads, command="python " + " ".join(sys.argv), rows=[])
+    saved_rows = []
     new = {s: load_module(f"new_{s}", REPO / f"{s}.py") for s in b.scripts}
     old = {s: old_module(s, b.baseline, pathlib.Path(tmp.name)) for s in b.scripts} if b.baseline and not b.bf16 else {}
     for obs in b.obs:
@@ -183,12 +168,10 @@ def main(b: BenchArgs) -> None:
             if "bf16" in sps:
                 line += f" | bf16/fp32 {sps['bf16'] / sps['fp32']:.2f}x"
             print(line, flush=True)
-            record["rows"].append(dict(script=script, obs=obs, steps_per_s=sps))
+            saved_rows.append(dict(script=script, obs=obs, steps_per_s=sps))
     tmp.cleanup()
     if b.save:
-        pathlib.Path(b.save).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(b.save).write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {b.save}")
+        save(b.save, "bench_baselines", b.threads, saved_rows, torch.__version__)
 
 
 if __name__ == "__main__":

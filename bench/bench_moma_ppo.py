@@ -26,6 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 import moma_ppo  # noqa: E402
 import world_model  # noqa: E402
+import speed_table  # noqa: E402  (bench/, beside this file)
 
 
 @dataclasses.dataclass
@@ -134,22 +135,10 @@ def main(bench: BenchArgs) -> None:
           f"x {args.hidden_dim} x {args.hidden_dim}] here: {roofline:.1f} GFLOP/s -> {100 * achieved / roofline:.0f}% "
           f"of the roofline")
     if bench.save:
-        import datetime, json, os
-        machine = "unknown CPU"
-        for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else []:
-            if line.startswith("model name"):
-                machine = line.split(":", 1)[1].strip()
-                break
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        record = dict(bench="bench_moma_ppo", date=datetime.datetime.now().isoformat(timespec="seconds"),
-                      machine=f"{machine}, {os.cpu_count()} logical CPUs, load average {load}", torch=torch.__version__,
-                      threads=bench.threads, command="python " + " ".join(sys.argv),
-                      rows=[dict(env=bench.env, obs=args.obs, history=bool(args.use_history), bf16=bench.bf16,
-                                 synthetic_steps_per_s=sps, mflop_per_transition=flops_per_transition / 1e6,
-                                 gflop_per_s=achieved, gemm_gflop_per_s=roofline, roofline_share=achieved / roofline)])
-        pathlib.Path(bench.save).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(bench.save).write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {bench.save}")
+        speed_table.save(bench.save, "bench_moma_ppo", bench.threads, [dict(
+            env=bench.env, obs=args.obs, history=bool(args.use_history), bf16=bench.bf16, synthetic_steps_per_s=sps,
+            mflop_per_transition=flops_per_transition / 1e6, gflop_per_s=achieved, gemm_gflop_per_s=roofline,
+            roofline_share=achieved / roofline)], torch.__version__)
 
 
 if __name__ == "__main__":
