@@ -35,7 +35,7 @@ import tyro
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import envs  # noqa: E402
-from speed_table import machine, save  # noqa: E402  (bench/, beside this file)
+from speed_table import gemm_rate, machine, save  # noqa: E402  (bench/, beside this file)
 
 SCRIPTS = ("itd3bc", "icql", "omar", "ibc", "maiql")
 # The commit that gave every script a module-level make_learner/update with the computations of before the
@@ -117,6 +117,17 @@ def make_stepper(mod, script: str, data, obs: str, batch_size: int, seed: int = 
     return step
 
 
+def flops_per_step(step) -> float:
+    """FLOPs of one update (forward and backward; torch's FlopCounterMode, which counts the matrix products),
+    averaged over a critic-only and a critic + actor step of the TD3 family."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+        step()
+    return counter.get_total_flops() / 2
+
+
 def timed_round(step, min_s: float) -> tuple[int, float, float]:
     """Runs steps in pairs until min_s has passed -> (steps, wall s, process CPU s)."""
     steps, w0, c0 = 0, time.perf_counter(), time.process_time()
@@ -157,18 +168,24 @@ def main(b: BenchArgs) -> None:
                 order = list(versions) if r % 2 == 0 else list(versions)[::-1]
                 for k in order:
                     results[k].append(timed_round(versions[k], b.round_s))
+            # The roofline: this machine's GEMM rate, now, on the shape that dominates these updates (4 agents'
+            # two critics, or actor and critic, over a batch of 256 x 10 history steps, 256 wide)
+            gflop = {k: flops_per_step(step) / 1e9 for k, step in versions.items()}  # old and new may differ
+            rates = {k: gemm_rate(8, 2560, 256, dtype=torch.bfloat16 if k == "bf16" else torch.float32) for k in versions}
             line = f"{script:7s} ant/{obs:7s}"
             sps = {}
             for k, rounds in results.items():
                 sps[k] = statistics.median(s / w for s, w, _ in rounds)
                 cpu_ms = statistics.median(1000 * c / s for s, _, c in rounds)
-                line += f" | {k} {sps[k]:7.2f} steps/s ({cpu_ms:6.0f} CPU-ms/step)"
+                line += (f" | {k} {sps[k]:7.2f} steps/s ({cpu_ms:5.0f} CPU-ms, {gflop[k]:5.2f} GFLOP per step: "
+                         f"{sps[k] * gflop[k] / rates[k]:4.0%} of the GEMM rate {rates[k]:.0f} GFLOP/s, "
+                         f"ceiling {rates[k] / gflop[k]:.1f} steps/s)")
             if "old" in sps:
                 line += f" | new/old {sps['new'] / sps['old']:.2f}x"
             if "bf16" in sps:
                 line += f" | bf16/fp32 {sps['bf16'] / sps['fp32']:.2f}x"
             print(line, flush=True)
-            saved_rows.append(dict(script=script, obs=obs, steps_per_s=sps))
+            saved_rows.append(dict(script=script, obs=obs, steps_per_s=sps, gflop_per_step=gflop, gemm_gflop_per_s=rates))
     tmp.cleanup()
     if b.save:
         save(b.save, "bench_baselines", b.threads, saved_rows, torch.__version__)

@@ -47,20 +47,6 @@ class BenchArgs:
     (moma_ppo.py has no such switch yet: this measures what one would buy, docs/benchmarks.md "bfloat16")"""
 
 
-def gemm_rate(n_agents: int, rows: int, width: int, repeats: int = 20, dtype=torch.float32) -> float:
-    """Achieved GFLOP/s of the loop's dominant GEMM: a bmm [n_agents, rows, width] x [n_agents, width, width]."""
-    a, b = torch.randn(n_agents, rows, width, dtype=dtype), torch.randn(n_agents, width, width, dtype=dtype)
-    for _ in range(3):
-        torch.bmm(a, b)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            torch.bmm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n_agents * rows * width * width * repeats / np.median(times) / 1e9
-
-
 def main(bench: BenchArgs) -> None:
     envs.keep_large_allocations_in_the_heap()  # as moma_ppo.main does
     torch.set_num_threads(bench.threads)
@@ -124,7 +110,7 @@ def main(bench: BenchArgs) -> None:
     sps = n / (r + u)
     achieved = sps * flops_per_transition / 1e9
     dtype = torch.bfloat16 if bench.bf16 else torch.float32
-    roofline = gemm_rate(layout.n, min(args.minibatch_size, n), args.hidden_dim, dtype=dtype)
+    roofline = speed_table.gemm_rate(layout.n, min(args.minibatch_size, n), args.hidden_dim, dtype=dtype)
     print(f"{bench.env}/{args.obs}: history={args.use_history} b={args.rollout_batch} k={args.rollout_horizon} "
           f"minibatch={args.minibatch_size} epochs={args.update_epochs} threads={bench.threads}"
           f"{' bf16 autocast' if bench.bf16 else ''}")

@@ -47,3 +47,22 @@ def test_missing_markers_or_figures_are_clear_errors(tmp_path):
     (tmp_path / "r" / "a.json").write_text(json.dumps(MOMA))
     with pytest.raises(SystemExit, match="needs one line"):
         speed_table.main(tmp_path / "r", readme)
+
+
+def test_baseline_rows_with_flop_counts_show_the_share_and_the_ceiling(tmp_path):
+    """A bench_baselines record with FLOP counts: the share of the GEMM rate is steps/s x GFLOP / rate, the ceiling
+    rate / GFLOP (here fp32: 2 x 25 / 100 = 50%, 100 / 25 = 4.0; bf16: 5 x 25 / 400 = 31%, 400 / 25 = 16.0)."""
+    record = dict(BASE, rows=[dict(script="icql", obs="full", steps_per_s={"fp32": 2.0, "bf16": 5.0},
+                                   gflop_per_step={"fp32": 25.0, "bf16": 25.0},
+                                   gemm_gflop_per_s={"fp32": 100.0, "bf16": 400.0})])
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "a.json").write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{speed_table.BEGIN}\n{speed_table.END}\n")
+    speed_table.main(tmp_path / "r", readme)
+    assert ("fp32 2.00, bf16 5.00 gradient steps/s; fp32 25.00 GFLOP each, 50% of the GEMM rate 100 GFLOP/s (ceiling 4.0), "
+            "bf16 25.00 GFLOP each, 31% of the GEMM rate 400 GFLOP/s (ceiling 16.0) |") in readme.read_text()
+
+
+def test_gemm_rate_is_a_positive_rate():
+    assert 0 < speed_table.gemm_rate(2, 64, 32, repeats=2) < 1e5
