@@ -63,6 +63,10 @@ class BenchArgs:
     """instead of old vs new: the current scripts in fp32 vs under --bf16's bfloat16 autocast (A/B, same rounds)"""
     save: Optional[str] = None
     """also write the figures as JSON to this file (bench/speed_table.py puts them in the README's speed table)"""
+    heap: bool = True
+    """keep large allocations in glibc's heap, as icql.py and omar.py do at start (envs.keep_large_allocations_in_the_heap;
+    the other baselines' tensors are too small to be affected); --no-heap: glibc's default, to measure what it buys.
+    Process-wide, so it cannot be A/B'd within one run: compare two runs"""
 
 
 def load_module(name: str, path: pathlib.Path):
@@ -140,10 +144,12 @@ def timed_round(step, min_s: float) -> tuple[int, float, float]:
 
 def main(b: BenchArgs) -> None:
     torch.set_num_threads(b.threads)
+    heap = b.heap and envs.keep_large_allocations_in_the_heap()
     print(f"bench_baselines {datetime.datetime.now().isoformat(timespec='seconds')} | {machine()}")
     print(f"torch {torch.__version__}, {b.threads} threads, batch {b.batch_size}, ant/{b.dataset}, "
           f"{b.rounds} rounds >= {b.round_s} s per version, alternating; "
-          + ("fp32 vs bf16 autocast" if b.bf16 else f"baseline {b.baseline}"))
+          + ("fp32 vs bf16 autocast" if b.bf16 else f"baseline {b.baseline}")
+          + f"; large allocations {'in the heap' if heap else 'mmapped (glibc default)'}")
     tmp = tempfile.TemporaryDirectory(prefix="bench_baselines_")
     saved_rows = []
     new = {s: load_module(f"new_{s}", REPO / f"{s}.py") for s in b.scripts}
@@ -185,7 +191,8 @@ def main(b: BenchArgs) -> None:
             if "bf16" in sps:
                 line += f" | bf16/fp32 {sps['bf16'] / sps['fp32']:.2f}x"
             print(line, flush=True)
-            saved_rows.append(dict(script=script, obs=obs, steps_per_s=sps, gflop_per_step=gflop, gemm_gflop_per_s=rates))
+            saved_rows.append(dict(script=script, obs=obs, steps_per_s=sps, gflop_per_step=gflop, gemm_gflop_per_s=rates,
+                                   heap=heap))
     tmp.cleanup()
     if b.save:
         save(b.save, "bench_baselines", b.threads, saved_rows, torch.__version__)

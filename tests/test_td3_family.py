@@ -400,3 +400,47 @@ def test_bf16_smoke(module, tiny_mujoco_datasets, tmp_path):
     summary = module.main(_tiny(module, tmp_path, env="ant", obs="partial", dataset="random", bf16=True, **extra))
     assert summary["train_steps"] == 6 and np.isfinite(summary["normalized_score_mean"])
     assert summary["config"]["bf16"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# icql.py / omar.py keep their 63 MB CQL activations in the heap (envs.keep_large_allocations_in_the_heap)
+# --------------------------------------------------------------------------------------------------
+_HEAP_PROBE = """
+import hashlib, sys, torch
+sys.path.insert(0, {repo!r})
+import envs, icql
+assert envs.keep_large_allocations_in_the_heap() == ({heap} and sys.platform == "linux")
+torch.manual_seed(0)
+torch.set_num_threads(1)
+n, B, o, A = 4, 256, 27, 8  # Ant's shapes: the sampled actions' hidden layers are [8, 7680, 256] floats, 63 MB
+args = icql.Args(env="ant")
+learner = icql.make_learner(args, n, o, A, 0, 1, torch.device("cpu"))
+b = dict(obs=torch.randn(n, B, o), next_obs=torch.randn(n, B, o), actions=torch.rand(n, B, A) * 2 - 1,
+         rewards=torch.randn(B), terminals=torch.zeros(B), hist=None, next_hist=None)
+for step in (1, 2):
+    icql.update(learner, b, step, args, torch.Generator().manual_seed(step))
+digest = hashlib.sha256()
+for p in learner["agents"].parameters():
+    digest.update(p.detach().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_cql_updates_are_bit_identical_with_large_allocations_in_the_heap():
+    """icql.py and omar.py keep large allocations in glibc's heap for speed (1.5x on Ant, docs/benchmarks.md): that
+    changes where the memory comes from, never the arithmetic. Two Ant-sized ICQL updates give the same weights
+    bit for bit with glibc's default (MOMA_KEEP_MMAP=1 disables the switch) and with the switch on."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    digests = []
+    for heap in (False, True):
+        env = dict(os.environ, MOMA_KEEP_MMAP="0" if heap else "1")
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE.format(repo=repo, heap=heap)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.append(out.stdout.split()[-1])
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
