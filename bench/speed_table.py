@@ -78,7 +78,8 @@ def rows(records: list[dict]) -> list[str]:
                 figure = (f"{row['synthetic_steps_per_s']:,.0f} synthetic steps/s ({row['mflop_per_transition']:.1f} MFLOP "
                           f"each, {100 * row['roofline_share']:.0f}% of the GEMM rate {row['gemm_gflop_per_s']:.0f} GFLOP/s)")
             elif rec["bench"] == "bench_baselines":
-                what = f"`{row['script']}.py` update, ant/{row['obs']}, batch 256"
+                what = f"`{row['script']}.py` update, ant/{row['obs']}, batch 256" + (
+                    ", large allocations mmapped (glibc's default, `--no-heap`)" if row.get("heap") is False else "")
                 figure = ", ".join(f"{k} {v:.2f}" for k, v in row["steps_per_s"].items()) + " gradient steps/s"
                 if "gflop_per_step" in row:  # the FLOP count and the roofline (saved since the FLOP counting)
                     figure += "; " + ", ".join(
