@@ -77,9 +77,9 @@ class Args:
     """critic gradient steps (authors: 1,000,001). None = a budget that fits a 2-core CPU: 10k without
     histories (fully observable), 5k with the history encoder (partially observable). The CQL term
     scores 30 sampled actions per state with both critics, about 30x a TD3 critic step, and dominates
-    the cost. Measured with 1 thread at batch 256 on the shared 2-core machine (load 6-10): ICQL ant
-    full 0.69 updates/s, ICQL ant partial 0.62, OMAR ant partial 0.54; an unshared machine is
-    expected to be several times faster (not measured). --cql-samples 3 cuts the CQL cost about 3x"""
+    the cost: 26-33 GFLOP per step on Ant. Measured at batch 256 on a quiet 2-core AMD EPYC, 2 threads
+    (docs/benchmarks.md): ICQL ant full 4.0 steps/s, partial 3.6; OMAR full 3.9, partial 3.1 (--bf16:
+    5.2-6.7); about 1.5 steps/s on 1 thread beside another job. --cql-samples 3 cuts the CQL cost about 3x"""
     batch_size: int = 256
     hidden: int = 256
     """width of the two hidden layers of every MLP"""
