@@ -721,6 +721,7 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
     best_mse = torch.full((e,), float("inf"), device=device)
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     evals_without_progress, step, history, lr_decays_done = 0, 0, [], 0
+    time_before_resume = 0.0  # training time of the segments before this one (a resumed run reports the sum)
 
     if checkpoint_path is not None and args.resume and checkpoint_path.exists():
         try:
@@ -734,6 +735,7 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
                 best_state, best_mse = ck["best_state"], ck["best_mse"]
                 step, evals_without_progress, history = ck["step"], ck["evals_without_progress"], ck["history"]
                 lr_decays_done = ck.get("lr_decays_done", 0)  # the optimizer state carries the decayed lr
+                time_before_resume = float(ck.get("train_time_s", 0.0))
                 gen.set_state(ck["generator"].cpu())
                 print(f"resuming world-model training from step {step} ({checkpoint_path})")
         except Exception as exc:  # an unreadable checkpoint only costs the time it saved
@@ -799,10 +801,11 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
                                 "optimizer": optimizer.state_dict(), "best_state": best_state, "best_mse": best_mse,
                                 "step": step, "evals_without_progress": evals_without_progress, "history": history,
                                 "lr_decays_done": lr_decays_done,
-                                "generator": gen.get_state(), "dataset_fingerprint": model.dataset_fingerprint},
+                                "generator": gen.get_state(), "dataset_fingerprint": model.dataset_fingerprint,
+                                "train_time_s": time_before_resume + time.time() - t0},
                                checkpoint_path)
     bar.close()
-    train_time = time.time() - t0
+    train_time = time_before_resume + time.time() - t0  # every segment of a resumed training, not only the last
 
     # Each member's best snapshot, then elites by the error on the whole held-out split.
     net.load_state_dict(best_state)
