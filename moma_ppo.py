@@ -901,6 +901,8 @@ def main(args: Args) -> dict:
         "episode_returns": returns_eval.tolist(), "episode_normalized_scores": scores.tolist(),
         "train_steps": int(synthetic_steps), "wall_time_s": wall_before + time.time() - start_time,
         "git_commit": git_commit(), "method": method, **envs.record_fields(code, data, args.budget, lengths, conventions),
+        # the model the policy trained in (None: --ground-truth, the real simulator)
+        "world_model": None if args.ground_truth else world_model.provenance(model),
     }
     curve.add(args.iterations, synthetic_steps, summary["wall_time_s"], summary["normalized_score_mean"], len(returns_eval))
     writer.add_scalar("eval/final_normalized_score", summary["normalized_score_mean"], args.iterations)

@@ -484,9 +484,22 @@ def _check_identity(payload: dict, path: pathlib.Path, env: Optional[str], datas
                             f"--env {env or payload['env']} --dataset {dataset}`")
 
 
-def _stale_reason(payload: dict, env: str, dataset: str) -> Optional[str]:
-    """Why a saved model no longer fits the local dataset (it was rebuilt since), or None. Models saved
-    before fingerprints existed, and datasets that are not local, cannot be checked and pass."""
+# Settings that say how a model is trained, not what is trained: a cached model made with other values of these is
+# still the model asked for.
+HOW_NOT_WHAT = ("resume", "force", "torch_threads", "cuda", "checkpoint_every", "exp_name")
+
+
+def _stale_reason(payload: dict, env: str, dataset: str, wanted: Optional[dict] = None) -> Optional[str]:
+    """Why a saved model no longer fits the local dataset (it was rebuilt since) or, given the training settings
+    `wanted` (dataclasses.asdict of resolved Args), the settings it is asked for (a preset or an override changed
+    since it was cached); None if it fits. Models saved before fingerprints (or configs) existed, and datasets that
+    are not local, cannot be checked and pass."""
+    trained_with = payload.get("config") or {}
+    if wanted is not None and trained_with:
+        changed = sorted(k for k in wanted if k not in HOW_NOT_WHAT and trained_with.get(k) != wanted[k])
+        if changed:
+            return ("it was trained with other settings (" + ", ".join(
+                f"{k} {trained_with.get(k)!r}, now {wanted[k]!r}" for k in changed[:4]) + ")")
     trained_on = payload.get("dataset_fingerprint")
     if not trained_on:
         return None
@@ -533,7 +546,18 @@ def load(path, env: Optional[str] = None, dataset: Optional[str] = None, device=
     model.metrics = payload.get("metrics", {})
     model.dataset_fingerprint = payload.get("dataset_fingerprint")
     model.config = payload.get("config", {})
+    model.path, model.seed = str(path), payload.get("seed")
     return model.to(device).eval()
+
+
+def provenance(model: WorldModel) -> dict:
+    """What a MOMA-PPO record says of the world model it trained in: the file, its seed, its training and its held-out
+    error, so that two records made with different models (a longer-trained one, another cache) can be told apart."""
+    metrics = getattr(model, "metrics", {}) or {}
+    return {"path": getattr(model, "path", None), "seed": getattr(model, "seed", None),
+            "dataset_fingerprint": getattr(model, "dataset_fingerprint", None),
+            "train_steps": metrics.get("train_steps"), "stopped_early": metrics.get("stopped_early"),
+            "holdout_mse": metrics.get("holdout_mse"), "elites": metrics.get("elites")}
 
 
 def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device="cpu", **train_overrides) -> WorldModel:
@@ -547,12 +571,13 @@ def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device
     path = artifact_path(env, dataset, seed)
     args = Args(env=env, dataset=dataset, seed=seed, **train_overrides)
     check_args(resolve(args))
+    wanted = dataclasses.asdict(resolve(args))  # a cached model trained with other settings is retrained
     # A current model is loaded without the lock (saves are atomic renames, so a file that exists is whole): a run
     # that only needs the cached model never queues behind another process's training of another dataset's model.
     if path.exists():
         payload = _read_payload(path)
         _check_identity(payload, path, env, dataset, seed)
-        if _stale_reason(payload, env, dataset) is None:
+        if _stale_reason(payload, env, dataset, wanted) is None:
             return load(path, env, dataset, device, seed=seed)
     # Under the model's lock: of two processes that find it missing (or stale), one trains it and the other waits,
     # then loads it (they would otherwise both train it, sharing one training checkpoint file).
@@ -560,12 +585,13 @@ def load_or_train(env: str, dataset: Optional[str] = None, seed: int = 0, device
         if path.exists():
             payload = _read_payload(path)
             _check_identity(payload, path, env, dataset, seed)  # another model's file is refused, not called stale
-            stale = _stale_reason(payload, env, dataset)
+            stale = _stale_reason(payload, env, dataset, wanted)
             if stale is None:
                 return load(path, env, dataset, device, seed=seed)
             print(f"world model {path}: {stale}; training a new one")
         envs.check_free_space(path.parent, 0)  # fail now, not after the training
-        model, _ = train_and_save(args, torch.device(device))
+        model, metrics = train_and_save(args, torch.device(device))
+    model.metrics, model.path, model.seed = metrics, str(path), seed  # as load() sets them (provenance)
     return model.eval()
 
 

@@ -349,6 +349,9 @@ def test_solves_the_unfavorable_coordination_game(monkeypatch, tmp_path):
     assert summary["normalized_score_mean"] == 1.0  # every round of every greedy episode coordinated
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["episode_normalized_scores"] == [1.0] * 20 and saved["dataset_id"] == "moma/coordination/unfavorable-v0"
+    # the record names the world model it trained in: the cached file, its seed and its training (monkeypatched above)
+    assert saved["world_model"]["path"] == str(world_model.artifact_path("coordination", "unfavorable", 0))
+    assert saved["world_model"]["seed"] == 0 and 0 < saved["world_model"]["train_steps"] <= 600
 
 
 def test_resume_continues_from_the_checkpoint_instead_of_training_again(monkeypatch, tmp_path):

@@ -451,3 +451,21 @@ def test_a_resumed_training_reports_the_time_of_every_segment(tmp_path):
     _, resumed = wm.train(data, dataclasses.replace(args, resume=True), progress=False, checkpoint_path=ckpt)
     assert resumed["train_steps"] == 200
     assert 1000.0 < resumed["train_time_s"] < 1000.0 + 10 * first["train_time_s"] + 60
+
+
+def test_a_cached_model_trained_with_other_settings_is_retrained_and_records_say_which_model(monkeypatch):
+    """load_or_train retrains a cached model whose training settings differ from those asked for (a changed preset
+    or override), never for how it was trained (threads, checkpoints); provenance() names the file, seed and error."""
+    small = dict(hidden_dim=8, n_hidden_layers=1, max_steps=40, eval_every=20, patience=1, rollout_eval_starts=5)
+    model = wm.load_or_train("coordination", "neutral", seed=5, **small)
+    first = wm.provenance(model)
+    assert first["path"] == str(wm.artifact_path("coordination", "neutral", 5)) and first["seed"] == 5
+    assert first["train_steps"] == 40 and len(first["holdout_mse"]) == model.hyper["ensemble_size"]
+    trained = []
+    real_train = wm.train_and_save
+    monkeypatch.setattr(wm, "train_and_save", lambda *a, **k: trained.append(a[0]) or real_train(*a, **k))
+    again = wm.load_or_train("coordination", "neutral", seed=5, torch_threads=2, **small)  # how, not what: cached
+    assert trained == [] and wm.provenance(again) == first
+    wm.load_or_train("coordination", "neutral", seed=5, **dict(small, max_steps=60))  # what: retrained
+    assert len(trained) == 1 and trained[0].max_steps == 60
+    assert wm.provenance(wm.load_or_train("coordination", "neutral", seed=5, **dict(small, max_steps=60)))["train_steps"] == 60
