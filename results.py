@@ -345,11 +345,13 @@ def fmt_paper(cell: Optional[tuple]) -> str:
 
 
 def fmt_steps(record: Record) -> str:
+    """The training of one record, and its precision where it is not fp32 (--bf16 runs file into the same cells)."""
     s = record.summary
     steps = s.get("train_steps", 0)
+    bf16 = ", bfloat16 (--bf16)" if s.get("config", {}).get("bf16") else ""
     if record.method.startswith("moma_ppo"):
-        return f"{s.get('config', {}).get('iterations', '?')} it, {steps / 1e6:.2f}M synthetic steps"
-    return f"{steps / 1000:g}k grad steps"
+        return f"{s.get('config', {}).get('iterations', '?')} it, {steps / 1e6:.2f}M synthetic steps{bf16}"
+    return f"{steps / 1000:g}k grad steps{bf16}"
 
 
 def fmt_seconds(seconds: float) -> str:

@@ -302,6 +302,7 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --eps-g-units standardised   # (d) ε_g units
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history zeros        # (g) reset histories
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --bf16     # speed: the agents in bfloat16 (1.8x)
   # (j) full-replay's jumps (docs/diagnosis.md point 10): the policy jumps in states it reaches itself after many
   # steps, which 10-step rollouts from dataset states never visit. Longer rollouts at the same synthetic
   # transitions per iteration (the terminal cut stops them where the model is uncertain, as MOReL's HALT state);

@@ -349,7 +349,8 @@ class WorldModel(nn.Module):
         """Every (selected) member's prediction in dataset units, unclipped: next_states, next_state_var
         [M, B, S], rewards, reward_var, p_not_terminal [M, B]."""
         states = torch.as_tensor(states, dtype=torch.float32, device=self.device)
-        mean, logvar, logit = self.network(self.encode_inputs(states, joint_actions), members)
+        with torch.autocast(self.device.type, enabled=False):  # fp32 even inside MOMA-PPO's --bf16 rollouts
+            mean, logvar, logit = self.network(self.encode_inputs(states, joint_actions), members)
         mean = mean * self.target_std + self.target_mean
         var = logvar.exp() * self.target_std**2
         s = self.state_dim

@@ -43,8 +43,8 @@ class BenchArgs:
     save: Optional[str] = None
     """also write the figures as JSON to this file (bench/speed_table.py puts them in the README's speed table)"""
     bf16: bool = False
-    """a probe: the loop (rollouts and updates) under torch.autocast(bfloat16), against the bfloat16 GEMM rate
-    (moma_ppo.py has no such switch yet: this measures what one would buy, docs/benchmarks.md "bfloat16")"""
+    """the loop (rollouts and updates) under torch.autocast(bfloat16) as moma_ppo.py --bf16 runs it (output layers and
+    the world model stay fp32), against the bfloat16 GEMM rate (docs/benchmarks.md "bfloat16")"""
 
 
 def main(bench: BenchArgs) -> None:

@@ -519,3 +519,40 @@ def test_history_encoder_with_fused_projections_is_the_unfused_one():
     grads = [torch.autograd.grad(f(history).pow(2).sum(), list(enc.parameters())) for f in (enc, unfused)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# --bf16: the agents' matrix products in bfloat16, output layers and the world model in fp32
+# --------------------------------------------------------------------------------------------------
+def test_bf16_keeps_output_layers_and_the_world_model_fp32_and_tracks_fp32():
+    """Under --bf16's autocast the action means, values and mixer weights come out of fp32 output layers, the world
+    model predicts in fp32, and the PPO quantities differ from the fp32 network's by bfloat16's rounding only."""
+    torch.manual_seed(0)
+    layout, agents = _agents()
+    S = envs.STATE_DIM["ant"]
+    obs, hist = torch.randn(4, 256, layout.obs_dim), torch.randn(4, 256, 10, layout.history_dim)
+    states, actions = torch.randn(256, S), torch.rand(4, 256, layout.action_dim) * 2 - 1
+    feats = agents.features(obs, hist)
+    dist, value = agents.distribution(feats), agents.team_value(feats, states)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats16 = agents.features(obs, hist)
+        assert agents.encoder.embed(torch.randn(4, 5, layout.history_dim)).dtype == torch.bfloat16  # hidden: bf16
+        dist16, value16 = agents.distribution(feats16), agents.team_value(feats16, states)
+        assert dist16.mean.dtype == torch.float32 and value16.dtype == torch.float32
+        model = world_model.WorldModel("ant", "test", S, envs.JOINT_ACTION_DIM["ant"], 3, 2, 32, 2)
+        pred = model.member_predictions(torch.randn(64, S), torch.rand(64, envs.JOINT_ACTION_DIM["ant"]))
+        assert pred["next_states"].dtype == torch.float32 and pred["p_not_terminal"].dtype == torch.float32
+    # the rollout's log-probabilities and values move by bfloat16's ~3 significant digits, far inside PPO's clip 0.2
+    ratio = (agents.log_prob(dist16, actions) - agents.log_prob(dist, actions)).exp()
+    assert (ratio - 1).abs().max() < 0.05 and (value16 - value).abs().max() < 0.05 * value.abs().max() + 1e-3
+    assert (ratio - 1).abs().max() > 0  # it did run in bfloat16
+
+
+def test_bf16_solves_the_unfavorable_coordination_game(monkeypatch, tmp_path):
+    """--bf16 learns what fp32 learns on the game (test_solves_the_unfavorable_coordination_game: the same seed)."""
+    monkeypatch.setitem(world_model.PRESETS, "coordination",
+                        dict(hidden_dim=32, n_hidden_layers=2, max_steps=600, eval_every=200, lr_decays=2, patience=2))
+    summary = moma_ppo.main(moma_ppo.Args(env="coordination", dataset="unfavorable", seed=3, iterations=20,
+                                          rollout_batch=1024, eval_every=100, eval_episodes=20, bf16=True,
+                                          run_dir=str(tmp_path / "run")))
+    assert summary["normalized_score_mean"] == 1.0 and summary["config"]["bf16"] is True

@@ -143,7 +143,8 @@ def test_readme_result_section_holds_no_number_that_results_does_not():
     # Ant's preset cut is the terminal one: the paper's timeout is the named variant; where no cut can happen (no
     # adaptive rollouts, or the simulator's ε_g = 0) the cut is not named
     (["--uncertainty-cut", "terminal"], "moma_ppo"), (["--uncertainty-cut", "timeout"], "moma_ppo-uncertainty_cut=timeout"),
-    (["--ground-truth", "--uncertainty-cut", "timeout"], "moma_ppo-ground_truth")])
+    (["--ground-truth", "--uncertainty-cut", "timeout"], "moma_ppo-ground_truth"),
+    (["--bf16"], "moma_ppo-bf16=True")])  # bfloat16 runs never land in the fp32 cell
 def test_run_all_names_ablation_cells_as_moma_ppo_names_its_records(flags, expected, tmp_path):
     """run_all.sh decides a cell is done by its record's folder name, so both must agree."""
     import subprocess
@@ -338,3 +339,16 @@ def test_the_plans_moma_ppo_iterations_are_its_presets():
     import moma_ppo
 
     assert results.MOMA_PPO_ITERATIONS == {env: preset["iterations"] for env, preset in moma_ppo.PRESETS.items()}
+
+
+def test_the_cell_details_name_a_bfloat16_record(tmp_path):
+    """The model-free scripts' --bf16 runs file into the same cell as fp32 ones: the table says which were bf16."""
+    import results
+
+    _fake_record(tmp_path, "3", "iql", 1, 1.0)
+    folder = _fake_record(tmp_path, "3", "iql", 2, 1.0)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["config"]["bf16"] = True
+    (folder / "summary.json").write_text(json.dumps(summary))
+    steps = sorted(results.fmt_steps(r) for r in results.load_records(tmp_path))
+    assert steps == ["1k grad steps", "1k grad steps, bfloat16 (--bf16)"]
