@@ -496,7 +496,10 @@ def _stale_reason(payload: dict, env: str, dataset: str, wanted: Optional[dict] 
     since it was cached); None if it fits. Models saved before fingerprints (or configs) existed, and datasets that
     are not local, cannot be checked and pass."""
     trained_with = payload.get("config") or {}
-    if wanted is not None and trained_with:
+    # a model trained further by bench/continue_world_model.py stands in for the cached one on purpose (its own
+    # cache folder, MOMA_CACHE_DIR): its settings differ by design (more steps, another schedule)
+    continued = bool((payload.get("metrics") or {}).get("continued_from"))
+    if wanted is not None and trained_with and not continued:
         changed = sorted(k for k in wanted if k not in HOW_NOT_WHAT and trained_with.get(k) != wanted[k])
         if changed:
             return ("it was trained with other settings (" + ", ".join(

@@ -434,6 +434,12 @@ def test_continue_world_model_trains_the_cached_model_further_into_its_own_cache
     assert not torch.equal(longer.network.hidden[0].weight, first.network.hidden[0].weight)
     assert (cache / "reference_scores.json").exists() or not (envs.CACHE_DIR / "reference_scores.json").exists()
     assert (cache / "datasets").is_symlink() and (tmp_path / "longer" / "report.txt").read_text().startswith("World model")
+    # MOMA-PPO run with MOMA_CACHE_DIR=<out>/cache loads it although its settings (steps, schedule) differ by design
+    import unittest.mock
+
+    with unittest.mock.patch.object(envs, "CACHE_DIR", cache):
+        loaded = wm.load_or_train("coordination", "neutral", seed=31, **small)
+    assert loaded.metrics["continued_from"] and torch.equal(loaded.network.hidden[0].weight, longer.network.hidden[0].weight)
 
 
 def test_a_resumed_training_reports_the_time_of_every_segment(tmp_path):
