@@ -302,7 +302,9 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --eps-g-units standardised   # (d) ε_g units
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --lambda-g 1.0               # (d) 10x penalty
   run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --start-history zeros        # (g) reset histories
-  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --bf16     # speed: the agents in bfloat16 (1.8x)
+  for s in 1 2 3; do  # speed: the agents in bfloat16 (1.7x); seed 1 alone could not tell (docs/diagnosis.md point 18)
+    run diagnosis moma_ppo.py ant partial medium $s "${it[@]}" --bf16
+  done
   # (j) full-replay's jumps (docs/diagnosis.md point 10): the policy jumps in states it reaches itself after many
   # steps, which 10-step rollouts from dataset states never visit. Longer rollouts at the same synthetic
   # transitions per iteration (the terminal cut stops them where the model is uncertain, as MOReL's HALT state);
