@@ -407,8 +407,9 @@ def test_a_current_world_model_loads_while_another_process_holds_the_training_lo
     wm.load_or_train("coordination", "neutral", seed=42, **small)
     loaded = []
     with wm.training_lock(wm.artifact_path("coordination", "neutral", 42)):
-        worker = threading.Thread(target=lambda: loaded.append(wm.load_or_train("coordination", "neutral", seed=42)),
-                                  daemon=True)
+        # the same settings: a model cached with other ones is retrained (under the lock), not loaded
+        worker = threading.Thread(target=lambda: loaded.append(wm.load_or_train("coordination", "neutral", seed=42,
+                                                                                **small)), daemon=True)
         worker.start()
         worker.join(timeout=120)
         assert not worker.is_alive() and len(loaded) == 1
