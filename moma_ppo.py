@@ -94,8 +94,8 @@ class Args:
     """torch CPU threads (2 on this 2-core machine: the batched rollouts and large minibatches use both)"""
     bf16: bool = False
     """the agents' matrix products in bfloat16 (torch.autocast), in the rollouts and the PPO updates; the networks'
-    output layers, the world model, the losses, the weights and Adam stay fp32. 1.8x the synthetic steps/s on PO Ant
-    with this CPU's AVX512-BF16 (docs/benchmarks.md, "bfloat16"); off by default: the tables are fp32"""
+    output layers, the world model, the losses, the weights and Adam stay fp32. 1.4-1.7x the synthetic steps/s on PO
+    Ant with this CPU's AVX512-BF16 (docs/benchmarks.md, "bfloat16"); off by default: the tables are fp32"""
 
     # Synthetic rollouts (Algorithm 1); None = the env's preset.
     iterations: Annotated[Optional[int], envs.per_env_default(PRESETS, "iterations")] = None
