@@ -716,7 +716,12 @@ def _read_minari(env: str, dataset: str):
             parts["ep"].append(np.full(T, ep.id, dtype=np.int64))
     except MomaError:
         raise
-    except Exception as e:  # a half-written or corrupt dataset folder
+    except Exception as e:  # a corrupt dataset folder, or a file another process holds open for writing
+        if isinstance(e, OSError) and "lock" in str(e).lower():  # HDF5's file lock: the data may be fine
+            raise MomaError(
+                f"could not read dataset {did} at {dataset_path(env, dataset)}: the file is locked by another "
+                f"process ({e}); wait for it to finish (or stop it) and run again: do not delete the dataset"
+            ) from e
         raise MomaError(
             f"could not read dataset {did} at {dataset_path(env, dataset)} ({type(e).__name__}: {e}); "
             f"delete that folder and rebuild it with `python envs.py --env {env} --dataset {dataset} --force`"
@@ -1188,11 +1193,25 @@ def record_fields(code: dict, data: "OfflineData", budget: Optional[str], episod
 
 
 def check_results_dir(results_dir: Optional[str], name: str, budget: Optional[str]) -> None:
-    """Called before training: say now (not after hours) if the record this run will write replaces one made
-    at another budget (git keeps the old one; the tables never mix budgets)."""
+    """Called before training and before the run folder is made: refuse a --results-dir that is a file or cannot be
+    written (else the record is lost after hours of training), and say now if the record this run will write
+    replaces one made at another budget (git keeps the old one; the tables never mix budgets)."""
     if results_dir is None:
         return
-    old = pathlib.Path(results_dir) / name / "summary.json"
+    folder = pathlib.Path(results_dir)
+    if folder.exists() and not folder.is_dir():
+        raise MomaError(f"--results-dir {folder} is a file, not a folder; give a folder (e.g. --results-dir results/4b)")
+    place = _existing_ancestor(folder)
+    if not place.is_dir():
+        raise MomaError(f"--results-dir {folder}: {place} is a file, so no folder can be made there; "
+                        f"choose another --results-dir")
+    try:  # a real write, as check_run_dir: the record is copied there only after training
+        with _tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as e:
+        raise MomaError(f"--results-dir {folder}: cannot write in {place} ({e.strerror}); "
+                        f"choose a writable --results-dir") from None
+    old = folder / name / "summary.json"
     if old.exists():
         try:
             old_budget = _json.loads(old.read_text()).get("budget")
@@ -1436,7 +1455,19 @@ def write_summary(run_dir, summary: dict) -> None:
     if not all(_math.isfinite(float(s)) for s in scores):
         raise MomaError(f"the final evaluation gave non-finite returns ({summary['normalized_score_mean']}); "
                         f"no summary was written")
-    write_text_atomic(pathlib.Path(run_dir) / "summary.json", _json.dumps(summary, indent=1))
+    write_text_atomic(pathlib.Path(run_dir) / "summary.json", _json.dumps(_strict_json(summary), indent=1, allow_nan=False))
+
+
+def _strict_json(value):
+    """A summary is strict JSON (readable by any parser, not only Python's): a non-finite setting such as the
+    coordination game's uncertainty_threshold = inf (no cut) is written as the string "inf"."""
+    if isinstance(value, float) and not _math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 

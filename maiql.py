@@ -557,10 +557,10 @@ def main(args: Args) -> dict:
     online_bytes = sum(t.numel() * t.element_size() for t in vars(buffer).values() if torch.is_tensor(t))
     online_bytes = online_bytes * capacity // (len(data) + capacity + 1)
     envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agents) + online_bytes)
-    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     record = envs.record_name(args.env, obs_name, dataset, algorithm.replace("-", "_"), args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
+    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, step if args.resume else None)

@@ -766,6 +766,14 @@ def main(args: Args) -> dict:
         import world_model
 
         model = world_model.load_or_train(args.env, args.dataset, seed=args.world_model_seed, device=device)
+    model_record = None if args.ground_truth else world_model.provenance(model)
+    if ck is not None and ck.get("world_model") is not None and model_record is not None:
+        # A resume continues in the model the run trained in: a cache retrained in between (other settings, a
+        # rebuilt dataset) would silently change the rollouts under the policy. The file's place may move.
+        changed = [k for k in ck["world_model"] if k != "path" and ck["world_model"][k] != model_record.get(k)]
+        if changed:
+            raise MomaError(f"the world model changed since checkpoint {checkpoint_path} was written ({', '.join(changed)} "
+                            f"differ: the cached model was retrained); start a new run without --resume")
     layout = Layout(args.env, args.obs, device)
     states_all = torch.as_tensor(data.states, device=device)
     history_table = layout.dataset_history_table(data) if args.use_history else None
@@ -829,7 +837,8 @@ def main(args: Args) -> dict:
         envs.save_checkpoint({"agents": agents.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
                               "synthetic_steps": synthetic_steps, "generator": generator.get_state(),
                               "wall_s": wall_before + time.time() - start_time, "torch_rng": torch.get_rng_state(),
-                              "args": dataclasses.asdict(args), "dataset_fingerprint": data.fingerprint}, checkpoint_path)
+                              "args": dataclasses.asdict(args), "dataset_fingerprint": data.fingerprint,
+                              "world_model": model_record}, checkpoint_path)
 
     bar = envs.progress_bar(range(start_iteration, args.iterations), initial=start_iteration, total=args.iterations,
                             desc=f"MOMA-PPO {args.env}/{args.obs}/{args.dataset}", dynamic_ncols=True)
@@ -923,7 +932,7 @@ def main(args: Args) -> dict:
         "train_steps": int(synthetic_steps), "wall_time_s": wall_before + time.time() - start_time,
         "git_commit": git_commit(), "method": method, **envs.record_fields(code, data, args.budget, lengths, conventions),
         # the model the policy trained in (None: --ground-truth, the real simulator)
-        "world_model": None if args.ground_truth else world_model.provenance(model),
+        "world_model": model_record,
     }
     curve.add(args.iterations, synthetic_steps, summary["wall_time_s"], summary["normalized_score_mean"], len(returns_eval))
     writer.add_scalar("eval/final_normalized_score", summary["normalized_score_mean"], args.iterations)

@@ -522,10 +522,10 @@ def main(args: Args) -> dict:
         del ck
         print(f"resumed {run_dir} at step {step}")
     envs.check_free_space(run_dir, 4 * envs.tensor_bytes(agents))  # weights, 2 Adam moments, targets
-    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     # The record of this table cell (see envs.py, "Run records"): command, eval curve, fingerprints.
     record = envs.record_name(args.env, obs_name, dataset, algorithm, args.seed)
     envs.check_results_dir(args.results_dir, record, args.budget)
+    envs.make_run_dir(run_dir, given_run_dir)  # only now: an argument or data error leaves no folder behind
     code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, step if args.resume else None)

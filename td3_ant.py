@@ -435,8 +435,10 @@ def train(cfg: Args, out_dir: Optional[pathlib.Path] = None, max_wall_s: Optiona
             writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
             writer.add_scalar("losses/actor_loss", actor_loss.item(), step)
             last10 = float(np.mean(recent[-10:])) if recent else float("nan")
-            log(f"step {step} | train return (last 10 eps) {last10:.1f} | SPS {sps:.0f} | critic_loss "
-                f"{critic_loss.item():.3f} | wall {wall_before + time.time() - t_start:.0f}s")
+            eta_min = (cfg.total_steps - step) / max(sps, 1e-9) / 60  # a plain progress line for batch logs
+            log(f"step {step}/{cfg.total_steps} | train return (last 10 eps) {last10:.1f} | SPS {sps:.0f} | "
+                f"ETA {eta_min:.0f} min | critic_loss {critic_loss.item():.3f} | "
+                f"wall {wall_before + time.time() - t_start:.0f}s")
             envs.check_losses(step, critic_loss=critic_loss, actor_loss=actor_loss)
         if step >= next_snapshot and step >= cfg.learning_starts:
             envs.check_weights(step, actor, what="the learner has")  # a NaN policy is never a snapshot

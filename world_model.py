@@ -756,10 +756,20 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
     if checkpoint_path is not None and args.resume and checkpoint_path.exists():
         try:
             ck = torch.load(checkpoint_path, map_location=device, weights_only=True)
-            free = ("resume", "force", "torch_threads", "cuda")  # may change between a run and its resume
-            same = {k: v for k, v in dataclasses.asdict(args).items() if k not in free}
+            # How a model is trained may change between a run and its resume (threads, checkpoint interval), not
+            # what is trained: a checkpoint of other settings or data belongs to another artifact (the cache holds
+            # the model of the current settings), so training starts over, and says why.
+            same = {k: v for k, v in dataclasses.asdict(args).items() if k not in HOW_NOT_WHAT}
+            saved = {k: v for k, v in ck["config"].items() if k not in HOW_NOT_WHAT}
             same_data = ck.get("dataset_fingerprint") == model.dataset_fingerprint
-            if {k: v for k, v in ck["config"].items() if k not in free} == same and same_data:
+            diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {same.get(k)!r} now"
+                     for k in sorted(set(saved) | set(same)) if saved.get(k) != same.get(k)]
+            if not same_data:
+                diffs.append("the dataset was rebuilt since")
+            if diffs:
+                print(f"not resuming {checkpoint_path}: it trained another model ({'; '.join(diffs)}); "
+                      f"training this one from step 0")
+            else:
                 net.load_state_dict(ck["network"])
                 optimizer.load_state_dict(ck["optimizer"])
                 best_state, best_mse = ck["best_state"], ck["best_mse"]
@@ -827,6 +837,7 @@ def train(data, args: Args, device=torch.device("cpu"), writer=None, progress: b
                     stopped_early = True
                     break
         if checkpoint_path is not None and step % args.checkpoint_every == 0 and step < args.max_steps:
+            envs.check_weights(step, net, what="world-model training produced")  # never checkpoint a NaN model
             _atomic_torch_save({"config": dataclasses.asdict(args), "network": net.state_dict(),
                                 "optimizer": optimizer.state_dict(), "best_state": best_state, "best_mse": best_mse,
                                 "step": step, "evals_without_progress": evals_without_progress, "history": history,

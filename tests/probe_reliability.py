@@ -230,6 +230,9 @@ def probe_bad_inputs() -> None:
     for script in ("moma_ppo.py", "iql.py", "ibc.py", "itd3bc.py"):
         cases.append((f"{script} --run-dir <a file>", script, SMALL[script], A_FILE))
     cases.append(("iql.py --run-dir <a file>/run", "iql.py", SMALL["iql.py"], A_FILE / "run"))
+    for script in ("moma_ppo.py", "iql.py", "ibc.py", "maiql.py", "itd3bc.py", "icql.py", "omar.py"):
+        # the record is copied there after training: a file must be refused before it, not after
+        cases.append((f"{script} --results-dir <a file>", script, SMALL[script] + ["--results-dir", str(A_FILE)], None))
     unwritable = WORK / "readonly" if os.geteuid() != 0 else pathlib.Path("/proc/moma-probe-run")
     if os.geteuid() != 0:  # root writes into a read-only folder anyway; /proc refuses every new folder
         unwritable.mkdir()

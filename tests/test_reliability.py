@@ -95,6 +95,29 @@ def test_unwritable_run_dir_is_refused_before_any_work(tmp_path):
             module.main(args)
         assert not run_dir.exists()
 
+@pytest.mark.parametrize("module", [iql, ibc, maiql, moma_ppo], ids=lambda m: m.__name__)
+def test_a_results_dir_that_cannot_hold_the_record_is_refused_before_training(module, tmp_path):
+    """The record is copied to --results-dir after training: a file there used to end a finished run in a
+    NotADirectoryError traceback. Now it is refused before the run folder is made."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for results_dir, message in ((a_file, "--results-dir .* is a file, not a folder"),
+                                 (a_file / "4b", "--results-dir .* is a file, so no folder can be made")):
+        args = (moma_ppo.Args(env="coordination", run_dir=str(tmp_path / "run"), results_dir=str(results_dir))
+                if module is moma_ppo else _game(module, tmp_path / "run", results_dir=str(results_dir)))
+        with pytest.raises(envs.MomaError, match=message):
+            module.main(args)
+        assert not (tmp_path / "run").exists()
+
+
+def test_every_script_checks_its_results_dir_before_making_its_run_folder():
+    import inspect
+
+    for module in SCRIPTS:
+        source = inspect.getsource(module.main)
+        assert source.index("envs.check_results_dir(") < source.index("envs.make_run_dir("), module.__name__
+
+
 def test_a_data_error_leaves_no_run_folder(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise envs.MomaError("dataset is broken")
@@ -138,6 +161,34 @@ def test_summary_with_non_finite_scores_is_refused(tmp_path):
     with pytest.raises(envs.MomaError, match="non-finite returns"):
         envs.write_summary(tmp_path, summary)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_is_strict_json_even_with_an_infinite_setting(tmp_path):
+    """The coordination game's l_ε = inf (no cut) used to be written as the bare word Infinity, which only Python's
+    parser reads; it is now the string "inf"."""
+    summary = {"normalized_score_mean": 1.0, "normalized_score_std": 0.0, "episode_returns": [1.0],
+               "config": {"uncertainty_threshold": float("inf"), "nested": [float("-inf"), 2.0]}}
+    envs.write_summary(tmp_path, summary)
+    text = (tmp_path / "summary.json").read_text()
+    assert "Infinity" not in text
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert strict["config"] == {"uncertainty_threshold": "inf", "nested": ["-inf", 2.0]}
+
+
+def test_moma_ppo_resume_refuses_a_world_model_retrained_since(tmp_path, monkeypatch):
+    """The checkpoint records the world model the run trained in; a resume after the cache was retrained (another
+    model under the policy) is refused, naming what changed."""
+    run = tmp_path / "run"
+    args = moma_ppo.Args(env="coordination", dataset="neutral", iterations=2, eval_every=5, eval_episodes=10,
+                         checkpoint_every=1, run_dir=str(run), torch_threads=1, seed=3)
+    moma_ppo.main(args)
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["world_model"]["train_steps"] is not None
+    real = __import__("world_model").provenance
+    monkeypatch.setattr(__import__("world_model"), "provenance",
+                        lambda model: dict(real(model), train_steps=-1, holdout_mse=[0.5]))
+    with pytest.raises(envs.MomaError, match="world model changed since checkpoint .*train_steps, holdout_mse"):
+        moma_ppo.main(dataclasses.replace(args, iterations=3, resume=True))
 
 
 # --------------------------------------------------------------------------------------------------

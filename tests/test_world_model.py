@@ -475,3 +475,21 @@ def test_a_cached_model_trained_with_other_settings_is_retrained_and_records_say
     wm.load_or_train("coordination", "neutral", seed=5, **dict(small, max_steps=60))  # what: retrained
     assert len(trained) == 1 and trained[0].max_steps == 60
     assert wm.provenance(wm.load_or_train("coordination", "neutral", seed=5, **dict(small, max_steps=60)))["train_steps"] == 60
+
+
+def test_a_training_checkpoint_of_another_model_is_not_resumed_and_says_why(tmp_path, capsys):
+    """A checkpoint trained with other settings belongs to another artifact: training starts over and names the
+    differing settings (it used to start over in silence); a changed --checkpoint-every (how, not what) resumes."""
+    data = _known_system(n_episodes=20, steps=20)
+    args = wm.Args(env="reacher", ensemble_size=2, n_elites=2, hidden_dim=8, n_hidden_layers=1, max_steps=200,
+                   eval_every=50, patience=100, rollout_eval_starts=5, checkpoint_every=50)
+    ckpt = tmp_path / "model.ckpt"
+    wm.train(data, args, progress=False, checkpoint_path=ckpt)
+    capsys.readouterr()
+    wm.train(data, dataclasses.replace(args, resume=True, hidden_dim=16), progress=False, checkpoint_path=ckpt)
+    out = capsys.readouterr().out
+    assert "not resuming" in out and "--hidden-dim 8 in the checkpoint, 16 now" in out and "resuming world-model" not in out
+    wm.train(data, args, progress=False, checkpoint_path=ckpt)  # the 8-wide model's checkpoint again
+    capsys.readouterr()
+    wm.train(data, dataclasses.replace(args, resume=True, checkpoint_every=40), progress=False, checkpoint_path=ckpt)
+    assert "resuming world-model training from step 150" in capsys.readouterr().out
