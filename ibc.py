@@ -46,9 +46,9 @@ class Args:
     env: envs.EnvName = "coordination"
     """coordination, reacher or ant"""
     obs: Optional[envs.ObsName] = None
-    """observation function (None = the env's default)"""
+    """observation function (None = the env's default: coordination full, reacher all-observant, ant full)"""
     dataset: Optional[str] = None
-    """dataset name of the env (None = the env's default)"""
+    """dataset name of the env (None = the env's default: coordination unfavorable, reacher expert-mix, ant medium)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
     file's name, so a copy of the script never mixes its results with the original's"""

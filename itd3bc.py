@@ -63,9 +63,9 @@ class Args:
     env: envs.EnvName = "reacher"
     """reacher or ant (continuous actions)"""
     obs: Optional[envs.ObsName] = None
-    """observation function (None = the env's default)"""
+    """observation function (None = the env's default: coordination full, reacher all-observant, ant full)"""
     dataset: Optional[str] = None
-    """dataset name of the env (None = the env's default)"""
+    """dataset name of the env (None = the env's default: coordination unfavorable, reacher expert-mix, ant medium)"""
     mixer: bool = False
     """MATD3+BC: centralised critic training with a monotonic QMIX mixer over the agents' Q_i"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]

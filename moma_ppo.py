@@ -67,9 +67,9 @@ class Args:
     env: envs.EnvName = "ant"
     """benchmark: coordination, reacher or ant"""
     obs: Optional[envs.ObsName] = None
-    """observation function (None = the env's fully observable one)"""
+    """observation function (None = the env's fully observable one: coordination full, reacher all-observant, ant full)"""
     dataset: Optional[str] = None
-    """dataset name (None = the env's default dataset)"""
+    """dataset name (None = the env's default: coordination unfavorable, reacher expert-mix, ant medium)"""
     seed: int = 1
     """seed of the agents, the rollouts and the evaluation"""
     cuda: bool = False

@@ -113,7 +113,7 @@ class Args:
     env: envs.EnvName = "ant"
     """benchmark: coordination, reacher or ant"""
     dataset: Optional[str] = None
-    """dataset name of the env (None = the env's default dataset)"""
+    """dataset name of the env (None = the env's default: coordination unfavorable, reacher expert-mix, ant medium)"""
     seed: int = 0
     """seed of the held-out split, the initialisation and the minibatches"""
     cuda: bool = False
