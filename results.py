@@ -275,13 +275,61 @@ def load_records(results_dir: pathlib.Path = RESULTS_DIR) -> list:
     return records
 
 
-class Staleness:
-    """Why a record may no longer describe what the current code and data would give (None = fresh)."""
+EQUIVALENCE_FILE = "code_equivalence.json"  # in results/: written by `python results.py recheck`
+# Config entries that do not choose what a run computes per step: where it writes, what it is called, its length and
+# how often it evaluates (the recheck overrides those), its seed and dataset (the same code runs for every seed and
+# dataset of an env and observability; the check is made on one of them).
+RECHECK_VOLATILE = {"seed", "dataset", "run_dir", "results_dir", "exp_name", "budget", "torch_threads", "cuda",
+                    "resume", "checkpoint_every", "cross_play_with", "iterations", "total_steps", "eval_every",
+                    "eval_episodes", "eval_episodes_during", "track"}
 
-    def __init__(self, repo: pathlib.Path = REPO):
+
+def config_key(summary: dict) -> str:
+    """The settings of a run that a code-equivalence check must match (its config without RECHECK_VOLATILE)."""
+    config = summary.get("config") or {}
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in RECHECK_VOLATILE}, sort_keys=True,
+                      default=str)
+
+
+def load_equivalences(results_dir: pathlib.Path = RESULTS_DIR) -> list:
+    path = pathlib.Path(results_dir) / EQUIVALENCE_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+class Staleness:
+    """Why a record may no longer describe what the current code and data would give (None = fresh).
+
+    A record whose code changed is still fresh when results/code_equivalence.json holds a check for its code, env,
+    observability and settings: a short run of the same command at the commit the record's code was taken from and
+    with today's code gave bit-identical greedy episodes (`python results.py recheck`). That check covers what a short
+    run executes; a change acting only late in a run (or only on resume) would escape it, so the table names every
+    record it vouches for."""
+
+    def __init__(self, repo: pathlib.Path = REPO, equivalences: Optional[list] = None):
         self.repo = repo
         self._file_hashes: dict = {}
         self._dataset_fingerprints: dict = {}
+        self.equivalences = load_equivalences(repo / "results") if equivalences is None else equivalences
+
+    def current_code(self, code: dict) -> dict:
+        return {name: self.file_hash(name) for name in code}
+
+    def vouched(self, summary: dict) -> Optional[dict]:
+        """The recheck entry of a record whose code changed but was checked equivalent (None if unchanged or not)."""
+        code = summary.get("code_fingerprint") or {}
+        if not code or self.current_code(code) == code:
+            return None
+        return self.equivalence(summary)
+
+    def equivalence(self, summary: dict) -> Optional[dict]:
+        """The recheck entry that vouches for this record's code under today's, or None."""
+        code = summary.get("code_fingerprint") or {}
+        current, key = self.current_code(code), config_key(summary)
+        for entry in self.equivalences:
+            if (entry.get("from") == code and entry.get("to") == current and entry.get("env") == summary.get("env")
+                    and entry.get("obs") == summary.get("obs") and entry.get("config_key") == key):
+                return entry
+        return None
 
     def file_hash(self, name: str) -> Optional[str]:
         if name not in self._file_hashes:
@@ -303,7 +351,9 @@ class Staleness:
         if not code:
             return "no code fingerprint recorded"
         changed = [name for name, h in code.items() if self.file_hash(name) != h]
-        return f"code changed since the run: {', '.join(changed)}" if changed else None
+        if changed and self.equivalence(summary) is None:
+            return f"code changed since the run: {', '.join(changed)}"
+        return None
 
     def dataset_note(self, env: str, dataset: str, fingerprint: Optional[str]) -> tuple:
         """(stale reason or None, note or None)."""
@@ -594,6 +644,7 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     header = ["obs", "dataset"] + [METHOD_LABELS.get(m, m) for m in methods + extra]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     stale_notes, notes = collections.defaultdict(list), set()  # (cell, reasons) -> seeds
+    vouched_notes = collections.defaultdict(list)  # (cell, commits) -> seeds
     for obs, dataset in rows:
         out = [obs, dataset]
         for m in methods + extra:
@@ -603,22 +654,28 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
                 centralised_po = m == "iql" and obs in PARTIAL_OBS  # the paper has no such cell: IQL sees the state
                 out.append("n/a" if centralised_po else "missing" + (f" (paper {fmt_paper(paper)})" if paper else ""))
                 continue
-            stale = False
+            stale, vouched = False, False
             for r in recs:
                 reasons, rec_notes = staleness.check(r)
                 notes.update(rec_notes)
+                cell = f"{obs} {dataset} {METHOD_LABELS.get(m, m)}"
                 if reasons:
                     stale = True
-                    stale_notes[(f"{obs} {dataset} {METHOD_LABELS.get(m, m)}", "; ".join(reasons))].append(
+                    stale_notes[(cell, "; ".join(reasons))].append(str(r.summary.get("seed")))
+                elif (entry := staleness.vouched(r.summary)) is not None:
+                    vouched = True
+                    vouched_notes[(cell, f"{entry['from_commit'][:8]} -> {entry['to_commit'][:8]}")].append(
                         str(r.summary.get("seed")))
-            text = fmt_cell([r.score for r in recs], stale)
+            text = fmt_cell([r.score for r in recs], stale) + (" ≡" if vouched and not stale else "")
             if paper:
                 text += f" (paper {fmt_paper(paper)})"
             out.append(text)
         lines.append("| " + " | ".join(out) + " |")
     lines.append("")
     lines.append("Each cell: mean ± s.e.m. over seeds (number of seeds) of the normalised score of 100 greedy episodes "
-                 "(the final evaluation of each run), the paper's number in brackets. † = stale record (see below).")
+                 "(the final evaluation of each run), the paper's number in brackets. † = stale record (see below)."
+                 + (" ≡ = made with older code that a short rerun showed computes the same (see below)."
+                    if vouched_notes else ""))
     if notes:
         lines.append(" ".join(sorted(f"Note: {n} for some cells." for n in notes)))
     lines.append("")
@@ -637,6 +694,12 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     if stale_notes:
         lines += ["† Stale records (made with other code or another build of the dataset; rerun them to refresh):", ""]
         lines += [f"* {cell}, seeds {', '.join(seeds)}: {reasons}" for (cell, reasons), seeds in stale_notes.items()] + [""]
+    if vouched_notes:
+        lines += [f"≡ Records made with older code, checked equivalent to today's (`python results.py recheck`: the same "
+                  f"command, shortened, at the record's commit and today gave bit-identical greedy episodes; "
+                  f"results/{EQUIVALENCE_FILE}):", ""]
+        lines += [f"* {cell}, seeds {', '.join(seeds)}: {commits}" for (cell, commits), seeds in vouched_notes.items()]
+        lines += [""]
     if table == "4b":
         lines += table4b_checks(records, stats or {}, staleness)
     if table == "4a":
@@ -824,17 +887,19 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
         scores = [row["normalized_score"] for row in r.curve if "normalized_score" in row]
         curve = f"{scores[0]:.2f} → {max(scores):.2f} → {scores[-1]:.2f}" if scores else "n/a"
         reasons, _ = staleness.check(r)
-        name = r.method.replace("moma_ppo-", "").replace("moma_ppo", "(the preset)") + (" †" if reasons else "")
+        mark = " †" if reasons else (" ≡" if staleness.vouched(s) is not None else "")
+        name = r.method.replace("moma_ppo-", "").replace("moma_ppo", "(the preset)") + mark
         lines.append(f"| {name} | {r.obs}, {r.dataset} | {s.get('seed')} | {r.score:.3f} ± {s.get('normalized_score_std', float('nan')):.3f} | "
                      f"{reach} | {curve} | {s.get('train_steps', 0):,} | {fmt_seconds(s.get('wall_time_s', float('nan')))} | "
                      f"`results/diagnosis/{r.folder.name}/command.txt` |")
-    return lines + ["", "† stale: made with other code or another build of the dataset.", ""]
+    return lines + ["", "† stale: made with other code or another build of the dataset. ≡ made with older code that "
+                        f"a short rerun at both commits showed computes the same (results/{EQUIVALENCE_FILE}).", ""]
 
 
 def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path = PLOTS_DIR,
                       repo: pathlib.Path = REPO) -> str:
     records = load_records(results_dir)
-    staleness = Staleness(repo)
+    staleness = Staleness(repo, equivalences=load_equivalences(results_dir))
     lines = ["# Results", "",
              "Generated by `./run_all.sh table` (`python results.py table`) from the records in `results/` only: "
              "do not edit by hand. Every cell links back to its records (`results/<table>/<env>__<obs>__<dataset>__"
@@ -1030,7 +1095,7 @@ def plan(cells_file: str, budget: str, results_dir: pathlib.Path = RESULTS_DIR, 
          stale_list: Optional[str] = None) -> str:
     """`cells_file`: one cell a line, `table script env obs dataset seed method [flags...]` (run_all.sh writes it).
     `stale_list`: a file to write the done-but-stale cells to, one `table/name` a line (REFRESH_STALE=1 reruns them)."""
-    staleness, stale = Staleness(), []
+    staleness, stale = Staleness(equivalences=load_equivalences(results_dir)), []
     todo = collections.Counter()
     seconds = collections.Counter()
     left_by_method = collections.Counter()
@@ -1090,10 +1155,209 @@ def rename_record(table_dir, old: str, new: str, why: str) -> pathlib.Path:
     return dst
 
 
+# --------------------------------------------------------------------------------------------------
+# recheck: is a record made with older code still what today's code computes?
+# --------------------------------------------------------------------------------------------------
+# A short version of the record's own command: a few iterations or gradient steps and a few greedy episodes; the
+# check compares their returns and the final checkpoints' tensors bit for bit.
+RECHECK_BUDGET = {"moma_ppo.py": ["--iterations", "2", "--eval-every", "1", "--eval-episodes-during", "2",
+                                  "--eval-episodes", "3"]}
+RECHECK_BUDGET_DEFAULT = ["--total-steps", "300", "--eval-every", "100", "--eval-episodes", "3"]
+_RECHECK_DROP = {"--run-dir", "--results-dir", "--torch-threads", "--budget"}  # flags with a value, set by recheck
+
+
+def _git(*args: str) -> str:
+    import subprocess
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+def commit_with_code(code: dict, hashes: dict) -> Optional[str]:
+    """The newest commit whose files hash (envs.file_hash) as `code` does; None if no commit did (the run was made
+    from uncommitted code). `hashes` caches (commit, file) -> hash between calls."""
+    import subprocess
+    import tempfile
+    for sha in _git("log", "--format=%H").split():
+        for name, want in code.items():
+            if (sha, name) not in hashes:
+                blob = subprocess.run(["git", "show", f"{sha}:{name}"], cwd=REPO, capture_output=True)
+                if blob.returncode:
+                    hashes[(sha, name)] = None
+                else:
+                    with tempfile.TemporaryDirectory() as d:
+                        path = pathlib.Path(d) / name
+                        path.write_bytes(blob.stdout)
+                        hashes[(sha, name)] = envs.file_hash(path)
+            if hashes[(sha, name)] != want:
+                break
+        else:
+            return sha
+    return None
+
+
+def recheck_argv(record: Record) -> list:
+    """The record's command (first line of command.txt) without python, the output folders and threads, shortened."""
+    words = shlex.split(record.command.splitlines()[0]) if record.command else []
+    if len(words) < 2 or not words[1].endswith(".py"):
+        raise envs.MomaError(f"{record.folder}/command.txt does not hold a `python <script>.py ...` command")
+    argv, i = [words[1]], 2
+    while i < len(words):
+        if words[i] in _RECHECK_DROP:
+            i += 2
+        elif words[i] == "--resume":
+            i += 1
+        else:
+            argv.append(words[i])
+            i += 1
+    return argv + RECHECK_BUDGET.get(pathlib.Path(words[1]).name, RECHECK_BUDGET_DEFAULT)
+
+
+class _PrintingList(list):
+    """A list of report lines that prints each as it is added (a recheck takes minutes per group)."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+
+def _compare_checkpoints(old_path: pathlib.Path, new_path: pathlib.Path) -> tuple:
+    """(how many tensors both checkpoints hold under the same key and shape, the keys of those that differ): the
+    parameters, optimiser moments and random generator states after the short run; bit for bit."""
+    import torch
+
+    def tensors(obj, key=""):
+        if isinstance(obj, torch.Tensor):
+            yield key, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(v, f"{key}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{key}/{i}")
+
+    if not (old_path.exists() and new_path.exists()):
+        return 0, []
+    old = dict(tensors(torch.load(old_path, map_location="cpu", weights_only=False)))
+    new = dict(tensors(torch.load(new_path, map_location="cpu", weights_only=False)))
+    shared = [k for k in old if k in new and old[k].shape == new[k].shape and old[k].dtype == new[k].dtype]
+    return len(shared), [k for k in shared if not torch.equal(old[k], new[k])]
+
+
+def _recheck_run(cwd: pathlib.Path, argv: list, out: pathlib.Path, env: dict, timeout: float) -> tuple:
+    """Run argv with python in cwd; (summary.json of the record it wrote, None) or (None, why not)."""
+    import subprocess
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, *argv, "--run-dir", str(out / "run"), "--results-dir", str(out / "results"),
+               "--torch-threads", "1"]
+    with open(out / "log.txt", "w") as log:
+        try:
+            rc = subprocess.run(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return None, f"no result within {timeout:.0f} s ({out / 'log.txt'})"
+    found = sorted((out / "results").glob("*/summary.json"))
+    if rc != 0 or len(found) != 1:
+        return None, f"exit status {rc}, {len(found)} records ({out / 'log.txt'})"
+    return json.loads(found[0].read_text()), None
+
+
+def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, results_dir: pathlib.Path = RESULTS_DIR,
+            work_dir: pathlib.Path = REPO / "data" / "recheck") -> list:
+    """For each group of records whose code changed since they were made (same code, env, observability and
+    settings), run the shortened command of one of them at the newest commit that had its code (a git worktree) and
+    with today's code, both on one thread; if the greedy episodes and every tensor the two final checkpoints share
+    (parameters, optimiser moments, generator states) are bit-identical, add an entry to
+    results/code_equivalence.json, which clears the group's records of the stale mark (shown with ≡ instead).
+    The old code runs on hard-linked copies of the datasets and a copy of the cached world models, so whatever it
+    writes cannot replace today's caches. Returns one line per group."""
+    import datetime
+    import shutil
+    import subprocess
+    staleness = Staleness(REPO, equivalences=load_equivalences(results_dir))
+    groups = collections.defaultdict(list)
+    for r in load_records(results_dir):
+        code = r.summary.get("code_fingerprint") or {}
+        if only and only not in f"{r.table}/{r.folder.name}":
+            continue
+        if code and staleness.current_code(code) != code and staleness.equivalence(r.summary) is None:
+            groups[(json.dumps(code, sort_keys=True), r.env, r.obs, config_key(r.summary))].append(r)
+    lines, hashes = _PrintingList(), {}
+    if not groups:
+        return ["nothing to recheck: every record's code is today's or checked equivalent"]
+    head = _git("rev-parse", "HEAD").strip()
+    if not dry_run:
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        (work_dir / "cache").mkdir(parents=True)
+        # Hard links: the old code reads the same bytes, and a file it rewrites (write + rename) replaces only its link.
+        subprocess.run(["cp", "-al", str(envs.DATA_DIR), str(work_dir / "minari")], check=True)
+        if (envs.CACHE_DIR / "datasets").exists():
+            subprocess.run(["cp", "-al", str(envs.CACHE_DIR / "datasets"), str(work_dir / "cache" / "datasets")], check=True)
+        for name in ("world_models", "reference_scores.json"):
+            if (envs.CACHE_DIR / name).exists():
+                subprocess.run(["cp", "-a", str(envs.CACHE_DIR / name), str(work_dir / "cache" / name)], check=True)
+    for n, ((code_json, env, obs, key), recs) in enumerate(sorted(groups.items(), key=lambda kv: kv[0][:3])):
+        code = json.loads(code_json)
+        rep = min(recs, key=lambda r: r.summary.get("seed", 0))
+        names = ", ".join(f"{r.table}/{r.folder.name}" for r in recs)
+        argv = recheck_argv(rep)
+        sha = commit_with_code(code, hashes)
+        if sha is None:
+            lines.append(f"{names}: no commit has their code (made from uncommitted changes), cannot recheck")
+            continue
+        if dry_run:
+            lines.append(f"{names}: would run `python {shlex.join(argv)}` at {sha[:8]} and today")
+            continue
+        tree = work_dir / "worktrees" / sha[:12]
+        if not tree.exists():
+            _git("worktree", "add", "--detach", str(tree), sha)
+        old_env = dict(os.environ, MINARI_DATASETS_PATH=str(work_dir / "minari"), MOMA_CACHE_DIR=str(work_dir / "cache"))
+        old, why_old = _recheck_run(tree, argv, work_dir / f"group{n}" / "old", old_env, timeout)
+        new, why_new = (None, "skipped") if old is None else _recheck_run(REPO, argv, work_dir / f"group{n}" / "new",
+                                                                            dict(os.environ), timeout)
+        if old is None or new is None:
+            lines.append(f"{names}: not checked: at {sha[:8]}: {why_old}" + (f"; today: {why_new}" if old else ""))
+            continue
+        if config_key(old) != key:
+            lines.append(f"{names}: not checked: the rerun at {sha[:8]} did not have the record's settings")
+            continue
+        same = (old.get("episode_returns") == new.get("episode_returns")
+                and old.get("episode_lengths") == new.get("episode_lengths"))
+        if not same:
+            lines.append(f"{names}: DIFFERENT at {sha[:8]} and today (returns {old.get('episode_returns')} vs "
+                         f"{new.get('episode_returns')}): stays stale")
+            continue
+        compared, differing = _compare_checkpoints(work_dir / f"group{n}" / "old" / "run" / "checkpoint.pt",
+                                                   work_dir / f"group{n}" / "new" / "run" / "checkpoint.pt")
+        if differing or not compared:
+            lines.append(f"{names}: same greedy episodes but " + (f"{len(differing)} of {compared} checkpoint tensors "
+                         f"differ ({', '.join(differing[:3])})" if differing else "no checkpoint tensors to compare")
+                         + ": stays stale")
+            continue
+        entries = load_equivalences(results_dir)
+        entries.append(dict(script=argv[0], env=env, obs=obs, config_key=key, **{"from": code},
+                            to=staleness.current_code(code), from_commit=sha,
+                            to_commit=head + (" + uncommitted changes" if _git("status", "--porcelain", "--", *code)
+                                              else ""),
+                            command=f"python {shlex.join(argv)} --torch-threads 1",
+                            episode_returns=new.get("episode_returns"), episode_lengths=new.get("episode_lengths"),
+                            checkpoint_tensors_equal=compared,
+                            checked=datetime.date.today().isoformat(), records=[f"{r.table}/{r.folder.name}" for r in recs]))
+        path = results_dir / EQUIVALENCE_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(entries, indent=1) + "\n")
+        os.replace(tmp, path)
+        lines.append(f"{names}: same at {sha[:8]} and today ({len(new.get('episode_returns') or [])} episodes, "
+                     f"{compared} checkpoint tensors): checked equivalent")
+    if not dry_run:
+        for tree in (work_dir / "worktrees").glob("*") if (work_dir / "worktrees").exists() else []:
+            _git("worktree", "remove", "--force", str(tree))
+        _git("worktree", "prune")
+    return lines
+
+
 def main(argv: list) -> None:
     usage = ("usage: python results.py table | plots | datasets | world-models | "
              "plan CELLS_FILE --budget NAME [--results-dir DIR] [--runs-dir DIR] [--stale-list FILE] | "
-             "rename TABLE OLD NEW WHY")
+             "rename TABLE OLD NEW WHY | recheck [--only TEXT] [--dry-run] [--timeout SECONDS]")
     if not argv:
         raise SystemExit(usage)
     what = argv[0]
@@ -1112,6 +1376,10 @@ def main(argv: list) -> None:
                   for name in ("--results-dir", "--runs-dir", "--stale-list")}
         print(plan(argv[1], argv[3], pathlib.Path(option["--results-dir"] or RESULTS_DIR), runs_dir=option["--runs-dir"],
                    stale_list=option["--stale-list"]))
+    elif what == "recheck":
+        only = argv[argv.index("--only") + 1] if "--only" in argv else ""
+        timeout = float(argv[argv.index("--timeout") + 1]) if "--timeout" in argv else 1800.0
+        recheck(only=only, dry_run="--dry-run" in argv, timeout=timeout)  # prints a line per group as it goes
     elif what == "rename" and len(argv) == 5:
         table, old, new, why = argv[1:]
         print(f"{old} -> {rename_record(RESULTS_DIR / table, old, new, why).name}")

@@ -190,6 +190,77 @@ def test_code_fingerprint_ignores_comments_and_docs_but_not_code(tmp_path):
     assert hashes[0] == hashes[1] and hashes[0] != hashes[2]
 
 
+def test_a_record_of_changed_code_is_fresh_only_where_a_recheck_vouches_for_its_code_env_and_settings(tmp_path,
+                                                                                                     monkeypatch):
+    """results/code_equivalence.json (written by `results.py recheck`) clears the stale mark of exactly the records
+    whose code, env, observability and settings a bit-identical short rerun covered; they are shown with ≡."""
+    root = tmp_path / "results"
+    old_code = {"iql.py": "0000000000000000", "envs.py": envs.file_hash(REPO / "envs.py")}
+    for seed in (1, 2):
+        _fake_record(root, "3", "iql", seed, 1.0, code=old_code)
+    other = _fake_record(root, "3", "iql", 3, 1.0, code=old_code, dataset="neutral")
+    summary = json.loads((other / "summary.json").read_text())
+    summary["config"] = {"iterations": 20, "learning_rate": 0.1}  # another setting: not covered by the check
+    (other / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: None)
+
+    table = results.generate_markdown(results_dir=root, plots_dir=tmp_path / "plots", repo=REPO)
+    assert "full favorable IQL, seeds 1, 2: code changed since the run: iql.py" in table
+
+    current = {"iql.py": envs.file_hash(REPO / "iql.py"), "envs.py": envs.file_hash(REPO / "envs.py")}
+    entry = {"script": "iql.py", "env": "coordination", "obs": "full", "from": old_code, "to": current,
+             "config_key": results.config_key({"config": {"iterations": 999, "seed": 7}}),  # budget, seed: volatile
+             "from_commit": "a" * 40, "to_commit": "b" * 40}
+    (root / results.EQUIVALENCE_FILE).write_text(json.dumps([entry]))
+    table = results.generate_markdown(results_dir=root, plots_dir=tmp_path / "plots", repo=REPO)
+    favorable = next(line for line in table.splitlines() if line.startswith("| full | favorable |"))
+    neutral = next(line for line in table.splitlines() if line.startswith("| full | neutral |"))
+    assert "1.00 ± 0.00 (2) ≡" in favorable and "†" not in favorable
+    assert "1.00 ± – (1) †" in neutral  # its learning rate differs from the checked settings
+    assert "* full favorable IQL, seeds 1, 2: aaaaaaaa -> bbbbbbbb" in table
+
+    stale = results.Staleness(REPO, equivalences=[dict(entry, to={**current, "iql.py": "1" * 16})])
+    record = next(r for r in results.load_records(root) if r.summary["seed"] == 1)
+    assert stale.code_reason(record.summary) == "code changed since the run: iql.py"  # checked against other code
+    assert stale.vouched(record.summary) is None
+
+
+def test_recheck_reruns_the_records_own_command_shortened_and_finds_the_commit_of_its_code(tmp_path):
+    folder = _fake_record(tmp_path / "results", "4b", "moma_ppo", 1, 0.5, env="ant", dataset="medium")
+    (folder / "command.txt").write_text(
+        "python moma_ppo.py --env ant --obs partial --dataset medium --seed 1 --exp-name moma_ppo --run-dir runs/x "
+        "--results-dir results/4b --budget default --torch-threads 1 --lambda-g 1.0\n"
+        "python moma_ppo.py --resume --iterations 240 --run-dir runs/x\n")
+    record = results.load_records(tmp_path / "results")[0]
+    argv = results.recheck_argv(record)
+    assert argv == ["moma_ppo.py", "--env", "ant", "--obs", "partial", "--dataset", "medium", "--seed", "1",
+                    "--exp-name", "moma_ppo", "--lambda-g", "1.0", *results.RECHECK_BUDGET["moma_ppo.py"]]
+    (folder / "command.txt").write_text("run it by hand\n")
+    with pytest.raises(envs.MomaError, match="command.txt"):
+        results.recheck_argv(results.load_records(tmp_path / "results")[0])
+
+    import torch
+    checkpoint = {"agent": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}, "step": 300,
+                  "optimizer": {"state": [torch.ones(2)]}}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    torch.save({**checkpoint, "new_field": torch.ones(1)}, tmp_path / "same.pt")  # a field only new code writes
+    checkpoint["optimizer"]["state"][0] = torch.tensor([1.0, 1.0 + 2 ** -20])  # one moment off by one ulp-ish
+    torch.save(checkpoint, tmp_path / "other.pt")
+    assert results._compare_checkpoints(tmp_path / "old.pt", tmp_path / "same.pt") == (3, [])
+    assert results._compare_checkpoints(tmp_path / "old.pt", tmp_path / "other.pt") == (3, ["/optimizer/state/0"])
+    assert results._compare_checkpoints(tmp_path / "old.pt", tmp_path / "missing.pt") == (0, [])
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git clone")
+    import subprocess
+    blob = subprocess.run(["git", "show", "HEAD:iql.py"], cwd=REPO, capture_output=True, check=True).stdout
+    (tmp_path / "iql.py").write_bytes(blob)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    found = results.commit_with_code({"iql.py": envs.file_hash(tmp_path / "iql.py")}, {})
+    assert found is not None and subprocess.run(["git", "merge-base", "--is-ancestor", found, head], cwd=REPO).returncode == 0
+    assert results.commit_with_code({"iql.py": "0" * 16}, {}) is None
+
+
 def test_a_diagnosis_record_shows_its_changes_reach_and_curve(tmp_path):
     record = tmp_path / "results" / "diagnosis" / "ant__partial__medium__moma_ppo-lambda_g=1__1"
     record.mkdir(parents=True)
