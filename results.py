@@ -695,9 +695,9 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
         lines += ["† Stale records (made with other code or another build of the dataset; rerun them to refresh):", ""]
         lines += [f"* {cell}, seeds {', '.join(seeds)}: {reasons}" for (cell, reasons), seeds in stale_notes.items()] + [""]
     if vouched_notes:
-        lines += [f"≡ Records made with older code, checked equivalent to today's (`python results.py recheck`: the same "
-                  f"command, shortened, at the record's commit and today gave bit-identical greedy episodes; "
-                  f"results/{EQUIVALENCE_FILE}):", ""]
+        lines += ["≡ Records made with older code, checked equivalent to today's (`python results.py recheck`: the same "
+                  "command, shortened, at the record's commit and today gave bit-identical greedy episodes and "
+                  f"checkpoint tensors; results/{EQUIVALENCE_FILE}):", ""]
         lines += [f"* {cell}, seeds {', '.join(seeds)}: {commits}" for (cell, commits), seeds in vouched_notes.items()]
         lines += [""]
     if table == "4b":
@@ -1242,6 +1242,15 @@ def _compare_checkpoints(old_path: pathlib.Path, new_path: pathlib.Path) -> tupl
     return len(shared), [k for k in shared if not torch.equal(old[k], new[k])]
 
 
+def _world_model_ready(record: Record) -> bool:
+    """True unless the record is MOMA-PPO's in a learned model that is not cached here."""
+    config = record.summary.get("config") or {}
+    if "moma_ppo" not in record.method or config.get("ground_truth"):
+        return True
+    import world_model
+    return world_model.artifact_path(record.env, record.dataset, int(config.get("world_model_seed", 0))).exists()
+
+
 def _recheck_run(cwd: pathlib.Path, argv: list, out: pathlib.Path, env: dict, timeout: float) -> tuple:
     """Run argv with python in cwd; (summary.json of the record it wrote, None) or (None, why not)."""
     import subprocess
@@ -1296,8 +1305,13 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
                 subprocess.run(["cp", "-a", str(envs.CACHE_DIR / name), str(work_dir / "cache" / name)], check=True)
     for n, ((code_json, env, obs, key), recs) in enumerate(sorted(groups.items(), key=lambda kv: kv[0][:3])):
         code = json.loads(code_json)
-        rep = min(recs, key=lambda r: r.summary.get("seed", 0))
         names = ", ".join(f"{r.table}/{r.folder.name}" for r in recs)
+        candidates = [r for r in recs if _world_model_ready(r)]  # a MOMA-PPO rerun would otherwise train one
+        if not candidates:
+            lines.append(f"{names}: not checked: no world model of their datasets is cached (train one first: "
+                         f"python world_model.py --env {env} --dataset {recs[0].dataset})")
+            continue
+        rep = min(candidates, key=lambda r: r.summary.get("seed", 0))
         argv = recheck_argv(rep)
         sha = commit_with_code(code, hashes)
         if sha is None:
