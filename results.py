@@ -1280,6 +1280,14 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
     import datetime
     import shutil
     import subprocess
+    if not dry_run:  # one recheck at a time: each starts by clearing the work folder the other runs in
+        import fcntl
+        work_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(work_dir.parent / "recheck.lock", "w")  # held until recheck returns
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise envs.MomaError(f"another `results.py recheck` is running (it holds {lock.name}); wait for it") from None
     staleness = Staleness(REPO, equivalences=load_equivalences(results_dir))
     groups = collections.defaultdict(list)
     for r in load_records(results_dir):

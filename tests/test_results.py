@@ -250,6 +250,15 @@ def test_recheck_reruns_the_records_own_command_shortened_and_finds_the_commit_o
     assert results._compare_checkpoints(tmp_path / "old.pt", tmp_path / "other.pt") == (3, ["/optimizer/state/0"])
     assert results._compare_checkpoints(tmp_path / "old.pt", tmp_path / "missing.pt") == (0, [])
 
+    import fcntl
+    (tmp_path / "work").mkdir()
+    with open(tmp_path / "work" / "recheck.lock", "w") as held:  # another recheck is running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(envs.MomaError, match="another `results.py recheck` is running"):
+            results.recheck(results_dir=tmp_path / "results", work_dir=tmp_path / "work" / "recheck")
+    assert results.recheck(results_dir=tmp_path / "empty", work_dir=tmp_path / "work" / "recheck") == [
+        "nothing to recheck: every record's code is today's or checked equivalent"]
+
     if not (REPO / ".git").exists():
         pytest.skip("not a git clone")
     import subprocess
