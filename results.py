@@ -1168,7 +1168,14 @@ _RECHECK_DROP = {"--run-dir", "--results-dir", "--torch-threads", "--budget"}  #
 
 def _git(*args: str) -> str:
     import subprocess
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise envs.MomaError("recheck needs git (it runs the records' commits in git worktrees)") from None
+    if done.returncode != 0:
+        raise envs.MomaError(f"git {' '.join(args)} failed: {done.stderr.strip()} (recheck needs a git clone of the "
+                             f"repository with its history)")
+    return done.stdout
 
 
 def commit_with_code(code: dict, hashes: dict) -> Optional[str]:
