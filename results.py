@@ -1305,7 +1305,8 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
             groups[(json.dumps(code, sort_keys=True), r.env, r.obs, config_key(r.summary))].append(r)
     lines, hashes = _PrintingList(), {}
     if not groups:
-        return ["nothing to recheck: every record's code is today's or checked equivalent"]
+        lines.append("nothing to recheck: every record's code is today's or checked equivalent")
+        return lines
     head = _git("rev-parse", "HEAD").strip()
     if not dry_run:
         if work_dir.exists():
