@@ -301,7 +301,7 @@ class Staleness:
 
     A record whose code changed is still fresh when results/code_equivalence.json holds a check for its code, env,
     observability and settings: a short run of the same command at the commit the record's code was taken from and
-    with today's code gave bit-identical greedy episodes (`python results.py recheck`). That check covers what a short
+    with today's code gave bit-identical greedy episodes and checkpoint tensors (`python results.py recheck`). That check covers what a short
     run executes; a change acting only late in a run (or only on resume) would escape it, so the table names every
     record it vouches for."""
 
