@@ -111,6 +111,12 @@ LAYOUT = {
     "ablation": dict(env="ant", rows=[("full", "full-replay"), ("partial", "full-replay")], methods=ABLATION_METHODS),
     "diagnosis": dict(env="ant", rows=[("partial", "medium"), ("full", "medium")], methods=("moma_ppo",)),
 }
+# The diagnosis records of each env get their own section, table and training figure (Ant: issue 12's rows; Reacher:
+# Table 4a's leader-only gap); the learning-curve plots of their (obs, dataset) cells are drawn for these.
+DIAGNOSIS_ROWS = {"ant": [("partial", "medium"), ("full", "medium")], "reacher": [("leader-only", "expert-mix")]}
+MOMA_PRESET_ITERATIONS = {"coordination": 20, "reacher": 400, "ant": 80}  # moma_ppo.PRESETS (a test keeps them equal)
+DIAGNOSIS_TITLES = {"ant": "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis",
+                    "reacher": "Diagnosis: MOMA-PPO on reacher leader-only (Table 4a's gap), one run per hypothesis"}
 TITLES = {"3": "Table 3: Iterated Coordination Game", "4a": "Table 4a: two-agent Reacher, expert-mix",
           "4b": "Table 4b: four-agent Ant", "ablation": "§6.3 ablation: epistemic vs aleatoric penalty, ant full-replay"}
 
@@ -523,8 +529,10 @@ def ablation_plot_path(budget: str, plots_dir: pathlib.Path = PLOTS_DIR) -> path
     return plots_dir / f"ablation__{re.sub(r'[^A-Za-z0-9_.-]+', '_', budget)}.png"
 
 
-def diagnosis_plot_path(budget: str, plots_dir: pathlib.Path = PLOTS_DIR) -> pathlib.Path:
-    return plots_dir / f"diagnosis_training__{re.sub(r'[^A-Za-z0-9_.-]+', '_', budget)}.png"
+def diagnosis_plot_path(budget: str, plots_dir: pathlib.Path = PLOTS_DIR, env: str = "ant") -> pathlib.Path:
+    """Ant's figure keeps its first name; another env's names the env."""
+    suffix = "" if env == "ant" else f"__{env}"
+    return plots_dir / f"diagnosis_training__{re.sub(r'[^A-Za-z0-9_.-]+', '_', budget)}{suffix}.png"
 
 
 # The panels of the diagnosis figure: training.csv columns (MOMA-PPO's per-iteration log) against synthetic steps.
@@ -546,8 +554,8 @@ def read_training_log(folder: pathlib.Path) -> dict:
     return {k: np.array([float(r[k]) if r.get(k) not in ("", None) else np.nan for r in rows]) for k in rows[0]} if rows else {}
 
 
-def diagnosis_figure(records: list, budget: str, refs: dict, plots_dir: pathlib.Path = PLOTS_DIR):
-    """One figure for the diagnosis runs of a budget: a panel per DIAGNOSIS_PANELS column, a line per run."""
+def diagnosis_figure(records: list, budget: str, refs: dict, plots_dir: pathlib.Path = PLOTS_DIR, env: str = "ant"):
+    """One figure for the diagnosis runs of a budget and env: a panel per DIAGNOSIS_PANELS column, a line per run."""
     import matplotlib.pyplot as plt
 
     logs = [(r, read_training_log(r.folder)) for r in records]
@@ -583,7 +591,7 @@ def diagnosis_figure(records: list, budget: str, refs: dict, plots_dir: pathlib.
     fig.legend(handles, labels, loc="center right", fontsize=7, title="one colour per run type, its seeds alike",
                title_fontsize=7)
     fig.tight_layout(rect=(0, 0, 0.82, 1))
-    path = diagnosis_plot_path(budget, plots_dir)
+    path = diagnosis_plot_path(budget, plots_dir, env)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -870,14 +878,12 @@ def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
     return lines + [""]
 
 
-DIAGNOSIS_TITLE = "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis"
-
-
 def diagnosis_table(records: list, staleness: Staleness) -> list:
     """One row per diagnosis run (`./run_all.sh diagnosis`): what it changed, its final score, how many greedy episodes
     reach the end (Ant episodes that fall end early), its learning curve in short, cost and command."""
+    limit = envs.EPISODE_STEPS[records[0].env] if records else 1000
     lines = ["| run (settings changed from the preset) | obs, dataset | seed | score (mean ± std over episodes) | episodes reaching "
-             "1000 steps | in-training evaluations (first → best → last) | synthetic steps | wall time | command |",
+             f"{limit} steps | in-training evaluations (first → best → last) | synthetic steps | wall time | command |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r.obs != "partial", r.dataset != "medium", r.dataset, r.method != "moma_ppo",
                                             r.method, r.summary.get("seed", 0))):
@@ -888,7 +894,12 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
         curve = f"{scores[0]:.2f} → {max(scores):.2f} → {scores[-1]:.2f}" if scores else "n/a"
         reasons, _ = staleness.check(r)
         mark = " †" if reasons else (" ≡" if staleness.vouched(s) is not None else "")
-        name = r.method.replace("moma_ppo-", "").replace("moma_ppo", "(the preset)") + mark
+        name = r.method.replace("moma_ppo-", "").replace("moma_ppo", "(the preset)")
+        iterations = (s.get("config") or {}).get("iterations")
+        if iterations is not None and iterations != MOMA_PRESET_ITERATIONS.get(r.env, iterations):
+            # the run name leaves out --iterations (a budget, not a method); the table must not
+            name = f"iterations={iterations}" if name == "(the preset)" else f"{name}, iterations={iterations}"
+        name += mark
         lines.append(f"| {name} | {r.obs}, {r.dataset} | {s.get('seed')} | {r.score:.3f} ± {s.get('normalized_score_std', float('nan')):.3f} | "
                      f"{reach} | {curve} | {s.get('train_steps', 0):,} | {fmt_seconds(s.get('wall_time_s', float('nan')))} | "
                      f"`results/diagnosis/{r.folder.name}/command.txt` |")
@@ -913,12 +924,15 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
         by_table[r.table][r.budget].append(r)
     for table in TABLES:
         if table == "diagnosis":
-            if by_table[table]:
-                lines += [f"## {DIAGNOSIS_TITLE}", ""]
+            for env in sorted({r.env for recs in by_table[table].values() for r in recs}, key=lambda e: e != "ant"):
+                lines += [f"## {DIAGNOSIS_TITLES.get(env, f'Diagnosis: MOMA-PPO on {env}')}", ""]
                 for budget, recs in by_table[table].items():
+                    recs = [r for r in recs if r.env == env]
+                    if not recs:
+                        continue
                     lines += [f"### budget `{budget}`", ""] + diagnosis_table(recs, staleness)
-                    images = [plot_path(table, budget, "ant", o, d, plots_dir) for o, d in LAYOUT[table]["rows"]]
-                    images.append(diagnosis_plot_path(budget, plots_dir))
+                    images = [plot_path(table, budget, env, o, d, plots_dir) for o, d in DIAGNOSIS_ROWS.get(env, [])]
+                    images.append(diagnosis_plot_path(budget, plots_dir, env))
                     lines += [" ".join(f"![{p.stem}](plots/{p.name})" for p in images if p.exists()), ""]
             continue
         lines += [f"## {TITLES[table]}", ""]
@@ -1003,8 +1017,8 @@ def make_plots(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path 
             continue
         if table == "diagnosis":
             path = diagnosis_figure([r for recs in by_method.values() for r in recs] +
-                                   [r for r in records if r.table == "diagnosis" and r.budget == budget and
-                                    (r.obs, r.dataset) != (obs, dataset)], budget, refs, plots_dir)
+                                   [r for r in records if r.table == "diagnosis" and r.budget == budget and r.env == env
+                                    and (r.obs, r.dataset) != (obs, dataset)], budget, refs, plots_dir, env)
             if path is not None and path not in written:
                 written.append(path)
         order = [m for m in LAYOUT[table]["methods"] if m in by_method] + sorted(set(by_method) - set(LAYOUT[table]["methods"]))

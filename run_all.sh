@@ -330,6 +330,14 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   for s in 1 2; do
     run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --anneal-lr --rollout-horizon 50 --rollout-batch 400
   done
+  # (l) Table 4a's leader-only gap (docs/diagnosis.md point 22): the follower (the elbow's agent, who does not see the
+  # target) ends with its elbow angle shrunk towards its average. Is it the budget (twice the iterations), the world
+  # model (the real simulator) or the 10-step rollouts, which never show the follower what its partner does after
+  # 10 steps of acting together (25-step rollouts, the same synthetic steps per iteration)? Evaluations on 100 episodes.
+  local reacher=(--eval-episodes-during 100)
+  run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --iterations 800
+  run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --ground-truth
+  run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --rollout-horizon 25 --rollout-batch 400
 }
 
 # Table 4a's cross-play (envs.py, "Cross-play"): for every row and method with two or more finished seeds at this

@@ -314,6 +314,31 @@ def test_diagnosis_runs_get_a_figure_of_their_training_logs_in_the_results_page(
     assert "plots/diagnosis_training__quick.png" in results.generate_markdown(root, plots)
 
 
+def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_says_so(tmp_path):
+    import moma_ppo
+
+    assert results.MOMA_PRESET_ITERATIONS == {env: p["iterations"] for env, p in moma_ppo.PRESETS.items()}
+    root, plots = tmp_path / "results", tmp_path / "plots"
+    runs = (("ant", "partial", "medium", "moma_ppo", 80), ("reacher", "leader-only", "expert-mix", "moma_ppo", 800),
+            ("reacher", "leader-only", "expert-mix", "moma_ppo-ground_truth", 400))
+    for env, obs, dataset, method, iterations in runs:
+        folder = _fake_record(root, "diagnosis", method, 1, 0.9, obs=obs, env=env, dataset=dataset)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["config"]["iterations"] = iterations
+        (folder / "summary.json").write_text(json.dumps(summary))
+        log = envs.TableLog(folder / "training.csv", ("iteration", "synthetic_steps", "eval_score"))
+        for i in range(1, 5):
+            log.add({"iteration": i, "synthetic_steps": 1000 * i, "eval_score": 0.2 * i})
+    written = results.make_plots(results_dir=root, plots_dir=plots)
+    assert plots / "diagnosis_training__quick.png" in written and plots / "diagnosis_training__quick__reacher.png" in written
+    text = results.generate_markdown(root, plots)
+    ant, reacher = text.split(f"## {results.DIAGNOSIS_TITLES['reacher']}")
+    assert results.DIAGNOSIS_TITLES["ant"] in ant and "| (the preset) | partial, medium" in ant and "leader-only" not in ant
+    assert "episodes reaching 50 steps" in reacher and "partial, medium" not in reacher
+    assert "| iterations=800 | leader-only, expert-mix" in reacher and "| ground_truth | leader-only" in reacher
+    assert "plots/diagnosis_training__quick__reacher.png" in reacher
+
+
 def test_rename_moves_a_record_to_its_new_method_name_and_refuses_anything_else(tmp_path):
     # a preset change makes a setting's records the preset's: only the method part of the name may change
     folder = _fake_record(tmp_path, "diagnosis", "moma_ppo-minibatch_size=1024", 2, 0.58, env="ant", dataset="medium")
