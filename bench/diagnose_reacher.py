@@ -81,6 +81,7 @@ def reach_figures(states: np.ndarray, rewards: np.ndarray, actions: np.ndarray) 
     slope = np.polyfit(np.abs(theta2_star), np.abs(theta2), 1)[0] if len(states) > 2 else float("nan")
     agree = envs.reacher_agent_conventions(states)
     return dict(ret=rewards.sum(1), dist_sum=distance.sum(1), ctrl_sum=control.sum(1),
+                ctrl_agents=(actions ** 2).sum(1),  # [E, 2]: each agent's share of the control term
                 recon=-(distance.sum(1) + control.sum(1)),
                 final_dist=distance[:, -envs.CONVENTION_STEPS:].mean(1), final_radial=radial.mean(1),
                 elbow_error=np.abs(theta2 - theta2_star), slope=slope,
@@ -90,7 +91,8 @@ def reach_figures(states: np.ndarray, rewards: np.ndarray, actions: np.ndarray) 
 def summarise(name: str, f: dict, ref=None) -> None:
     paper = (f["ret"] - PAPER_REF[0]) / (PAPER_REF[1] - PAPER_REF[0])
     print(f"{name}\n  return {f['ret'].mean():.3f} (paper's scale {paper.mean():.3f} ± {paper.std():.3f}); distance term "
-          f"{-f['dist_sum'].mean():.3f}, control term {-f['ctrl_sum'].mean():.3f} (sum {f['recon'].mean():.3f})\n"
+          f"{-f['dist_sum'].mean():.3f}, control term {-f['ctrl_sum'].mean():.3f} (agent 0 {-f['ctrl_agents'][:, 0].mean():.3f}, "
+          f"agent 1 {-f['ctrl_agents'][:, 1].mean():.3f}; sum {f['recon'].mean():.3f})\n"
           f"  last 10 steps: fingertip-target distance {f['final_dist'].mean():.4f} m, of it radial "
           f"{f['final_radial'].mean():.4f} m; |θ2 - θ2*| {f['elbow_error'].mean():.3f} rad (median "
           f"{np.median(f['elbow_error']):.3f}); slope of |θ2| on |θ2*| {f['slope']:.2f}; same convention {f['same']:.0%}")
