@@ -896,7 +896,7 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
         mark = " †" if reasons else (" ≡" if staleness.vouched(s) is not None else "")
         name = r.method.replace("moma_ppo-", "").replace("moma_ppo", "(the preset)")
         iterations = (s.get("config") or {}).get("iterations")
-        if iterations is not None and iterations != MOMA_PRESET_ITERATIONS.get(r.env, iterations):
+        if iterations is not None and iterations != MOMA_PRESET_ITERATIONS.get(r.env, iterations) and "iterations=" not in name:
             # the run name leaves out --iterations (a budget, not a method); the table must not
             name = f"iterations={iterations}" if name == "(the preset)" else f"{name}, iterations={iterations}"
         name += mark

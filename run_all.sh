@@ -331,13 +331,19 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
     run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --anneal-lr --rollout-horizon 50 --rollout-batch 400
   done
   # (l) Table 4a's leader-only gap (docs/diagnosis.md point 22): the follower (the elbow's agent, who does not see the
-  # target) ends with its elbow angle shrunk towards its average. Is it the budget (twice the iterations), the world
+  # target) ends with its elbow angle shrunk towards its average. Is it the world
   # model (the real simulator) or the 10-step rollouts, which never show the follower what its partner does after
   # 10 steps of acting together (25-step rollouts, the same synthetic steps per iteration)? Evaluations on 100 episodes.
+  # (Twice the iterations is not a row here: run names leave --iterations out, so it would take Table 4a's cell's run
+  # folder. It ran by hand, recorded as moma_ppo-iterations=800: the command is in its record and in point 22.)
   local reacher=(--eval-episodes-during 100)
-  run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --iterations 800
   run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --ground-truth
   run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --rollout-horizon 25 --rollout-batch 400
+  # none of the three closes it (point 22): the PPO side. Four times the updates per iteration (what Ant's row c
+  # needed), and the authors' actor (a state-dependent σ, adaptive entropy, an action-bound penalty; ours ends with σ 0.09)
+  run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --minibatch-size 512
+  run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --actor-std state --entropy-target -2 \
+    --action-penalty 1
 }
 
 # Table 4a's cross-play (envs.py, "Cross-play"): for every row and method with two or more finished seeds at this
