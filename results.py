@@ -900,7 +900,10 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
             # the run name leaves out --iterations (a budget, not a method); the table must not
             name = f"iterations={iterations}" if name == "(the preset)" else f"{name}, iterations={iterations}"
         name += mark
-        lines.append(f"| {name} | {r.obs}, {r.dataset} | {s.get('seed')} | {r.score:.3f} ± {s.get('normalized_score_std', float('nan')):.3f} | "
+        score = f"{r.score:.3f} ± {s.get('normalized_score_std', float('nan')):.3f}"
+        if r.env == "reacher" and s.get("episode_returns"):  # Table 4a's bar is on the paper's scale
+            score += f" (paper's scale {float(paper_scale_reacher(s['episode_returns']).mean()):.3f})"
+        lines.append(f"| {name} | {r.obs}, {r.dataset} | {s.get('seed')} | {score} | "
                      f"{reach} | {curve} | {s.get('train_steps', 0):,} | {fmt_seconds(s.get('wall_time_s', float('nan')))} | "
                      f"`results/diagnosis/{r.folder.name}/command.txt` |")
     return lines + ["", "† stale: made with other code or another build of the dataset. ≡ made with older code that "

@@ -325,6 +325,7 @@ def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_sa
         folder = _fake_record(root, "diagnosis", method, 1, 0.9, obs=obs, env=env, dataset=dataset)
         summary = json.loads((folder / "summary.json").read_text())
         summary["config"]["iterations"] = iterations
+        summary["episode_returns"] = [-4.237, -11.145] if env == "reacher" else [1.0]
         (folder / "summary.json").write_text(json.dumps(summary))
         log = envs.TableLog(folder / "training.csv", ("iteration", "synthetic_steps", "eval_score"))
         for i in range(1, 5):
@@ -337,6 +338,7 @@ def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_sa
     assert "episodes reaching 50 steps" in reacher and "partial, medium" not in reacher
     assert "| iterations=800 | leader-only, expert-mix" in reacher and "| ground_truth | leader-only" in reacher
     assert "plots/diagnosis_training__quick__reacher.png" in reacher
+    assert "(paper's scale 0.500)" in reacher and "paper's scale" not in ant.split("## Diagnosis")[-1]
 
 
 def test_rename_moves_a_record_to_its_new_method_name_and_refuses_anything_else(tmp_path):
