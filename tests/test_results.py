@@ -334,9 +334,13 @@ def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_sa
     assert plots / "diagnosis_training__quick.png" in written and plots / "diagnosis_training__quick__reacher.png" in written
     text = results.generate_markdown(root, plots)
     ant, reacher = text.split(f"## {results.DIAGNOSIS_TITLES['reacher']}")
-    assert results.DIAGNOSIS_TITLES["ant"] in ant and "| (the preset) | partial, medium" in ant and "leader-only" not in ant
+    # (a row may carry a stale mark: the fake records' dataset fingerprint is not this machine's build)
+    rows = lambda text: [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ")]  # noqa: E731
+    names = lambda text, where: [n.removeprefix("| ").removesuffix(" †") for n, w in rows(text) if w == where]  # noqa: E731
+    assert results.DIAGNOSIS_TITLES["ant"] in ant and names(ant, "partial, medium") == ["(the preset)"]
+    assert "leader-only, expert-mix" not in ant
     assert "episodes reaching 50 steps" in reacher and "partial, medium" not in reacher
-    assert "| iterations=800 | leader-only, expert-mix" in reacher and "| ground_truth | leader-only" in reacher
+    assert sorted(names(reacher, "leader-only, expert-mix")) == ["ground_truth", "iterations=800"]
     assert "plots/diagnosis_training__quick__reacher.png" in reacher
     assert "(paper's scale 0.500)" in reacher and "paper's scale" not in ant.split("## Diagnosis")[-1]
 
