@@ -36,12 +36,13 @@ class ProbeArgs:
     seed: int = 0
 
 
-def load_agents(run_dir: pathlib.Path):
-    """The agents of a checkpoint, rebuilt as moma_ppo.main builds them, with their args, dataset and layout."""
+def load_agents(run_dir: pathlib.Path, env: str = "ant"):
+    """The agents of a checkpoint, rebuilt as moma_ppo.main builds them, with their args, dataset and layout
+    (bench/diagnose_reacher.py uses it with env="reacher")."""
     ck = envs.load_checkpoint(run_dir / "checkpoint.pt", torch.device("cpu"))
     args = moma_ppo.resolve(moma_ppo.Args(**ck["args"]))
-    if args.env != "ant":
-        raise envs.MomaError(f"these probes read Ant's state layout; {run_dir} is a {args.env} run")
+    if args.env != env:
+        raise envs.MomaError(f"these probes read {env}'s state layout; {run_dir} is a {args.env} run")
     data = envs.load_dataset(args.env, args.dataset, args.obs)
     layout = moma_ppo.Layout(args.env, args.obs, "cpu")
     agents = moma_ppo.build_agents(args, layout, torch.as_tensor(data.states))

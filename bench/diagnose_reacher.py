@@ -31,6 +31,7 @@ import tyro
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 import moma_ppo  # noqa: E402
+from diagnose_moma_ppo import load_agents  # noqa: E402  (bench/ is this script's folder, first on sys.path)
 
 # Reacher-v5's arm (reacher.xml): upper arm 0.1, forearm 0.1 + fingertip 0.01; state layout in envs.py
 UPPER_ARM, FOREARM = 0.1, 0.11
@@ -46,18 +47,6 @@ class ProbeArgs:
     """agent 1 becomes a PD controller to the elbow angle the target's radius needs (see the module docstring)"""
     oracle_gain: float = 2.0
     """PD controller: action = gain * (θ2* - θ2) - 0.1 * gain * θ2', clipped to [-1, 1]"""
-
-
-def load_agents(run_dir: pathlib.Path):
-    ck = envs.load_checkpoint(run_dir / "checkpoint.pt", torch.device("cpu"))
-    args = moma_ppo.resolve(moma_ppo.Args(**ck["args"]))
-    if args.env != "reacher":
-        raise envs.MomaError(f"these probes read Reacher's state layout; {run_dir} is a {args.env} run")
-    data = envs.load_dataset(args.env, args.dataset, args.obs)
-    layout = moma_ppo.Layout(args.env, args.obs, "cpu")
-    agents = moma_ppo.build_agents(args, layout, torch.as_tensor(data.states))
-    agents.load_state_dict(ck["agents"])
-    return agents, args, data, layout, int(ck["iteration"])
 
 
 def needed_elbow(states: np.ndarray, convention: np.ndarray) -> np.ndarray:
@@ -100,7 +89,7 @@ def summarise(name: str, f: dict, ref=None) -> None:
 
 @torch.no_grad()
 def play(run_dir: pathlib.Path, episodes: int, oracle_elbow: bool, gain: float) -> dict:
-    agents, args, data, layout, iteration = load_agents(run_dir)
+    agents, args, data, layout, iteration = load_agents(run_dir, env="reacher")
     act = moma_ppo.greedy_policy(agents, layout, "cpu")
     sims = [envs.make_env("reacher", args.obs) for _ in range(episodes)]
     seed = 10101 + 1 + args.seed  # moma_ppo.py's final evaluation
