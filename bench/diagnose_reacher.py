@@ -12,7 +12,7 @@ agent 1) and the rest, and compares the elbow angle the team ends with to the on
 infer the target's radius ends with θ2 shrunk towards its average: the regression slope of |θ2| on |θ2*| below 1.
 
 `radius-info` measures the information bound behind that: an MLP regressor from everything agent 1's policy reads at
-step t (its observation and 10-step history) to the target's radius, fitted on 80% of 1,000 greedy episodes of the
+step t (its observation and 10-step history) to θ2* (set by the target's radius), fitted on 80% of 1,000 greedy episodes of the
 team (or of dataset episodes) and scored by R² on the other 20%, per step t.
 
 `--oracle-elbow` replaces agent 1 by a PD controller to θ2* (it sees the target, which no leader-only follower
@@ -31,11 +31,11 @@ import tyro
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 import moma_ppo  # noqa: E402
+import results  # noqa: E402
 from diagnose_moma_ppo import load_agents  # noqa: E402  (bench/ is this script's folder, first on sys.path)
 
 # Reacher-v5's arm (reacher.xml): upper arm 0.1, forearm 0.1 + fingertip 0.01; state layout in envs.py
 UPPER_ARM, FOREARM = 0.1, 0.11
-PAPER_REF = (-11.145, -4.237)  # the paper's Reacher reference returns (zero-torque arm, expert), envs/results.py
 
 
 @dataclasses.dataclass
@@ -77,8 +77,8 @@ def reach_figures(states: np.ndarray, rewards: np.ndarray, actions: np.ndarray) 
                 same=(agree[:, 0] == agree[:, 1]).mean())
 
 
-def summarise(name: str, f: dict, ref=None) -> None:
-    paper = (f["ret"] - PAPER_REF[0]) / (PAPER_REF[1] - PAPER_REF[0])
+def summarise(name: str, f: dict) -> None:
+    paper = results.paper_scale_reacher(f["ret"])
     print(f"{name}\n  return {f['ret'].mean():.3f} (paper's scale {paper.mean():.3f} ± {paper.std():.3f}); distance term "
           f"{-f['dist_sum'].mean():.3f}, control term {-f['ctrl_sum'].mean():.3f} (agent 0 {-f['ctrl_agents'][:, 0].mean():.3f}, "
           f"agent 1 {-f['ctrl_agents'][:, 1].mean():.3f}; sum {f['recon'].mean():.3f})\n"
@@ -123,10 +123,10 @@ def play(run_dir: pathlib.Path, episodes: int, oracle_elbow: bool, gain: float) 
     return label, reach_figures(states, rewards, actions), np.stack(follower_inputs, 1), states
 
 
-def radius_r2(inputs: np.ndarray, radius: np.ndarray, steps=(0, 5, 10, 20, 30, 49), seed: int = 0) -> dict:
-    """(R², mean absolute error) of an MLP regressor inputs[:, t] -> radius on held-out episodes (20%), per step t."""
+def radius_r2(inputs: np.ndarray, target: np.ndarray, steps=(0, 5, 10, 20, 30, 49), seed: int = 0) -> dict:
+    """(R², mean absolute error) of an MLP regressor inputs[:, t] -> target (θ2*) on held-out episodes (20%), per step t."""
     torch.manual_seed(seed)
-    n = len(radius)
+    n = len(target)
     order = np.random.default_rng(seed).permutation(n)
     train, test = order[: int(0.8 * n)], order[int(0.8 * n):]
     out = {}
@@ -134,7 +134,7 @@ def radius_r2(inputs: np.ndarray, radius: np.ndarray, steps=(0, 5, 10, 20, 30, 4
         x = torch.as_tensor(inputs[:, t], dtype=torch.float32)
         mean, std = x[train].mean(0), x[train].std(0) + 1e-6
         x = (x - mean) / std
-        y = torch.as_tensor(radius, dtype=torch.float32)
+        y = torch.as_tensor(target, dtype=torch.float32)
         net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                                   torch.nn.ReLU(), torch.nn.Linear(256, 1))
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
