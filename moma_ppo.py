@@ -110,6 +110,12 @@ class Args:
     """λ_g, weight of the ensemble-covariance penalty ε_g"""
     uncertainty_threshold: Annotated[Optional[float], envs.per_env_default(PRESETS, "uncertainty_threshold")] = None
     """l_ε: penalties are capped at it, and a rollout times out where the unclamped ε_g ≥ l_ε"""
+    continue_rollouts: float = 0.0
+    """share of each iteration's b rollouts that continue from where the previous iteration's rollouts reached
+    the horizon alive (no predicted terminal, no uncertainty cut), with their histories, instead of starting from a
+    dataset state; the rest start from the dataset. Chains of rollouts then reach the states the policy visits after
+    many of its own steps, where full-replay's jumps happen (docs/diagnosis.md points 10 and 23); the uncertainty
+    cut still ends a chain that leaves the model's support. 0 = the paper (every rollout starts from the dataset)"""
     world_model_seed: int = 0
     """which cached ensemble to use (one per dataset and seed, shared by MOMA-PPO seeds as the authors did)"""
 
@@ -257,11 +263,11 @@ def method_name_from_argv(argv: list) -> str:
 TRAINING_COLUMNS = ("iteration", "synthetic_steps", "wall_time_s", "sps", "mean_length", "timeouts_by_uncertainty",
                     "terminals", "eps_g", "eps_g_at_terminals_over_threshold", "penalised_reward", "lambda_return",
                     "policy_loss", "value_loss", "entropy", "clipfrac", "action_std", "action_mean_abs",
-                    "eval_score", "eval_mean_length", "eval_full_length_share")
+                    "eval_score", "eval_mean_length", "eval_full_length_share", "continued", "start_age")
 
 
 # Settings that change what MOMA-PPO learns (method_name spells out the ones a run changes).
-ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "lambda_r", "lambda_g", "uncertainty_threshold",
+ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "continue_rollouts", "lambda_r", "lambda_g", "uncertainty_threshold",
                         "uncertainty_cut", "bound_values", "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
                         "learning_rate", "anneal_lr", "update_epochs", "minibatch_size", "gamma", "gae_lambda", "clip_coef",
                         "ent_coef", "vf_coef", "max_grad_norm", "init_log_std", "actor_std", "entropy_target",
@@ -599,15 +605,28 @@ def value_range(rewards: np.ndarray, args: Args) -> tuple[float, float]:
 
 @torch.no_grad()
 def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Tensor, history_table, history_index,
-                     args: Args, generator: torch.Generator, values_between: Optional[tuple[float, float]] = None):
+                     args: Args, generator: torch.Generator, values_between: Optional[tuple[float, float]] = None,
+                     pool: Optional[dict] = None):
     """Algorithm 1's inner loops, vectorised over the b rollouts and the n agents. Returns the valid
-    transitions flattened for PPO (per-agent tensors lead with the agent axis) and rollout statistics."""
+    transitions flattened for PPO (per-agent tensors lead with the agent axis), rollout statistics, and the pool of
+    rollouts that reached the horizon alive (their next states, histories and ages in model steps since a dataset
+    state), from which Args.continue_rollouts starts the next iteration's rollouts."""
     device = states_all.device
     k, b = args.rollout_horizon, args.rollout_batch
-    rows = torch.randint(len(states_all), (b,), device=device, generator=generator)
+    n_pool = 0 if pool is None else len(pool["states"])
+    n_continued = min(int(round(args.continue_rollouts * b)), n_pool)
+    rows = torch.randint(len(states_all), (b - n_continued,), device=device, generator=generator)
     state = states_all[rows]
     hist = start_histories(agents, layout, history_table, history_index, rows, args.start_history) \
         if args.use_history else None  # [n, b, H, d]
+    age = torch.zeros(b - n_continued, device=device)  # model steps since the chain left the dataset
+    if n_continued > 0:  # Args.continue_rollouts: a random subset of last iteration's survivors carries on
+        picked = torch.randperm(n_pool, device=device, generator=generator)[:n_continued]
+        state = torch.cat([pool["states"][picked], state])
+        age = torch.cat([pool["age"][picked], age])
+        if args.use_history:
+            hist = torch.cat([pool["hist"][:, picked], hist], dim=1)
+    start_age = float(age.mean())
     buf = {key: [] for key in ("obs", "hist", "actions", "logp", "values", "rewards", "f", "zeta", "states",
                                "eps_g", "cut", "terminal")}
     alive = torch.ones(b, device=device)  # 1 while the rollout has not ended
@@ -648,6 +667,8 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
         # clipping; it is a terminal by the termination rule), so garbage steps stay finite.
         moves = (valid[-1] > 0) & torch.isfinite(out["next_states"]).all(1)
         state = torch.where(moves[:, None], out["next_states"], state)
+        if j == k - 1:  # alive through the horizon: neither a predicted terminal nor an uncertainty cut
+            survived = moves & (predicted_terminal == 0) & (cut == 0)
     last_value = agents.denormalise(agents.team_value(agents.features(layout.observe(state), hist), state))
     values = torch.stack(buf["values"] + [last_value])
     if values_between is not None:  # Args.bound_values
@@ -679,7 +700,13 @@ def collect_rollouts(agents: Agents, model, layout: Layout, states_all: torch.Te
              # where terminals fall relative to the cut: ε_g / l_ε at terminal steps (< 1: the cut did not see them)
              "eps_g_at_terminals_over_threshold": float(eps_g[terminal_steps].mean() / args.uncertainty_threshold)
              if terminal_steps.any() else float("nan")}
-    return batch, stats
+    if args.continue_rollouts > 0:
+        stats.update(continued=n_continued / b, start_age=start_age)
+        survivors = {"states": state[survived], "age": age[survived] + k}
+        if args.use_history:
+            survivors["hist"] = hist[:, survived]
+        return batch, stats, survivors
+    return batch, stats, None
 
 
 def evaluate(args: Args, act, n_episodes: int, seed: int, **returns):
@@ -724,7 +751,7 @@ def main(args: Args) -> dict:
                     non_negative=("lambda_r", "lambda_g", "lambda_aleatoric", "ent_coef", "vf_coef", "entropy_step",
                                   "action_penalty", "world_model_seed"),
                     positive=("learning_rate", "clip_coef", "max_grad_norm"), finite=("init_log_std", "entropy_target"),
-                    between={"gamma": (0.0, 1.0), "gae_lambda": (0.0, 1.0)}, examples=PRESETS[args.env])
+                    between={"gamma": (0.0, 1.0), "gae_lambda": (0.0, 1.0), "continue_rollouts": (0.0, 1.0)}, examples=PRESETS[args.env])
     if not args.uncertainty_threshold > 0:  # inf is allowed: no cut (the coordination game's preset)
         raise MomaError(f"--uncertainty-threshold must be > 0 (inf for no cut), got {args.uncertainty_threshold!r} "
                         f"(e.g. --uncertainty-threshold 2)")
@@ -784,6 +811,7 @@ def main(args: Args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     start_iteration, synthetic_steps, wall_before = 0, 0, 0.0  # wall_before: wall time of the earlier parts of a resumed run
+    rollout_pool = None  # Args.continue_rollouts: the rollouts that reached the horizon alive last iteration
     if ck is not None:
         try:
             agents.load_state_dict(ck["agents"])
@@ -791,6 +819,7 @@ def main(args: Args) -> dict:
             generator.set_state(ck["generator"].cpu() if device.type == "cpu" else ck["generator"])
             torch.set_rng_state(ck["torch_rng"])
             start_iteration, synthetic_steps = ck["iteration"], ck["synthetic_steps"]
+            rollout_pool = ck.get("rollout_pool")  # Args.continue_rollouts: where the last rollouts stopped
             wall_before = ck.get("wall_s", 0.0)  # checkpoints from before the run records have no wall time
         except Exception as e:
             raise MomaError(f"checkpoint {checkpoint_path} is corrupt or from another configuration "
@@ -838,7 +867,7 @@ def main(args: Args) -> dict:
                               "synthetic_steps": synthetic_steps, "generator": generator.get_state(),
                               "wall_s": wall_before + time.time() - start_time, "torch_rng": torch.get_rng_state(),
                               "args": dataclasses.asdict(args), "dataset_fingerprint": data.fingerprint,
-                              "world_model": model_record}, checkpoint_path)
+                              "world_model": model_record, "rollout_pool": rollout_pool}, checkpoint_path)
 
     bar = envs.progress_bar(range(start_iteration, args.iterations), initial=start_iteration, total=args.iterations,
                             desc=f"MOMA-PPO {args.env}/{args.obs}/{args.dataset}", dynamic_ncols=True)
@@ -848,8 +877,8 @@ def main(args: Args) -> dict:
             optimizer.param_groups[0]["lr"] = (1.0 - iteration / args.iterations) * args.learning_rate
         # ------------------------------------------------------------ synthetic rollouts (Algorithm 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):  # the world model stays fp32
-            batch, stats = collect_rollouts(agents, model, layout, states_all, history_table, history_index, args,
-                                            generator, values_between)
+            batch, stats, rollout_pool = collect_rollouts(agents, model, layout, states_all, history_table,
+                                                          history_index, args, generator, values_between, rollout_pool)
         n_valid = len(batch["returns"])
         synthetic_steps += n_valid
         t_rollout = time.time() - t_iter

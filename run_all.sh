@@ -344,6 +344,12 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --minibatch-size 512
   run diagnosis moma_ppo.py reacher leader-only expert-mix $seed "${reacher[@]}" --actor-std state --entropy-target -2 \
     --action-penalty 1
+  # (m) full-replay's jumps again (points 10, 12, 23): 50-step rollouts helped but started from 400 dataset states.
+  # Continued rollouts keep 2,000 rollouts of 10 steps per iteration, 90% of them carrying on from where last
+  # iteration's survivors stopped: chains of ~100 steps of the policy's own states, from as many starts as the preset
+  for s in 1 2 3; do run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --continue-rollouts 0.9; done
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --continue-rollouts 0.9
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --continue-rollouts 0.9
 }
 
 # Table 4a's cross-play (envs.py, "Cross-play"): for every row and method with two or more finished seeds at this

@@ -81,7 +81,7 @@ def main(bench: BenchArgs) -> None:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bench.bf16)
         autocast.__enter__()
         t0 = time.perf_counter()
-        batch, _ = moma_ppo.collect_rollouts(agents, model, layout, states, table, index, args, gen)
+        batch, _, _ = moma_ppo.collect_rollouts(agents, model, layout, states, table, index, args, gen)
         t1 = time.perf_counter()
         n = len(batch["returns"])
         mb = min(args.minibatch_size, n)

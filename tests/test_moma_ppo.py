@@ -80,7 +80,7 @@ def test_rollouts_stay_finite_after_a_diverged_terminal():
     states = torch.randn(50, 27)
     table = torch.randn(4, 51, layout.history_dim)
     index = torch.randint(0, 51, (50, 10))
-    batch, stats = moma_ppo.collect_rollouts(agents, DivergingModel(), layout, states, table, index,
+    batch, stats, _ = moma_ppo.collect_rollouts(agents, DivergingModel(), layout, states, table, index,
                                              _args(clip_to_dataset=False), torch.Generator().manual_seed(0))
     assert len(batch["returns"]) == 1 + 7 * 4  # rollout 0 ends at its first step, the others run k = 4
     for key in ("advantages", "returns", "value_targets", "logp", "obs", "states"):
@@ -174,7 +174,7 @@ def test_rollouts_penalty_timeouts_and_terminals():
     table = torch.randn(4, 51, layout.history_dim)
     index = torch.randint(0, 51, (50, 10))
     args = _args()
-    batch, stats = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, args,
+    batch, stats, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, args,
                                              torch.Generator().manual_seed(0))
     # Per step: even rollouts never time out early (length 4); odd rollouts have ε_g = 1, 2, 3 ≥ 2.5 at step 3
     # (cut after it, length 3), except rollouts 1 and 5, terminal at step 2 (length 2).
@@ -188,14 +188,14 @@ def test_rollouts_penalty_timeouts_and_terminals():
     assert batch["hist"].shape == (4, len(batch["returns"]), 10, layout.history_dim)
     # The aleatoric ablation uses MOPO's max-variance norm instead
     aleatoric = _args(penalty="aleatoric", lambda_aleatoric=0.5)
-    _, stats = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, aleatoric,
+    _, stats, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, aleatoric,
                                          torch.Generator().manual_seed(0))
     assert stats["penalised_reward"] == pytest.approx(1 - 0.5 * 2.5)
     assert stats["timeouts_by_uncertainty"] == pytest.approx(2 / 8) and stats["terminals"] == pytest.approx(2 / 8)
     # --uncertainty-cut terminal: the same rollouts end at the same steps, but the cut step does not bootstrap
     # (its target is its own reward, as at a predicted terminal) where the timeout bootstraps from V(s')
     for cut in ("timeout", "terminal"):
-        batch, stats = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index,
+        batch, stats, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index,
                                                  _args(uncertainty_cut=cut), torch.Generator().manual_seed(0))
         assert len(batch["returns"]) == sum(lengths.values())
         assert stats["timeouts_by_uncertainty"] == pytest.approx(2 / 8) and stats["terminals"] == pytest.approx(2 / 8)
@@ -208,7 +208,7 @@ def test_rollouts_penalty_timeouts_and_terminals():
             assert batch["returns"][position].item() != pytest.approx(cut_reward, rel=1e-3)
     # Without adaptive rollouts only the horizon and terminals end rollouts
     fixed = _args(adaptive_rollout=False)
-    batch, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, fixed,
+    batch, _, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, fixed,
                                          torch.Generator().manual_seed(0))
     assert len(batch["returns"]) == 6 * 4 + 2 * 2
     # --no-termination-rule reaches the world model (the paper's learned terminal head alone)
@@ -217,6 +217,64 @@ def test_rollouts_penalty_timeouts_and_terminals():
         moma_ppo.collect_rollouts(agents, model, layout, states, table, index, _args(termination_rule=rule),
                                   torch.Generator().manual_seed(0))
         assert model.termination_rule is rule
+
+
+def test_continued_rollouts_start_where_the_last_survivors_stopped():
+    """--continue-rollouts p: a share p of the next rollouts starts from the states (and histories) where the last
+    iteration's rollouts reached the horizon alive; cut or ended rollouts never carry on; p = 0 draws the same
+    dataset starts as the paper's sampler, pool or not."""
+    torch.manual_seed(0)
+    layout, agents = _agents()
+    states = torch.randn(50, 27)
+    table = torch.randn(4, 51, layout.history_dim)
+    index = torch.randint(0, 51, (50, 10))
+    args = _args(continue_rollouts=0.5)
+    batch, stats, pool = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, args,
+                                                   torch.Generator().manual_seed(0))
+    # FakeModel: the even rollouts run the 4 steps (ε_g = 0, no terminal); the odd ones are cut or end
+    assert stats["continued"] == 0.0 and stats["start_age"] == 0.0  # nothing to continue from yet
+    starts = batch["states"][:8]  # step 0 of the 8 rollouts (every rollout is valid at its first step)
+    assert torch.allclose(pool["states"], starts[::2] + 4 * 0.01)  # FakeModel moves a state by 0.01 per step
+    assert torch.equal(pool["age"], torch.full((4,), 4.0)) and pool["hist"].shape == (4, 4, 10, layout.history_dim)
+    batch2, stats2, pool2 = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, args,
+                                                      torch.Generator().manual_seed(1), pool=pool)
+    assert stats2["continued"] == 0.5 and stats2["start_age"] == pytest.approx(4 * 4 / 8)
+    continued = batch2["states"][:4]  # the continued rollouts come first, in a random order of the pool
+    order = [int(torch.nonzero((pool["states"] == s).all(1))[0]) for s in continued]
+    assert sorted(order) == [0, 1, 2, 3]
+    assert torch.equal(batch2["hist"][:, :4], pool["hist"][:, order])
+    assert torch.equal(pool2["age"], torch.tensor([8.0, 8.0, 4.0, 4.0]))  # rollouts 0 and 2 were continued ones
+    # p = 0: the dataset starts of the paper's sampler, whatever the pool holds
+    paper = _args()
+    torch.manual_seed(5)  # the policies sample from torch's global generator
+    a, _, none = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, paper,
+                                           torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    b, _, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, paper,
+                                        torch.Generator().manual_seed(2), pool=pool)
+    # (the returns differ: each call moves the agents' return normaliser)
+    assert none is None and torch.equal(a["states"], b["states"]) and torch.equal(a["actions"], b["actions"])
+
+
+def test_continued_rollouts_resume_as_if_never_stopped(monkeypatch, tmp_path):
+    """The pool of survivors is part of the checkpoint: 2 iterations, then --resume to 3, give the weights of 3 in
+    one go."""
+    _random_dataset("ant", "random", n_episodes=4, steps=60)
+    monkeypatch.setitem(world_model.PRESETS, "ant",
+                        dict(hidden_dim=16, n_hidden_layers=1, max_steps=20, eval_every=10, lr_decays=2, patience=5))
+    common = dict(env="ant", obs="partial", dataset="random", rollout_batch=16, rollout_horizon=3, minibatch_size=16,
+                  hidden_dim=16, embed_dim=8, eval_every=5, eval_episodes_during=1, eval_episodes=1,
+                  checkpoint_every=1, continue_rollouts=0.75, uncertainty_threshold=1e9)
+    moma_ppo.main(moma_ppo.Args(iterations=3, run_dir=str(tmp_path / "straight"), **common))
+    moma_ppo.main(moma_ppo.Args(iterations=2, run_dir=str(tmp_path / "resumed"), **common))
+    assert len(torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["rollout_pool"]["states"]) > 0
+    moma_ppo.main(moma_ppo.Args(iterations=3, run_dir=str(tmp_path / "resumed"), resume=True, **common))
+    straight, resumed = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in ("straight", "resumed"))
+    for key, value in straight["agents"].items():
+        assert torch.equal(resumed["agents"][key], value), key
+    with open(tmp_path / "straight" / "training.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["continued"]) == 0.0 and float(rows[2]["continued"]) > 0 and float(rows[2]["start_age"]) > 0
 
 
 def test_value_range_is_the_discounted_reward_range_less_the_penalty_cap():
@@ -244,7 +302,7 @@ def test_bounded_values_take_the_critic_out_of_the_returns_where_the_range_is_a_
         torch.manual_seed(critic_seed)
         layout, agents = _agents()
         for bounds in (None, (0.0, 0.0)):
-            batch, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, _args(),
+            batch, _, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, _args(),
                                                  torch.Generator().manual_seed(0), bounds)
             returns[critic_seed, bounds] = batch["returns"]
     assert torch.equal(returns[0, (0.0, 0.0)], returns[1, (0.0, 0.0)])
@@ -454,7 +512,7 @@ def test_history_actions_mean_puts_the_policy_mean_in_rollout_histories():
     index = torch.randint(0, 51, (50, 10))
     o = layout.obs_dim
     for mode in ("sampled", "mean"):
-        batch, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index,
+        batch, _, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index,
                                              _args(history_actions=mode, adaptive_rollout=False),
                                              torch.Generator().manual_seed(0))
         # the newest history entry of every transition after a rollout's first step (24 of 32) holds the previous
