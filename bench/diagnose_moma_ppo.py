@@ -3,6 +3,7 @@
     python bench/diagnose_moma_ppo.py episodes RUN_DIR        # greedy episodes: how they end, progress, ctrl cost
     python bench/diagnose_moma_ppo.py from-states RUN_DIR     # greedy steps from rest vs from dataset states
     python bench/diagnose_moma_ppo.py terminals RUN_DIR       # real terminals of 10-step rollouts vs the model's
+    python bench/diagnose_moma_ppo.py jumps RUN_DIR           # does the model see the jumps of the policy's own episodes?
 
 RUN_DIR is a run folder with a checkpoint.pt (any iteration); the probes rebuild the agents exactly as moma_ppo.py
 does (same dataset normalisers) and run on one thread. Ant only: the state's index 0 is the torso height, 13 its
@@ -27,13 +28,15 @@ Z, FORWARD_VELOCITY, DT = 0, 13, 0.05  # Ant-v5: state index of the torso height
 
 @dataclasses.dataclass
 class ProbeArgs:
-    probe: tyro.conf.Positional[Literal["episodes", "from-states", "terminals"]]
+    probe: tyro.conf.Positional[Literal["episodes", "from-states", "terminals", "jumps"]]
     run_dir: tyro.conf.Positional[str]
     episodes: int = 20
     """greedy episodes (episodes) or start states (from-states); terminals uses 25x as many rollouts"""
     steps: int = 200
     """steps per from-states rollout"""
     seed: int = 0
+    source: Literal["policy", "dataset"] = "policy"
+    """jumps: the policy's greedy episodes, or the dataset's own episodes (up to 5x --episodes of each kind)"""
 
 
 def load_agents(run_dir: pathlib.Path, env: str = "ant"):
@@ -50,9 +53,11 @@ def load_agents(run_dir: pathlib.Path, env: str = "ant"):
     return agents, args, data, layout, int(ck["iteration"])
 
 
-def greedy_rollouts(agents, args, data, layout, n: int, steps: int, start_rows=None, seed: int = 0) -> dict:
+def greedy_rollouts(agents, args, data, layout, n: int, steps: int, start_rows=None, seed: int = 0,
+                    record: bool = False) -> dict:
     """n greedy episodes in the real env, from its reset (start_rows None) or from dataset states with their
-    dataset histories; per episode: return, length, x progress, control cost, torso height where it ended."""
+    dataset histories; per episode: return, length, x progress, control cost, torso height where it ended, whether
+    it ended by a terminal, and with record=True its states before each step and joint actions ([length, S], [length, A])."""
     act = moma_ppo.greedy_policy(agents, layout, "cpu")
     sims = [envs.make_env(args.env, args.obs) for _ in range(n)]
     history = envs.OnlineHistory(args.env, args.obs, n)
@@ -66,11 +71,17 @@ def greedy_rollouts(agents, args, data, layout, n: int, steps: int, start_rows=N
     observations = [np.stack([envs.split_state(args.env, args.obs, s._state)[i] for s in sims]) for i in range(layout.n)]
     x_start = np.array([s.env.unwrapped.data.qpos[0] for s in sims])
     out = {k: np.zeros(n) for k in ("return", "length", "ctrl_cost", "x_progress")}
-    end_z, alive = np.full(n, np.nan), np.ones(n, dtype=bool)
+    end_z, alive, terminal = np.full(n, np.nan), np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
+    states, joints = [[] for _ in range(n)], [[] for _ in range(n)]
     for _ in range(steps):
         if not alive.any():
             break
         actions = act(observations, history.get())
+        if record:
+            joint = layout.joint(torch.as_tensor(np.stack(actions))).clamp(-1, 1).numpy()
+            for j in np.flatnonzero(alive):
+                states[j].append(np.array(sims[j]._state, dtype=np.float32))
+                joints[j].append(joint[j])
         previous = [o.copy() for o in observations]
         for j in np.flatnonzero(alive):
             a = [x[j] for x in actions]
@@ -84,8 +95,12 @@ def greedy_rollouts(agents, args, data, layout, n: int, steps: int, start_rows=N
             if terminated or truncated:
                 alive[j] = False
                 end_z[j] = state[Z] if terminated else np.nan
+                terminal[j] = bool(terminated)
         history.push(previous, actions)
-    out["end_z"] = end_z
+    out["end_z"], out["terminal"] = end_z, terminal
+    if record:
+        out["states"] = [np.stack(x) for x in states]
+        out["joint_actions"] = [np.stack(x) for x in joints]
     return out
 
 
@@ -167,10 +182,78 @@ def probe_terminals(a: ProbeArgs) -> None:
               f"elites' mean prediction {s['z_model'][real].mean():.3f}")
 
 
+@torch.no_grad()
+def probe_jumps(a: ProbeArgs) -> None:
+    """The policy's own greedy episodes in the real simulator; for each one that ended by a terminal (a jump or a
+    fall) at step T, the world model is run open-loop with the episode's real actions from the real state d steps
+    before it (d = 1: the one transition that jumps). Is the terminal predicted, or is the rollout cut by ε_g ≥ l_ε
+    (Ant's preset ends a cut rollout as a terminal: either way the policy is charged the fall)? The same d-step
+    open-loop rollouts from states of the full-length episodes (well away from any terminal) give the false alarms."""
+    import world_model
+
+    agents, args, data, layout, iteration = load_agents(pathlib.Path(a.run_dir))
+    model = world_model.load_or_train(args.env, args.dataset, seed=args.world_model_seed, device=torch.device("cpu"))
+    rng = np.random.default_rng(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    if a.source == "policy":
+        r = greedy_rollouts(agents, args, data, layout, a.episodes, envs.EPISODE_STEPS["ant"], seed=20202 + a.seed,
+                            record=True)
+    else:  # the behaviour policies' episodes: up to 5 x --episodes ended by a terminal, as many full-length ones
+        starts = np.flatnonzero(np.r_[True, data.episode_ids[1:] != data.episode_ids[:-1]])
+        bounds = list(zip(starts, np.r_[starts[1:], len(data.episode_ids)]))
+        by_terminal = [(b, e) for b, e in bounds if data.terminals[e - 1] > 0]
+        by_length = [(b, e) for b, e in bounds if e - b >= envs.EPISODE_STEPS["ant"]]
+        picked = [x for group in (by_terminal, by_length)
+                  for x in (group if len(group) <= 5 * a.episodes else
+                            [group[i] for i in rng.choice(len(group), 5 * a.episodes, replace=False)])]
+        r = {"states": [data.states[b:e] for b, e in picked], "joint_actions": [data.joint_actions[b:e] for b, e in picked],
+             "length": np.array([e - b for b, e in picked]), "terminal": np.array([data.terminals[e - 1] > 0 for b, e in picked]),
+             "end_z": np.array([data.next_states[e - 1, Z] if data.terminals[e - 1] > 0 else np.nan for b, e in picked])}
+    ended = np.flatnonzero(r["terminal"])
+    full = np.flatnonzero(r["length"] >= envs.EPISODE_STEPS["ant"])
+    what = f"{a.episodes} greedy episodes" if a.source == "policy" else f"{len(r['length'])} of the dataset's episodes"
+    print(f"{a.run_dir} (iteration {iteration}), {what}: {len(ended)} ended by a terminal "
+          f"({int(np.sum(r['end_z'] > 1))} jumps above z = 1, {int(np.sum(r['end_z'] < 0.2))} falls), {len(full)} full length")
+    if not len(ended):
+        return
+
+    def flags(starts: list) -> tuple:  # starts: (episode, step, d); -> share predicted terminal, share terminal or
+        # cut, and the largest torso height the model predicts on the way
+        state = torch.as_tensor(np.stack([r["states"][e][t] for e, t, _ in starts]))
+        d = starts[0][2]
+        terminal = torch.zeros(len(starts), dtype=torch.bool)
+        cut = torch.zeros(len(starts), dtype=torch.bool)
+        z_max = state[:, Z].clone()
+        for k in range(d):
+            joint = torch.as_tensor(np.stack([r["joint_actions"][e][t + k] for e, t, _ in starts]))
+            out = model.step(state, joint, clip=args.clip_to_dataset, generator=gen, eps_g_units=args.eps_g_units)
+            live = ~(terminal | cut)
+            terminal |= live & (out["terminals"] > 0)
+            cut |= live & (out["eps_g"] >= args.uncertainty_threshold)
+            state = out["next_states"]
+            z_max = torch.maximum(z_max, state[:, Z])
+        return float(terminal.float().mean()), float((terminal | cut).float().mean()), float(z_max.mean())
+
+    print(f"  d = steps before the real terminal the model starts from; flagged = predicted terminal, or cut by "
+          f"ε_g ≥ l_ε = {args.uncertainty_threshold:g}")
+    for d in (1, 3, 10, 30):
+        jumps = [(e, int(r["length"][e]) - d, d) for e in ended if r["length"][e] >= d]
+        calm = [(e, int(t), d) for e in full for t in rng.integers(100, envs.EPISODE_STEPS["ant"] - 100 - d, size=20)]
+        if not jumps:
+            continue
+        hit_terminal, hit_any, z_model = flags(jumps)
+        alarm_terminal, alarm_any, _ = flags(calm) if calm else (float("nan"), float("nan"), float("nan"))
+        z_real = np.mean([max(r["states"][e][t:, Z].max(), r["end_z"][e]) for e, t, _ in jumps])
+        print(f"  d = {d:2d}: of {len(jumps)} real terminals, the model predicts {hit_terminal:.0%} (flags {hit_any:.0%}; "
+              f"highest torso on the way: model {z_model:.2f} m, real {z_real:.2f} m); from {len(calm)} calm states "
+              f"of full-length episodes it predicts a terminal in {alarm_terminal:.0%} (flags {alarm_any:.0%})")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     probe_args = tyro.cli(ProbeArgs)
     try:
-        {"episodes": probe_episodes, "from-states": probe_from_states, "terminals": probe_terminals}[probe_args.probe](probe_args)
+        {"episodes": probe_episodes, "from-states": probe_from_states, "terminals": probe_terminals,
+         "jumps": probe_jumps}[probe_args.probe](probe_args)
     except envs.MomaError as e:
         raise SystemExit(f"error: {e}")
