@@ -236,17 +236,19 @@ def probe_jumps(a: ProbeArgs) -> None:
 
     print(f"  d = steps before the real terminal the model starts from; flagged = predicted terminal, or cut by "
           f"ε_g ≥ l_ε = {args.uncertainty_threshold:g}")
-    for d in (1, 3, 10, 30):
+    for d in (1, 3, 5, 10, 30):
         jumps = [(e, int(r["length"][e]) - d, d) for e in ended if r["length"][e] >= d]
         calm = [(e, int(t), d) for e in full for t in rng.integers(100, envs.EPISODE_STEPS["ant"] - 100 - d, size=20)]
         if not jumps:
             continue
         hit_terminal, hit_any, z_model = flags(jumps)
-        alarm_terminal, alarm_any, _ = flags(calm) if calm else (float("nan"), float("nan"), float("nan"))
+        alarm_terminal, alarm_any, z_model_calm = flags(calm) if calm else (float("nan"),) * 3
         z_real = np.mean([max(r["states"][e][t:, Z].max(), r["end_z"][e]) for e, t, _ in jumps])
+        z_real_calm = np.mean([r["states"][e][t + 1:t + d + 1, Z].max() for e, t, _ in calm]) if calm else float("nan")
         print(f"  d = {d:2d}: of {len(jumps)} real terminals, the model predicts {hit_terminal:.0%} (flags {hit_any:.0%}; "
               f"highest torso on the way: model {z_model:.2f} m, real {z_real:.2f} m); from {len(calm)} calm states "
-              f"of full-length episodes it predicts a terminal in {alarm_terminal:.0%} (flags {alarm_any:.0%})")
+              f"of full-length episodes it predicts a terminal in {alarm_terminal:.0%} (flags {alarm_any:.0%}; highest "
+              f"torso: model {z_model_calm:.2f} m, real {z_real_calm:.2f} m)")
 
 
 if __name__ == "__main__":
