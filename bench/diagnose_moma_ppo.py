@@ -228,7 +228,8 @@ def probe_jumps(a: ProbeArgs) -> None:
             joint = torch.as_tensor(np.stack([r["joint_actions"][e][t + k] for e, t, _ in starts]))
             out = model.step(state, joint, clip=args.clip_to_dataset, generator=gen, eps_g_units=args.eps_g_units)
             live = ~(terminal | cut)
-            terminal |= live & (out["terminals"] > 0)
+            near_top = out["next_states"][:, Z] > envs.ANT_HEALTHY_Z[1] - args.terminal_height_margin  # the run's margin
+            terminal |= live & ((out["terminals"] > 0) | (near_top & (args.terminal_height_margin > 0)))
             cut |= live & (out["eps_g"] >= args.uncertainty_threshold)
             state = out["next_states"]
             z_max = torch.maximum(z_max, state[:, Z])

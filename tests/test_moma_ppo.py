@@ -256,6 +256,28 @@ def test_continued_rollouts_start_where_the_last_survivors_stopped():
     assert none is None and torch.equal(a["states"], b["states"]) and torch.equal(a["actions"], b["actions"])
 
 
+def test_terminal_height_margin_ends_rollouts_near_the_top_of_the_healthy_range():
+    """--terminal-height-margin m: a predicted torso height above 1.0 - m ends the rollout as a terminal (no
+    bootstrap); below it, the env's own rule (FakeModel moves every state by +0.01 per step)."""
+    torch.manual_seed(0)
+    layout, agents = _agents()
+    table = torch.randn(4, 51, layout.history_dim)
+    index = torch.randint(0, 51, (50, 10))
+    states = torch.randn(50, 27)
+    states[:, 0] = 0.885  # z after 1 step 0.895, after 2 steps 0.905
+    batch, stats, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index,
+                                                _args(terminal_height_margin=0.1), torch.Generator().manual_seed(0))
+    assert len(batch["returns"]) == 2 * 8 and stats["terminals"] == 1.0  # every rollout ends at its 2nd step
+    # the 2nd step's target is its own reward: nothing is bootstrapped after a terminal
+    assert batch["returns"][8:].tolist() == pytest.approx([1 - 0.05 - 0.2 * (0 if r % 2 == 0 else 2) for r in range(8)],
+                                                          rel=1e-5)
+    batch, stats, _ = moma_ppo.collect_rollouts(agents, FakeModel(), layout, states, table, index, _args(),
+                                                torch.Generator().manual_seed(0))
+    assert len(batch["returns"]) == 4 + 2 + 4 + 3 + 4 + 2 + 4 + 3  # without it: the lengths of the test above
+    with pytest.raises(envs.MomaError, match="no such rule"):
+        moma_ppo.main(moma_ppo.Args(env="reacher", terminal_height_margin=0.1))
+
+
 def test_continued_rollouts_resume_as_if_never_stopped(monkeypatch, tmp_path):
     """The pool of survivors is part of the checkpoint: 2 iterations, then --resume to 3, give the weights of 3 in
     one go."""
