@@ -114,7 +114,7 @@ LAYOUT = {
 # The diagnosis records of each env get their own section, table and training figure (Ant: issue 12's rows; Reacher:
 # Table 4a's leader-only gap); the learning-curve plots of their (obs, dataset) cells are drawn for these.
 DIAGNOSIS_ROWS = {"ant": [("partial", "medium"), ("full", "medium")], "reacher": [("leader-only", "expert-mix")]}
-MOMA_PRESET_ITERATIONS = {"coordination": 20, "reacher": 400, "ant": 80}  # moma_ppo.PRESETS (a test keeps them equal)
+MOMA_PRESET_ITERATIONS = {"coordination": 20, "reacher": 800, "ant": 80}  # moma_ppo.PRESETS (a test keeps them equal)
 DIAGNOSIS_TITLES = {"ant": "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis",
                     "reacher": "Diagnosis: MOMA-PPO on reacher leader-only (Table 4a's gap), one run per hypothesis"}
 TITLES = {"3": "Table 3: Iterated Coordination Game", "4a": "Table 4a: two-agent Reacher, expert-mix",
@@ -195,7 +195,7 @@ def seconds_per_step(env: str, obs: str, method: str) -> float:
 
 # moma_ppo.PRESETS' iterations, kept here so that planning never imports the training scripts (run_all.sh plans in
 # folders holding only this file, envs.py and run_all.sh); tests/test_results.py checks that the two agree.
-MOMA_PPO_ITERATIONS = {"coordination": 20, "reacher": 400, "ant": 80}
+MOMA_PPO_ITERATIONS = MOMA_PRESET_ITERATIONS  # the plan's estimates read the same presets
 
 
 def default_steps(script: str, env: str, obs: str, flags: list) -> int:
@@ -381,7 +381,22 @@ class Staleness:
         reason, note = self.dataset_note(record.env, record.dataset, record.summary.get("dataset_fingerprint"))
         reasons += [reason] if reason else []
         notes += [note] if note else []
+        reason = preset_iterations_reason(record)
+        reasons += [reason] if reason else []
         return reasons, notes
+
+
+def preset_iterations_reason(record: "Record") -> Optional[str]:
+    """A MOMA-PPO table cell at the default or paper budget is a run at the preset's iterations. Run names leave
+    --iterations out (a budget, not a method), and a recheck runs 2 iterations, so neither can tell a record made
+    before a preset changed its iterations: this does. Diagnosis rows are labelled with their iterations instead."""
+    s = record.summary
+    if record.table == "diagnosis" or record.method != "moma_ppo" or s.get("budget") not in ("default", "paper"):
+        return None
+    made, preset = (s.get("config") or {}).get("iterations"), MOMA_PRESET_ITERATIONS.get(record.env)
+    if made is None or preset is None or made == preset:
+        return None
+    return f"made at {made} iterations; the preset is now {preset}"
 
 
 def mean_sem(values) -> tuple:

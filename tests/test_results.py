@@ -84,6 +84,28 @@ def test_stale_records_are_flagged_and_budgets_never_mix(tmp_path, monkeypatch):
     assert "0.75 ± 0.25 (2) †" in row
 
 
+def test_a_moma_ppo_cell_made_before_its_preset_iterations_changed_is_stale(tmp_path, monkeypatch):
+    """Run names leave --iterations out and a recheck runs 2 iterations, so a cell made at the old preset would pass
+    both: its config's iterations flag it. Diagnosis rows and the quick budget (which sets its own) are not flagged."""
+    root = tmp_path / "results"
+    code = {"iql.py": envs.file_hash(REPO / "iql.py")}  # a file today's code has: only the iterations can flag it
+    for table, budget, iterations in (("4a", "default", 400), ("4a", "default", 800), ("diagnosis", "default", 400),
+                                      ("4a", "quick", 50)):
+        folder = _fake_record(root, table, "moma_ppo", iterations, 0.9, obs="leader-only", env="reacher",
+                              dataset="expert-mix", budget=budget, code=code)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["config"]["iterations"] = iterations
+        (folder / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: "f00d")
+    monkeypatch.setitem(results.MOMA_PRESET_ITERATIONS, "reacher", 800)
+    staleness = results.Staleness(repo=REPO, equivalences=[])
+    reasons = {(r.table, r.summary["budget"], r.summary["config"]["iterations"]): staleness.check(r)[0]
+               for r in results.load_records(root)}
+    assert reasons[("4a", "default", 400)] == ["made at 400 iterations; the preset is now 800"]
+    assert reasons[("4a", "default", 800)] == [] and reasons[("diagnosis", "default", 400)] == []
+    assert reasons[("4a", "quick", 50)] == []
+
+
 def test_plots_are_drawn_from_a_results_tree(tmp_path, monkeypatch):
     root = tmp_path / "results"
     for seed in (1, 2):
@@ -319,8 +341,8 @@ def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_sa
 
     assert results.MOMA_PRESET_ITERATIONS == {env: p["iterations"] for env, p in moma_ppo.PRESETS.items()}
     root, plots = tmp_path / "results", tmp_path / "plots"
-    runs = (("ant", "partial", "medium", "moma_ppo", 80), ("reacher", "leader-only", "expert-mix", "moma_ppo", 800),
-            ("reacher", "leader-only", "expert-mix", "moma_ppo-ground_truth", 400))
+    runs = (("ant", "partial", "medium", "moma_ppo", 80), ("reacher", "leader-only", "expert-mix", "moma_ppo", 1600),
+            ("reacher", "leader-only", "expert-mix", "moma_ppo-ground_truth", 800))
     for env, obs, dataset, method, iterations in runs:
         folder = _fake_record(root, "diagnosis", method, 1, 0.9, obs=obs, env=env, dataset=dataset)
         summary = json.loads((folder / "summary.json").read_text())
@@ -340,7 +362,7 @@ def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_sa
     assert results.DIAGNOSIS_TITLES["ant"] in ant and names(ant, "partial, medium") == ["(the preset)"]
     assert "leader-only, expert-mix" not in ant
     assert "episodes reaching 50 steps" in reacher and "partial, medium" not in reacher
-    assert sorted(names(reacher, "leader-only, expert-mix")) == ["ground_truth", "iterations=800"]
+    assert sorted(names(reacher, "leader-only, expert-mix")) == ["ground_truth", "iterations=1600"]
     assert "plots/diagnosis_training__quick__reacher.png" in reacher
     assert "(paper's scale 0.500)" in reacher and "paper's scale" not in ant.split("## Diagnosis")[-1]
 
