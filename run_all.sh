@@ -351,6 +351,10 @@ diagnosis() {  # why MOMA-PPO lost on ant medium: one run per hypothesis (docs/d
   # they do not help (point 23): the model misses the run-up to the policy's jumps from 5-10 steps out (probe `jumps`:
   # it predicts a peak of 0.75 m where the torso reaches 1.02 m). A pessimistic rule: predicted z > 0.9 is a terminal
   for s in 1 2 3; do run diagnosis moma_ppo.py ant full full-replay $s "${it[@]}" --terminal-height-margin 0.1; done
+  # a preset is one for every Ant dataset and observability: the same margin on the other cells' seed 1
+  run diagnosis moma_ppo.py ant full medium $seed "${it[@]}" --terminal-height-margin 0.1
+  run diagnosis moma_ppo.py ant partial medium $seed "${it[@]}" --terminal-height-margin 0.1
+  run diagnosis moma_ppo.py ant partial full-replay $seed "${it[@]}" --terminal-height-margin 0.1
 }
 
 # Table 4a's cross-play (envs.py, "Cross-play"): for every row and method with two or more finished seeds at this
