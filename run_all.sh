@@ -385,7 +385,9 @@ crossplay() {
           echo "crossplay: $(basename "$dir") is up to date"
           continue
         fi
-        cmd=$(head -1 "$dir/command.txt" | sed -e 's/ --resume\b//g')  # how the run was started
+        # how the run was started in this folder: its first command that names this run dir (a folder copied from
+        # another run, e.g. Table 4a's leader-only cells from runs/diagnosis_long, starts with the other's commands)
+        cmd=$( (grep -m1 -e "--run-dir $dir\( \|\$\)" "$dir/command.txt" || head -1 "$dir/command.txt") | sed -e 's/ --resume\b//g')
         echo ">>> $cmd --resume --cross-play-with ${others[*]} ${EXTRA[*]:-}"
         eval "$cmd --resume --cross-play-with ${others[*]} ${EXTRA[*]:-}" || FAILED=$((FAILED + 1))
       done
