@@ -51,8 +51,9 @@ from envs import MomaError
 # the same (docs/diagnosis.md, row c).
 # Reacher: 800 iterations. At 400, leader-only stopped on a rising curve (its follower still learning to read the
 # elbow angle from its partner's motion): seeds 1-2 scored 0.90 / 0.89 on the paper's scale at 400 (seed 3's 0.966
-# on ours was below both), and seeds 1-3 0.967 / 0.977 / 0.924 at 800 (docs/diagnosis.md point 22). Its evaluations use 100 episodes: the 20 before were the easiest
-# 20 of the final 100 targets and read 0.01 high, which hid that curve. Reacher episodes are cheap (100 in ~2 s).
+# on ours was below both), and seeds 1-3 0.967 / 0.977 / 0.924 at 800 (docs/diagnosis.md point 22). Its evaluations
+# use 100 episodes: the 20 before were the easiest 20 of the final 100 targets and read 0.01 high, which hid that
+# curve. Reacher episodes are cheap (100 in ~2 s).
 PRESETS = {
     "coordination": dict(rollout_horizon=1, rollout_batch=2048, iterations=20, lambda_r=0.0, lambda_g=0.0,
                          uncertainty_threshold=float("inf"), uncertainty_cut="timeout", clip_to_dataset=False, minibatch_size=1024,
@@ -278,8 +279,8 @@ TRAINING_COLUMNS = ("iteration", "synthetic_steps", "wall_time_s", "sps", "mean_
 
 
 # Settings that change what MOMA-PPO learns (method_name spells out the ones a run changes).
-ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "continue_rollouts", "terminal_height_margin", "lambda_r", "lambda_g", "uncertainty_threshold",
-                        "uncertainty_cut", "bound_values", "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
+ALGORITHMIC_SETTINGS = ("rollout_batch", "rollout_horizon", "continue_rollouts", "terminal_height_margin", "lambda_r",
+                        "lambda_g", "uncertainty_threshold", "uncertainty_cut", "bound_values", "eps_g_units", "use_history", "start_history", "history_actions", "hidden_dim", "embed_dim",
                         "learning_rate", "anneal_lr", "update_epochs", "minibatch_size", "gamma", "gae_lambda", "clip_coef",
                         "ent_coef", "vf_coef", "max_grad_norm", "init_log_std", "actor_std", "entropy_target",
                         "entropy_step", "action_penalty", "world_model_seed", "bf16")
@@ -762,10 +763,11 @@ def main(args: Args) -> dict:
     envs.check_args(args, at_least_one=("iterations", "rollout_batch", "rollout_horizon", "minibatch_size", "hidden_dim",
                                         "embed_dim", "update_epochs", "eval_every", "eval_episodes_during",
                                         "eval_episodes", "checkpoint_every"),
-                    non_negative=("terminal_height_margin", "lambda_r", "lambda_g", "lambda_aleatoric", "ent_coef", "vf_coef", "entropy_step",
-                                  "action_penalty", "world_model_seed"),
+                    non_negative=("terminal_height_margin", "lambda_r", "lambda_g", "lambda_aleatoric", "ent_coef",
+                                  "vf_coef", "entropy_step", "action_penalty", "world_model_seed"),
                     positive=("learning_rate", "clip_coef", "max_grad_norm"), finite=("init_log_std", "entropy_target"),
-                    between={"gamma": (0.0, 1.0), "gae_lambda": (0.0, 1.0), "continue_rollouts": (0.0, 1.0)}, examples=PRESETS[args.env])
+                    between={"gamma": (0.0, 1.0), "gae_lambda": (0.0, 1.0), "continue_rollouts": (0.0, 1.0)},
+                    examples=PRESETS[args.env])
     if not args.uncertainty_threshold > 0:  # inf is allowed: no cut (the coordination game's preset)
         raise MomaError(f"--uncertainty-threshold must be > 0 (inf for no cut), got {args.uncertainty_threshold!r} "
                         f"(e.g. --uncertainty-threshold 2)")
