@@ -282,6 +282,8 @@ def load_records(results_dir: pathlib.Path = RESULTS_DIR) -> list:
 
 
 EQUIVALENCE_FILE = "code_equivalence.json"  # in results/: written by `python results.py recheck`
+# ... and the groups it found to differ, so that the next recheck does not rerun them (`--again` does)
+DIFFERENCES_FILE = "code_differences.json"
 # Config entries that do not choose what a run computes per step: where it writes, what it is called, its length and
 # how often it evaluates (the recheck overrides those), its seed and dataset (the same code runs for every seed and
 # dataset of an env and observability; the check is made on one of them).
@@ -297,9 +299,26 @@ def config_key(summary: dict) -> str:
                       default=str)
 
 
-def load_equivalences(results_dir: pathlib.Path = RESULTS_DIR) -> list:
-    path = pathlib.Path(results_dir) / EQUIVALENCE_FILE
+def load_equivalences(results_dir: pathlib.Path = RESULTS_DIR, name: str = EQUIVALENCE_FILE) -> list:
+    path = pathlib.Path(results_dir) / name
     return json.loads(path.read_text()) if path.exists() else []
+
+
+def _matching_check(entries: list, code: dict, current: dict, env: str, obs: str, key: str) -> Optional[dict]:
+    """The recheck entry (equivalent or different) made for this code, today's code, env, observability and settings"""
+    for entry in entries:
+        if (entry.get("from") == code and entry.get("to") == current and entry.get("env") == env
+                and entry.get("obs") == obs and entry.get("config_key") == key):
+            return entry
+    return None
+
+
+def _append_entry(path: pathlib.Path, entry: dict) -> None:
+    entries = json.loads(path.read_text()) if path.exists() else []
+    entries.append(entry)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 class Staleness:
@@ -330,12 +349,8 @@ class Staleness:
     def equivalence(self, summary: dict) -> Optional[dict]:
         """The recheck entry that vouches for this record's code under today's, or None."""
         code = summary.get("code_fingerprint") or {}
-        current, key = self.current_code(code), config_key(summary)
-        for entry in self.equivalences:
-            if (entry.get("from") == code and entry.get("to") == current and entry.get("env") == summary.get("env")
-                    and entry.get("obs") == summary.get("obs") and entry.get("config_key") == key):
-                return entry
-        return None
+        return _matching_check(self.equivalences, code, self.current_code(code), summary.get("env"),
+                               summary.get("obs"), config_key(summary))
 
     def file_hash(self, name: str) -> Optional[str]:
         if name not in self._file_hashes:
@@ -1308,13 +1323,14 @@ def _recheck_run(cwd: pathlib.Path, argv: list, out: pathlib.Path, env: dict, ti
 
 
 def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, results_dir: pathlib.Path = RESULTS_DIR,
-            work_dir: pathlib.Path = REPO / "data" / "recheck") -> list:
+            work_dir: pathlib.Path = REPO / "data" / "recheck", again: bool = False) -> list:
     """For each group of records whose code changed since they were made (same code, env, observability and
     settings), run the shortened command of one of them at the newest commit that had its code (a git worktree) and
     with today's code, both on one thread; if the greedy episodes and every tensor the two final checkpoints share
     (parameters, optimiser moments, generator states) are bit-identical, add an entry to
-    results/code_equivalence.json, which clears the group's records of the stale mark (shown with ≡ instead).
-    The old code runs on hard-linked copies of the datasets and a copy of the cached world models, so whatever it
+    results/code_equivalence.json, which clears the group's records of the stale mark (shown with ≡ instead). A group
+    found to differ goes to results/code_differences.json and is not rerun by a later recheck while neither its code
+    nor today's has changed (again=True reruns it). The old code runs on hard-linked copies of the datasets and a copy of the cached world models, so whatever it
     writes cannot replace today's caches. Returns one line per group."""
     import datetime
     import shutil
@@ -1336,6 +1352,16 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
         if code and staleness.current_code(code) != code and staleness.equivalence(r.summary) is None:
             groups[(json.dumps(code, sort_keys=True), r.env, r.obs, config_key(r.summary))].append(r)
     lines, hashes = _PrintingList(), {}
+    differences = load_equivalences(results_dir, DIFFERENCES_FILE)
+    for group_key in sorted(groups, key=lambda k: k[:3]):
+        code_json, env, obs, key = group_key
+        code = json.loads(code_json)
+        known = None if again else _matching_check(differences, code, staleness.current_code(code), env, obs, key)
+        if known is not None:
+            recs = groups.pop(group_key)
+            lines.append(f"{', '.join(f'{r.table}/{r.folder.name}' for r in recs)}: DIFFERENT when checked on "
+                         f"{known.get('checked')} at {str(known.get('from_commit'))[:8]} against today's code: stays "
+                         "stale, not rerun (`--again` reruns it)")
     if not groups:
         lines.append("nothing to recheck: every record's code is today's or checked equivalent")
         return lines
@@ -1383,30 +1409,29 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
             continue
         same = (old.get("episode_returns") == new.get("episode_returns")
                 and old.get("episode_lengths") == new.get("episode_lengths"))
+        check = dict(script=argv[0], env=env, obs=obs, config_key=key, **{"from": code},
+                          to=staleness.current_code(code), from_commit=sha,
+                          to_commit=head + (" + uncommitted changes" if _git("status", "--porcelain", "--", *code) else ""),
+                          command=f"python {shlex.join(argv)} --torch-threads 1",
+                          checked=datetime.date.today().isoformat(), records=[f"{r.table}/{r.folder.name}" for r in recs])
         if not same:
+            _append_entry(results_dir / DIFFERENCES_FILE, dict(check, found="greedy episodes differ"))
             lines.append(f"{names}: DIFFERENT at {sha[:8]} and today (returns {old.get('episode_returns')} vs "
                          f"{new.get('episode_returns')}): stays stale")
             continue
         compared, differing = _compare_checkpoints(work_dir / f"group{n}" / "old" / "run" / "checkpoint.pt",
                                                    work_dir / f"group{n}" / "new" / "run" / "checkpoint.pt")
         if differing or not compared:
+            _append_entry(results_dir / DIFFERENCES_FILE,
+                          dict(check, found=f"checkpoint tensors differ: {', '.join(differing[:3])}" if differing
+                               else "no checkpoint tensors to compare"))
             lines.append(f"{names}: same greedy episodes but " + (f"{len(differing)} of {compared} checkpoint tensors "
                          f"differ ({', '.join(differing[:3])})" if differing else "no checkpoint tensors to compare")
                          + ": stays stale")
             continue
-        entries = load_equivalences(results_dir)
-        entries.append(dict(script=argv[0], env=env, obs=obs, config_key=key, **{"from": code},
-                            to=staleness.current_code(code), from_commit=sha,
-                            to_commit=head + (" + uncommitted changes" if _git("status", "--porcelain", "--", *code)
-                                              else ""),
-                            command=f"python {shlex.join(argv)} --torch-threads 1",
-                            episode_returns=new.get("episode_returns"), episode_lengths=new.get("episode_lengths"),
-                            checkpoint_tensors_equal=compared,
-                            checked=datetime.date.today().isoformat(), records=[f"{r.table}/{r.folder.name}" for r in recs]))
-        path = results_dir / EQUIVALENCE_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(entries, indent=1) + "\n")
-        os.replace(tmp, path)
+        _append_entry(results_dir / EQUIVALENCE_FILE, dict(check, episode_returns=new.get("episode_returns"),
+                                                           episode_lengths=new.get("episode_lengths"),
+                                                           checkpoint_tensors_equal=compared))
         lines.append(f"{names}: same at {sha[:8]} and today ({len(new.get('episode_returns') or [])} episodes, "
                      f"{compared} checkpoint tensors): checked equivalent")
     if not dry_run:
@@ -1419,7 +1444,7 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
 def main(argv: list) -> None:
     usage = ("usage: python results.py table | plots | datasets | world-models | "
              "plan CELLS_FILE --budget NAME [--results-dir DIR] [--runs-dir DIR] [--stale-list FILE] | "
-             "rename TABLE OLD NEW WHY | recheck [--only TEXT] [--dry-run] [--timeout SECONDS]")
+             "rename TABLE OLD NEW WHY | recheck [--only TEXT] [--dry-run] [--again] [--timeout SECONDS]")
     if not argv:
         raise SystemExit(usage)
     what = argv[0]
@@ -1441,7 +1466,7 @@ def main(argv: list) -> None:
     elif what == "recheck":
         only = argv[argv.index("--only") + 1] if "--only" in argv else ""
         timeout = float(argv[argv.index("--timeout") + 1]) if "--timeout" in argv else 1800.0
-        recheck(only=only, dry_run="--dry-run" in argv, timeout=timeout)  # prints a line per group as it goes
+        recheck(only=only, dry_run="--dry-run" in argv, timeout=timeout, again="--again" in argv)  # prints a line per group as it goes
     elif what == "rename" and len(argv) == 5:
         table, old, new, why = argv[1:]
         print(f"{old} -> {rename_record(RESULTS_DIR / table, old, new, why).name}")

@@ -247,6 +247,39 @@ def test_a_record_of_changed_code_is_fresh_only_where_a_recheck_vouches_for_its_
     assert stale.vouched(record.summary) is None
 
 
+def test_recheck_does_not_rerun_a_group_it_already_found_different_until_asked_again(tmp_path, monkeypatch):
+    """results/code_differences.json keeps the groups a recheck found to differ; a later recheck names them and skips
+    them while their code and today's are the same as then (each costs minutes of CPU), and `--again` reruns them."""
+    root = tmp_path / "results"
+    old_code = {"iql.py": "0000000000000000"}
+    for seed in (1, 2):
+        _fake_record(root, "3", "iql", seed, 1.0, code=old_code)
+    _fake_record(root, "3", "iql", 1, 1.0, code=old_code, dataset="neutral", obs="partial")  # another observability
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: None)
+    current = {"iql.py": envs.file_hash(REPO / "iql.py")}
+    entry = {"script": "iql.py", "env": "coordination", "obs": "full", "from": old_code, "to": current,
+             "config_key": results.config_key({"config": {"iterations": 20}}), "from_commit": "a" * 40,
+             "to_commit": "b" * 40, "checked": "2026-12-01", "found": "greedy episodes differ"}
+    (root / results.DIFFERENCES_FILE).write_text(json.dumps([entry]))
+
+    lines = results.recheck(results_dir=root, work_dir=tmp_path / "work" / "recheck", dry_run=True)
+    skipped = [line for line in lines if "DIFFERENT when checked on 2026-12-01" in line]
+    assert skipped == ["3/coordination__full__favorable__iql__1, 3/coordination__full__favorable__iql__2: DIFFERENT "
+                       "when checked on 2026-12-01 at aaaaaaaa against today's code: stays stale, not rerun "
+                       "(`--again` reruns it)"]
+    assert any(line.startswith("3/coordination__partial__neutral__iql__1: ") and "DIFFERENT" not in line
+               for line in lines)  # not covered by the entry: checked as usual
+    # the same group against other code today, or asked again: checked as usual
+    assert not any("DIFFERENT when" in line
+                   for line in results.recheck(results_dir=root, work_dir=tmp_path / "w", dry_run=True, again=True))
+    (root / results.DIFFERENCES_FILE).write_text(json.dumps([dict(entry, to={"iql.py": "1" * 16})]))
+    assert not any("DIFFERENT when" in line
+                   for line in results.recheck(results_dir=root, work_dir=tmp_path / "w", dry_run=True))
+    # and it is no equivalence: the records stay stale
+    table = results.generate_markdown(results_dir=root, plots_dir=tmp_path / "plots", repo=REPO)
+    assert "full favorable IQL, seeds 1, 2: code changed since the run: iql.py" in table
+
+
 def test_recheck_reruns_the_records_own_command_shortened_and_finds_the_commit_of_its_code(tmp_path):
     folder = _fake_record(tmp_path / "results", "4b", "moma_ppo", 1, 0.5, env="ant", dataset="medium")
     (folder / "command.txt").write_text(
