@@ -162,7 +162,7 @@ class FakeModel:
 
 def _args(**kw):
     base = dict(env="ant", obs="partial", dataset="random", rollout_horizon=4, rollout_batch=8, lambda_r=0.1,
-                lambda_g=0.2, uncertainty_threshold=2.5, use_history=True)
+                lambda_g=0.2, uncertainty_threshold=2.5, use_history=True, terminal_height_margin=0.0)
     base.update(kw)
     return moma_ppo.resolve(moma_ppo.Args(**base))
 
@@ -276,6 +276,22 @@ def test_terminal_height_margin_ends_rollouts_near_the_top_of_the_healthy_range(
     assert len(batch["returns"]) == 4 + 2 + 4 + 3 + 4 + 2 + 4 + 3  # without it: the lengths of the test above
     with pytest.raises(envs.MomaError, match="no such rule"):
         moma_ppo.main(moma_ppo.Args(env="reacher", terminal_height_margin=0.1))
+
+
+def test_terminal_height_margin_is_ants_preset_and_named_where_a_run_departs_from_it():
+    """Ant's preset has the 0.1 margin (docs/diagnosis.md point 24); the other envs have no height rule; the real
+    simulator needs no correction of its heights, so --ground-truth runs without it and its name does not say so."""
+    resolve = lambda **kw: moma_ppo.resolve(moma_ppo.Args(**kw))  # noqa: E731
+    assert resolve(env="ant", obs="partial").terminal_height_margin == 0.1
+    assert resolve(env="ant", obs="full", dataset="full-replay").terminal_height_margin == 0.1
+    assert resolve(env="reacher").terminal_height_margin == 0.0 and resolve(env="coordination").terminal_height_margin == 0
+    assert moma_ppo.method_name(resolve(env="ant", obs="partial")) == "moma_ppo"
+    assert moma_ppo.method_name(resolve(env="ant", terminal_height_margin=0.0)) == "moma_ppo-terminal_height_margin=0"
+    assert moma_ppo.method_name_from_argv(["--env", "ant", "--terminal-height-margin", "0.1"]) == "moma_ppo"
+    truth = resolve(env="ant", ground_truth=True)
+    assert truth.terminal_height_margin == 0.0 and moma_ppo.method_name(truth) == "moma_ppo-ground_truth"
+    with pytest.raises(envs.MomaError, match="drop one"):
+        moma_ppo.main(moma_ppo.Args(env="ant", ground_truth=True, terminal_height_margin=0.1))
 
 
 def test_continued_rollouts_resume_as_if_never_stopped(monkeypatch, tmp_path):
