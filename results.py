@@ -1265,6 +1265,31 @@ def recheck_argv(record: Record) -> list:
     return argv + RECHECK_BUDGET.get(pathlib.Path(words[1]).name, RECHECK_BUDGET_DEFAULT)
 
 
+# Settings a MOMA-PPO record may predate: made before the flag existed, it ran with the flag's off value.
+SETTINGS_ABSENT_MEANS = {"moma_ppo.py": {"continue_rollouts": 0.0, "terminal_height_margin": 0.0}}
+
+
+def settings_flags(argv: list, summary: dict) -> list:
+    """Flags that give today's run of a record's command the record's algorithmic settings where a preset changed
+    since (e.g. Ant's terminal-height margin: a record made without it names terminal_height_margin=0, but its
+    command.txt has no such flag). MOMA-PPO only, whose settings are its ALGORITHMIC_SETTINGS; numbers and names only
+    (a differing switch or None stays different, and the recheck then finds the runs differ)."""
+    script = pathlib.Path(argv[0]).name
+    if script != "moma_ppo.py":
+        return []
+    import tyro
+    import moma_ppo
+    today = moma_ppo.resolve(tyro.cli(moma_ppo.Args, args=argv[1:]))
+    config = {**SETTINGS_ABSENT_MEANS[script], **(summary.get("config") or {})}
+    flags = []
+    for key in moma_ppo.ALGORITHMIC_SETTINGS:
+        want = config.get(key)
+        if key not in config or want == getattr(today, key) or want is None or isinstance(want, bool):
+            continue
+        flags += ["--" + key.replace("_", "-"), f"{want:g}" if isinstance(want, float) else str(want)]
+    return flags
+
+
 class _PrintingList(list):
     """A list of report lines that prints each as it is added (a recheck takes minutes per group)."""
 
@@ -1392,14 +1417,17 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
             lines.append(f"{names}: no commit has their code (made from uncommitted changes), cannot recheck")
             continue
         if dry_run:
-            lines.append(f"{names}: would run `python {shlex.join(argv)}` at {sha[:8]} and today")
+            extra = settings_flags(argv, rep.summary)
+            lines.append(f"{names}: would run `python {shlex.join(argv)}` at {sha[:8]} and today"
+                         + (f" (today with {shlex.join(extra)}: the record's settings)" if extra else ""))
             continue
         tree = work_dir / "worktrees" / sha[:12]
         if not tree.exists():
             _git("worktree", "add", "--detach", str(tree), sha)
         old_env = dict(os.environ, MINARI_DATASETS_PATH=str(work_dir / "minari"), MOMA_CACHE_DIR=str(work_dir / "cache"))
         old, why_old = _recheck_run(tree, argv, work_dir / f"group{n}" / "old", old_env, timeout)
-        new, why_new = (None, "skipped") if old is None else _recheck_run(REPO, argv, work_dir / f"group{n}" / "new",
+        today_argv = argv + settings_flags(argv, rep.summary)  # the record's settings where a preset moved since
+        new, why_new = (None, "skipped") if old is None else _recheck_run(REPO, today_argv, work_dir / f"group{n}" / "new",
                                                                             dict(os.environ), timeout)
         if old is None or new is None:
             lines.append(f"{names}: not checked: at {sha[:8]}: {why_old}" + (f"; today: {why_new}" if old else ""))
@@ -1412,7 +1440,7 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
         check = dict(script=argv[0], env=env, obs=obs, config_key=key, **{"from": code},
                           to=staleness.current_code(code), from_commit=sha,
                           to_commit=head + (" + uncommitted changes" if _git("status", "--porcelain", "--", *code) else ""),
-                          command=f"python {shlex.join(argv)} --torch-threads 1",
+                          command=f"python {shlex.join(argv + settings_flags(argv, rep.summary))} --torch-threads 1",
                           checked=datetime.date.today().isoformat(), records=[f"{r.table}/{r.folder.name}" for r in recs])
         if not same:
             _append_entry(results_dir / DIFFERENCES_FILE, dict(check, found="greedy episodes differ"))

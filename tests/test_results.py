@@ -280,6 +280,22 @@ def test_recheck_does_not_rerun_a_group_it_already_found_different_until_asked_a
     assert "full favorable IQL, seeds 1, 2: code changed since the run: iql.py" in table
 
 
+def test_recheck_gives_todays_run_the_records_settings_where_a_preset_moved_since():
+    """A record made before Ant's preset got the terminal-height margin ran without it, and its command.txt has no
+    flag for it: today's rerun of that command gets `--terminal-height-margin 0` (the record's value, or the off value
+    of a setting the record predates), so the recheck compares the same computation, not the new preset."""
+    argv = ["moma_ppo.py", "--env", "ant", "--obs", "partial", "--dataset", "medium", "--seed", "1"]
+    assert results.settings_flags(argv, {"config": {"terminal_height_margin": 0.0}}) == ["--terminal-height-margin", "0"]
+    assert results.settings_flags(argv, {"config": {}}) == ["--terminal-height-margin", "0"]  # made before the flag
+    assert results.settings_flags(argv, {"config": {"terminal_height_margin": 0.1, "lambda_g": 0.1}}) == []
+    assert results.settings_flags(argv, {"config": {"terminal_height_margin": 0.1, "lambda_g": 1.0,
+                                                    "minibatch_size": 4096, "anneal_lr": True}}) == [
+        "--lambda-g", "1", "--minibatch-size", "4096"]  # a switch (anneal_lr) is left to differ
+    reacher = ["moma_ppo.py", "--env", "reacher", "--obs", "leader-only"]
+    assert results.settings_flags(reacher, {"config": {"terminal_height_margin": 0.0}}) == []
+    assert results.settings_flags(["iql.py", "--env", "ant"], {"config": {"learning_rate": 1.0}}) == []
+
+
 def test_recheck_reruns_the_records_own_command_shortened_and_finds_the_commit_of_its_code(tmp_path):
     folder = _fake_record(tmp_path / "results", "4b", "moma_ppo", 1, 0.5, env="ant", dataset="medium")
     (folder / "command.txt").write_text(
