@@ -1279,7 +1279,10 @@ def settings_flags(argv: list, summary: dict) -> list:
         return []
     import tyro
     import moma_ppo
-    today = moma_ppo.resolve(tyro.cli(moma_ppo.Args, args=argv[1:]))
+    try:
+        today = moma_ppo.resolve(tyro.cli(moma_ppo.Args, args=argv[1:]))
+    except (SystemExit, envs.MomaError):  # a flag today's script no longer takes: its rerun will say so
+        return []
     config = {**SETTINGS_ABSENT_MEANS[script], **(summary.get("config") or {})}
     flags = []
     for key in moma_ppo.ALGORITHMIC_SETTINGS:
