@@ -1415,12 +1415,12 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
             continue
         rep = min(candidates, key=lambda r: r.summary.get("seed", 0))
         argv = recheck_argv(rep)
+        extra = settings_flags(argv, rep.summary)  # the record's settings where a preset moved since, for today's run
         sha = commit_with_code(code, hashes)
         if sha is None:
             lines.append(f"{names}: no commit has their code (made from uncommitted changes), cannot recheck")
             continue
         if dry_run:
-            extra = settings_flags(argv, rep.summary)
             lines.append(f"{names}: would run `python {shlex.join(argv)}` at {sha[:8]} and today"
                          + (f" (today with {shlex.join(extra)}: the record's settings)" if extra else ""))
             continue
@@ -1429,8 +1429,7 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
             _git("worktree", "add", "--detach", str(tree), sha)
         old_env = dict(os.environ, MINARI_DATASETS_PATH=str(work_dir / "minari"), MOMA_CACHE_DIR=str(work_dir / "cache"))
         old, why_old = _recheck_run(tree, argv, work_dir / f"group{n}" / "old", old_env, timeout)
-        today_argv = argv + settings_flags(argv, rep.summary)  # the record's settings where a preset moved since
-        new, why_new = (None, "skipped") if old is None else _recheck_run(REPO, today_argv, work_dir / f"group{n}" / "new",
+        new, why_new = (None, "skipped") if old is None else _recheck_run(REPO, argv + extra, work_dir / f"group{n}" / "new",
                                                                             dict(os.environ), timeout)
         if old is None or new is None:
             lines.append(f"{names}: not checked: at {sha[:8]}: {why_old}" + (f"; today: {why_new}" if old else ""))
@@ -1443,7 +1442,7 @@ def recheck(only: str = "", dry_run: bool = False, timeout: float = 1800.0, resu
         check = dict(script=argv[0], env=env, obs=obs, config_key=key, **{"from": code},
                           to=staleness.current_code(code), from_commit=sha,
                           to_commit=head + (" + uncommitted changes" if _git("status", "--porcelain", "--", *code) else ""),
-                          command=f"python {shlex.join(argv + settings_flags(argv, rep.summary))} --torch-threads 1",
+                          command=f"python {shlex.join(argv + extra)} --torch-threads 1",
                           checked=datetime.date.today().isoformat(), records=[f"{r.table}/{r.folder.name}" for r in recs])
         if not same:
             _append_entry(results_dir / DIFFERENCES_FILE, dict(check, found="greedy episodes differ"))
