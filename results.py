@@ -1477,6 +1477,9 @@ def main(argv: list) -> None:
              "rename TABLE OLD NEW WHY | recheck [--only TEXT] [--dry-run] [--again] [--timeout SECONDS]")
     if not argv:
         raise SystemExit(usage)
+    if "-h" in argv or "--help" in argv:  # every subcommand reads its options by hand: without this, `recheck --help` ran the recheck
+        print(usage)
+        return
     what = argv[0]
     if what == "table":
         print(f"wrote {write_markdown().relative_to(REPO)}")

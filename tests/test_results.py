@@ -534,3 +534,15 @@ def test_the_cell_details_name_a_bfloat16_record(tmp_path):
     (folder / "summary.json").write_text(json.dumps(summary))
     steps = sorted(results.fmt_steps(r) for r in results.load_records(tmp_path))
     assert steps == ["1k grad steps", "1k grad steps, bfloat16 (--bf16)"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["recheck", "--help"], ["recheck", "-h", "--only", "x"], ["table", "--help"]])
+def test_help_prints_the_usage_and_runs_nothing(argv, capsys, monkeypatch):
+    # `results.py recheck --help` used to start the whole recheck (every subcommand reads its options by hand)
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a subcommand ran on --help")
+
+    for name in ("recheck", "write_markdown", "make_plots", "plan"):
+        monkeypatch.setattr(results, name, must_not_run)
+    results.main(argv)
+    assert "usage: python results.py" in capsys.readouterr().out
