@@ -81,6 +81,8 @@ SEEDS_GAME=${SEEDS_GAME:-"1 2 3 4 5 6 7 8 9 10"}
 SEEDS_MUJOCO=${SEEDS_MUJOCO:-"1 2 3"}
 RESULTS=${RESULTS:-results}
 RUNS=${RUNS:-runs/run_all/$BUDGET}
+NAME_CACHE=${NAME_CACHE:-${MOMA_CACHE_DIR:-data/cache}/run_all_method_names.tsv}  # method_of's answers, see there
+NAME_CODE=$(cat moma_ppo.py envs.py world_model.py | sha1sum | cut -c1-16)
 ONLY=${ONLY:-}
 STALE_FILE=${STALE_FILE:-}  # the done-but-stale cells (REFRESH_STALE=1 runs them again); written by the plan
 JOBS=${JOBS:-1}  # cells run at once (e.g. JOBS=2 with --torch-threads 1 on 2 cores: each cell alone on a core)
@@ -130,7 +132,21 @@ method_of() {
     local other=0
     for flag in "$@"; do case $flag in --penalty | aleatoric | --no-adaptive-rollout) ;; *) other=1 ;; esac; done
     if [ $other = 1 ]; then  # any other setting: ask moma_ppo.py itself (it names every changed setting)
-      python -c "import sys, moma_ppo; print(moma_ppo.method_name_from_argv(sys.argv[1:]))" --env "$env" --obs "$obs" "$@"
+      # Each ask is a Python start that imports torch (1.5-3 s), for every such row in the plan pass and again in the
+      # run pass: ~4 of an Ant diagnosis cell's 15 minutes went on naming the table's 70 rows. So the answers are
+      # kept in NAME_CACHE, keyed by the code that makes them (NAME_CODE: a hash of moma_ppo.py, envs.py and world_model.py).
+      local key="${NAME_CODE:-} $env $obs $*" name=""
+      if [ -n "${NAME_CACHE:-}" ] && [ -n "${NAME_CODE:-}" ] && [ -f "$NAME_CACHE" ]; then
+        name=$(awk -F '\t' -v k="$key" '$1 == k { print $2; exit }' "$NAME_CACHE")
+      fi
+      if [ -z "$name" ]; then
+        name=$(python -c "import sys, moma_ppo; print(moma_ppo.method_name_from_argv(sys.argv[1:]))" --env "$env" --obs "$obs" "$@") || return
+        if [ -n "$name" ] && [ -n "${NAME_CACHE:-}" ] && [ -n "${NAME_CODE:-}" ]; then
+          mkdir -p "$(dirname "$NAME_CACHE")"
+          printf '%s\t%s\n' "$key" "$name" >> "$NAME_CACHE"  # one short line: appends from two run_all.sh do not mix
+        fi
+      fi
+      echo "$name"
       return
     fi
     for flag in "$@"; do [ "$flag" = aleatoric ] && method="$method-aleatoric"; done

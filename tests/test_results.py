@@ -546,3 +546,34 @@ def test_help_prints_the_usage_and_runs_nothing(argv, capsys, monkeypatch):
         monkeypatch.setattr(results, name, must_not_run)
     results.main(argv)
     assert "usage: python results.py" in capsys.readouterr().out
+
+
+def test_run_all_asks_moma_ppo_for_a_name_once_per_version_of_the_code(tmp_path):
+    """method_of keeps moma_ppo.py's answers in NAME_CACHE keyed by NAME_CODE: a second ask with the same code is
+    answered from the file (here python is a stub that fails), one with other code asks moma_ppo.py again."""
+    import subprocess
+
+    script = (REPO / "run_all.sh").read_text()
+    method_of = script[script.index("method_of() {"):script.index("\n}\n", script.index("method_of() {")) + 3]
+    flags = ["--lambda-g", "1"]
+    cache = tmp_path / "names.tsv"
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python").write_text("#!/bin/sh\nexit 3\n")
+    (stub / "python").chmod(0o755)
+
+    def ask(code, path=None):
+        env = {**__import__("os").environ, "NAME_CACHE": str(cache), "NAME_CODE": code}
+        if path:
+            env["PATH"] = f"{path}:{env['PATH']}"
+        return subprocess.run(["bash", "-c", method_of + 'method_of "$@"', "_", "moma_ppo.py", "ant", "full"] + flags,
+                              capture_output=True, text=True, cwd=REPO, env=env)
+
+    first = ask("aaaa")
+    assert first.returncode == 0 and first.stdout.strip() == "moma_ppo-lambda_g=1"
+    assert cache.read_text().splitlines() == ["aaaa ant full --lambda-g 1\tmoma_ppo-lambda_g=1"]
+    cached = ask("aaaa", path=stub)  # python would fail: the answer comes from the cache
+    assert cached.returncode == 0 and cached.stdout.strip() == "moma_ppo-lambda_g=1"
+    other_code = ask("bbbb", path=stub)  # another version of the code is asked again (and the stub fails)
+    assert other_code.returncode != 0 and other_code.stdout.strip() == ""
+    assert len(cache.read_text().splitlines()) == 1
