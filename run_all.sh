@@ -82,7 +82,10 @@ SEEDS_MUJOCO=${SEEDS_MUJOCO:-"1 2 3"}
 RESULTS=${RESULTS:-results}
 RUNS=${RUNS:-runs/run_all/$BUDGET}
 NAME_CACHE=${NAME_CACHE:-${MOMA_CACHE_DIR:-data/cache}/run_all_method_names.tsv}  # method_of's answers, see there
-NAME_CODE=$(cat moma_ppo.py envs.py world_model.py | sha1sum | cut -c1-16)
+NAME_CODE=""  # no cache where the files are not all here (a partial copy of the repository): ask every time
+if [ -f moma_ppo.py ] && [ -f envs.py ] && [ -f world_model.py ]; then
+  NAME_CODE=$(cat moma_ppo.py envs.py world_model.py | sha1sum | cut -c1-16)
+fi
 ONLY=${ONLY:-}
 STALE_FILE=${STALE_FILE:-}  # the done-but-stale cells (REFRESH_STALE=1 runs them again); written by the plan
 JOBS=${JOBS:-1}  # cells run at once (e.g. JOBS=2 with --torch-threads 1 on 2 cores: each cell alone on a core)
