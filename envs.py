@@ -1181,6 +1181,60 @@ class TableLog:
         CurveLog._write(self)
 
 
+# Columns every critic-based script (iql, maiql, icql, itd3bc, omar) writes to its training.csv every 1000 steps.
+CRITIC_COLUMNS = ("step", "td_loss", "value_mean")
+
+
+class CriticLog(TableLog):
+    """training.csv of a script with a learned critic, and the verdict on whether that critic diverged.
+
+    Offline Q-learning with function approximation can diverge (bootstrapping + off-policy data + a neural net:
+    the "deadly triad"); its losses then grow geometrically while the policy keeps acting on the diverged
+    critic's advantages, and its score is not that of the method (MAIQL on Ant, docs/diagnosis.md). The verdict
+    needs no tuned threshold: on the critic's own training data, no return exceeds value_bound = max|r| / (1 - γ)
+    in magnitude, so a critic whose mean value on a minibatch of dataset (s, a) exceeds it, or whose squared TD
+    error exceeds (2 value_bound)² per term, estimates nothing that any reward sequence could produce. Such a run
+    keeps its record (the evidence) with `critic_diverged` set, and results.py never averages it into a table.
+    """
+
+    def __init__(self, run_dir, rewards, gamma: float, td_terms: int, extra_columns: tuple = (),
+                 resume_step: Optional[int] = None):
+        r_max = float(np.abs(np.asarray(rewards, dtype=np.float64)).max()) if np.asarray(rewards).size else 0.0
+        self.value_bound = r_max / (1.0 - gamma) if gamma < 1.0 else float("inf")
+        self.td_bound = td_terms * (2.0 * self.value_bound) ** 2  # td_terms: how many mean squared errors the loss sums
+        super().__init__(pathlib.Path(run_dir) / "training.csv", CRITIC_COLUMNS + tuple(extra_columns), resume_step)
+
+    def add(self, step: int, td_loss, value_mean, **extra) -> None:
+        """Every 1000 steps: the critic's TD loss and its mean value on the minibatch's dataset actions."""
+        super().add(dict(step=int(step), td_loss=float(td_loss), value_mean=float(value_mean),
+                         **{k: float(v) for k, v in extra.items()}))
+
+    def diverged(self) -> Optional[dict]:
+        """The first logged step at which the critic left the bounds, or None."""
+        return critic_divergence([float(r[0]) for r in self.rows], [float(r[1]) for r in self.rows],
+                                 [float(r[2]) if r[2] != "" else float("nan") for r in self.rows],
+                                 self.value_bound, self.td_bound)
+
+    def record_fields(self) -> dict:
+        return {"critic_value_bound": self.value_bound, "critic_diverged": self.diverged()}
+
+
+def critic_divergence(steps, td_losses, value_means, value_bound: float, td_bound: float) -> Optional[dict]:
+    """CriticLog's verdict on logged (step, td_loss, value_mean) rows: the first row whose |value_mean| exceeds
+    value_bound or whose td_loss exceeds td_bound, as a dict saying which, else None (NaN values are not read as a
+    verdict: check_losses stops a run with a non-finite loss before any summary)."""
+    for step, td, value in zip(steps, td_losses, value_means):
+        why = []
+        if abs(value) > value_bound:
+            why.append(f"mean value {value:.4g} beyond ±{value_bound:.4g} = max|r| / (1 - γ)")
+        if td > td_bound:
+            why.append(f"TD loss {td:.4g} above {td_bound:.4g}, what values within that bound allow")
+        if why:
+            return {"step": int(step), "td_loss": float(td), "value_mean": float(value) if value == value else None,
+                    "reason": "; ".join(why)}
+    return None
+
+
 def record_fields(code: dict, data: "OfflineData", budget: Optional[str], episode_lengths, conventions=None) -> dict:
     """What a summary.json needs besides the scores to be checked later: budget, fingerprints (`code` from
     code_fingerprint, taken when the run started), episode lengths, and on Reacher each greedy episode's agent

@@ -453,15 +453,40 @@ def update(learner: dict, b: dict, args: Args) -> dict:
     q_loss = (y - q_tot).pow(2).sum(0).mean()
     optimizer.zero_grad(set_to_none=True)
     (v_loss + policy_loss + q_loss).backward()
-    if args.grad_clip > 0:
-        for module in agents.modules_to_clip():
-            nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
+    grad_norms = None
+    if args.grad_clip > 0:  # the norms before clipping, [encoder,] Q, V, π, Q-mixer, V-mixer (logged as critic/*)
+        grad_norms = torch.stack([nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
+                                  for module in agents.modules_to_clip()])
     optimizer.step()
     soft_update(target_q, agents.q, args.tau)
     soft_update(target_q_mixer, agents.q_mixer, args.tau)
     if target_encoder is not None:
         soft_update(target_encoder, agents.encoder, args.tau)
-    return dict(v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss, awr_weights=weights)
+    return dict(v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss, awr_weights=weights, grad_norms=grad_norms)
+
+
+CRITIC_EXTRA_COLUMNS = ("v_loss", "policy_loss", "q_mixer_abs_w", "q_mixer_b", "v_mixer_abs_w", "v_mixer_b", "q_i",
+                        "q_i_abs_max", "v_i", "q_tot", "v_tot")  # training.csv's columns after envs.CRITIC_COLUMNS
+
+
+@torch.no_grad()
+def critic_diagnostics(learner: dict, b: dict) -> dict:
+    """What the mixed critic is made of on minibatch b (logged as critic/* every 1000 steps, and kept in the
+    record's loss curve): the mean |w| and b of both mixers and the mean per-agent Q_i and V_i they mix, so a
+    diverging critic shows which part grows (docs/diagnosis.md, MAIQL's divergence on Ant)."""
+    agents = learner["agents"]
+    x = agents.features(b["obs"], b["hist"])
+    q_i, v_i = agents.q_values(x, b["actions"]), agents.v(x).squeeze(-1)  # [2, n, B], [n, B]
+    out = {}
+    for name, mixer, m in (("q", agents.q_mixer, torch.cat([b["states"], b["joint_features"]], dim=1)),
+                           ("v", agents.v_mixer, b["states"])):
+        wb = mixer.net(m.float())
+        out[f"{name}_mixer_abs_w"] = float(wb[:, :-1].abs().mean())
+        out[f"{name}_mixer_b"] = float(wb[:, -1].mean())
+    out.update(q_i=float(q_i.mean()), q_i_abs_max=float(q_i.abs().max()), v_i=float(v_i.mean()),
+               q_tot=float(agents.q_mixer(q_i, torch.cat([b["states"], b["joint_features"]], dim=1)).mean()),
+               v_tot=float(agents.v_mixer(v_i, b["states"]).mean()))
+    return out
 
 
 def default_total_steps(env: str, history_len: int) -> int:
@@ -564,6 +589,10 @@ def main(args: Args) -> dict:
     code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, step if args.resume else None)
+    # training.csv: losses and what the mixed critic is made of every 1000 steps, and the verdict on whether it
+    # diverged (envs.CriticLog); q_loss sums the two heads' mean squared TD errors
+    critic_log = envs.CriticLog(run_dir, buffer.rewards[:len(data)].cpu().numpy(), args.gamma, td_terms=2,
+                                extra_columns=CRITIC_EXTRA_COLUMNS, resume_step=step if args.resume else None)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     t0 = time.time()
@@ -688,6 +717,15 @@ def main(args: Args) -> dict:
             writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
             writer.add_scalar("losses/awr_weight_mean", weights.mean().item(), step)
             writer.add_scalar("charts/online_fraction", (buffer.size - len(data)) / buffer.size, step)
+            diagnostics = critic_diagnostics(learner, b)
+            for key, value in diagnostics.items():
+                writer.add_scalar(f"critic/{key}", value, step)
+            critic_log.add(step, td_loss=q_loss.item(), value_mean=diagnostics["q_tot"], v_loss=v_loss.item(),
+                           policy_loss=policy_loss.item(), **diagnostics)
+            if losses["grad_norms"] is not None:
+                for key, value in zip(("encoder",) * (agents.encoder is not None) + ("q", "v", "policy", "q_mixer", "v_mixer"),
+                                      losses["grad_norms"].tolist()):
+                    writer.add_scalar(f"critic/grad_norm_{key}", value, step)
             envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
         if args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             envs.check_losses(step, v_loss=v_loss, q_loss=q_loss, policy_loss=policy_loss)
@@ -718,7 +756,8 @@ def main(args: Args) -> dict:
                    normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
                    episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
                    train_steps=step, wall_time_s=wall, git_commit=git_commit())
-    summary.update(method=algorithm.replace("-", "_"), **envs.record_fields(code, data, args.budget, lengths, conventions))
+    summary.update(method=algorithm.replace("-", "_"), **envs.record_fields(code, data, args.budget, lengths, conventions),
+                   **critic_log.record_fields())
     curve.add(step, step * args.batch_size, wall, summary["normalized_score_mean"], len(returns))
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)
@@ -732,6 +771,9 @@ def main(args: Args) -> dict:
         sim.close()
     print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "
           f"{step} steps in {wall:.0f}s; online rows {buffer.size - len(data)}; run {run_dir}")
+    if summary["critic_diverged"]:
+        print(f"warning: the critic diverged ({summary['critic_diverged']['reason']} at step "
+              f"{summary['critic_diverged']['step']}): this score is not MAIQL's; results.py leaves it out of the tables")
     return summary
 
 

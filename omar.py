@@ -529,6 +529,10 @@ def main(args: Args) -> dict:
     code = envs.code_fingerprint(__file__)  # hashed before training: the code that runs, even if edited meanwhile
     envs.write_command(run_dir, args.resume)
     curve = envs.CurveLog(run_dir, step if args.resume else None)
+    # training.csv: losses and the critic's mean value on dataset actions every 1000 steps, and whether it diverged
+    # (envs.CriticLog) ("td_loss" sums the two heads' and n agents' mean squared TD errors)
+    critic_log = envs.CriticLog(run_dir, buffer.rewards.cpu().numpy(), args.gamma, td_terms=2 * n,
+                                extra_columns=("cql_loss", "actor_loss"), resume_step=step if args.resume else None)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     t0 = time.time()
@@ -584,6 +588,7 @@ def main(args: Args) -> dict:
             writer.add_scalar("losses/cql_loss", cql_loss.item(), step)
             writer.add_scalar("losses/actor_loss", actor_loss.item(), step)
             writer.add_scalar("losses/q_mean", q.mean().item(), step)
+            critic_log.add(step, td_loss=td_loss.item(), value_mean=q.mean().item(), cql_loss=cql_loss.item(), actor_loss=actor_loss.item())
             envs.check_losses(step, td_loss=td_loss, cql_loss=cql_loss, actor_loss=actor_loss)
         if args.eval_every > 0 and step % args.eval_every == 0 and step < total_steps:
             envs.check_losses(step, td_loss=td_loss, cql_loss=cql_loss, actor_loss=actor_loss)
@@ -612,7 +617,8 @@ def main(args: Args) -> dict:
                    normalized_score_mean=float(scores.mean()), normalized_score_std=float(scores.std()),
                    episode_returns=returns.tolist(), episode_normalized_scores=scores.tolist(),
                    train_steps=step, wall_time_s=wall, git_commit=git_commit())
-    summary.update(method=algorithm, **envs.record_fields(code, data, args.budget, lengths, conventions))
+    summary.update(method=algorithm, **envs.record_fields(code, data, args.budget, lengths, conventions),
+                   **critic_log.record_fields())
     curve.add(step, step * args.batch_size, wall, summary["normalized_score_mean"], len(returns))
     writer.add_scalar("eval/episodic_return", returns.mean(), step)
     writer.add_scalar("eval/normalized_score", scores.mean(), step)
@@ -624,6 +630,9 @@ def main(args: Args) -> dict:
         cross_play()
     print(f"final normalised score {scores.mean():.3f} +- {scores.std():.3f} over {len(returns)} greedy episodes; "
           f"{step} steps in {wall:.0f}s; run {run_dir}")
+    if summary["critic_diverged"]:
+        print(f"warning: the critic diverged ({summary['critic_diverged']['reason']} at step "
+              f"{summary['critic_diverged']['step']}): results.py leaves this score out of the tables")
     return summary
 
 

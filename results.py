@@ -256,6 +256,13 @@ class Record:
     def score(self) -> float:
         return float(self.summary["normalized_score_mean"])
 
+    @property
+    def collapsed(self) -> Optional[dict]:
+        """Where the run's critic diverged (envs.CriticLog's verdict), else None: such a run's score is that of a
+        policy trained on a broken critic's advantages, not the method's, so the tables never average it in (they
+        count it apart, ‡), as the paper filtered MAIQL's collapsed runs on Ant."""
+        return self.summary.get("critic_diverged") or None
+
 
 def dataset_name(env: str, dataset_id: str) -> str:
     """'moma/ant/medium-v0' -> 'medium'; an external id (e.g. Farama's) stays whole."""
@@ -683,14 +690,20 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     stale_notes, notes = collections.defaultdict(list), set()  # (cell, reasons) -> seeds
     vouched_notes = collections.defaultdict(list)  # (cell, commits) -> seeds
+    collapsed_notes = []  # (cell, record) of runs whose critic diverged
     for obs, dataset in rows:
         out = [obs, dataset]
         for m in methods + extra:
             recs = sorted(cells.get((obs, dataset, m), []), key=lambda r: r.summary.get("seed", 0))
             paper = paper_cell(table, obs, dataset, m)
+            collapsed = [r for r in recs if r.collapsed]
+            recs = [r for r in recs if not r.collapsed]
+            for r in collapsed:
+                collapsed_notes.append((f"{obs} {dataset} {METHOD_LABELS.get(m, m)}", r))
             if not recs:
                 centralised_po = m == "iql" and obs in PARTIAL_OBS  # the paper has no such cell: IQL sees the state
-                out.append("n/a" if centralised_po else "missing" + (f" (paper {fmt_paper(paper)})" if paper else ""))
+                text = "n/a" if centralised_po else (f"collapsed ({len(collapsed)}) ‡" if collapsed else "missing")
+                out.append(text + (f" (paper {fmt_paper(paper)})" if paper and not centralised_po else ""))
                 continue
             stale, vouched = False, False
             for r in recs:
@@ -705,6 +718,7 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
                     vouched_notes[(cell, f"{entry['from_commit'][:8]} -> {entry['to_commit'][:8]}")].append(
                         str(r.summary.get("seed")))
             text = fmt_cell([r.score for r in recs], stale) + (" ≡" if vouched and not stale else "")
+            text += f" + {len(collapsed)} collapsed ‡" if collapsed else ""
             if paper:
                 text += f" (paper {fmt_paper(paper)})"
             out.append(text)
@@ -732,6 +746,15 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     if stale_notes:
         lines += ["† Stale records (made with other code or another build of the dataset; rerun them to refresh):", ""]
         lines += [f"* {cell}, seeds {', '.join(seeds)}: {reasons}" for (cell, reasons), seeds in stale_notes.items()] + [""]
+    if collapsed_notes:
+        lines += ["‡ Collapsed runs, left out of the means: their critic diverged (envs.CriticLog: a mean value on "
+                  "dataset actions beyond max|r| / (1 - γ), or a TD loss that only such values allow), so their score is "
+                  "not the method's. The records stay in results/ as the evidence (training.csv: the losses):", ""]
+        for cell, r in collapsed_notes:
+            c = r.collapsed
+            lines.append(f"* {cell}, seed {r.summary.get('seed')}: diverged by step {c.get('step')} "
+                         f"({c.get('reason')}); its final score {r.score:.3f} (`results/{table}/{r.folder.name}/`)")
+        lines += [""]
     if vouched_notes:
         lines += ["≡ Records made with older code, checked equivalent to today's (`python results.py recheck`: the same "
                   "command, shortened, at the record's commit and today gave bit-identical greedy episodes and "
@@ -770,7 +793,8 @@ def table4b_checks(records: list, stats: dict, staleness: "Staleness", seeds_nee
     is judged on the means over the seeds recorded so far, against the baselines recorded so far (listed)."""
     cells = collections.defaultdict(list)
     for r in records:
-        cells[(r.obs, r.dataset, r.method)].append(r)
+        if not r.collapsed:  # a collapsed run is neither MOMA-PPO's result nor a baseline's
+            cells[(r.obs, r.dataset, r.method)].append(r)
     lines = ["| obs | dataset | MOMA-PPO (seeds) | reaching 1,000 steps | reference | above it | best model-free so far "
              "(seeds) | margin (bar) | ≥ 90% full length | ≥ 3 seeds | baselines without a record |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -828,7 +852,8 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
     episodes in which both follow the same one, and which."""
     cells = collections.defaultdict(list)
     for r in records:
-        cells[(r.obs, r.method)].append(r)
+        if not r.collapsed:  # counted apart in the table (‡)
+            cells[(r.obs, r.method)].append(r)
     lines = ["#### Conventions and the paper's scale", "",
              "Per row and method, means over seeds: the score on our scale (reference returns: uniform random "
              "torques and our expert) and on the paper's (about a zero-torque arm, -11.145, and its expert, -4.237); "
@@ -1032,7 +1057,7 @@ def make_plots(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in load_records(results_dir) if r.curve]
+    records = [r for r in load_records(results_dir) if r.curve and not r.collapsed]  # ‡: no method's curve
     stats = load_dataset_stats(results_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     written = []

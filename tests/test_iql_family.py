@@ -22,6 +22,8 @@ SUMMARY_KEYS = {"algorithm", "env", "obs", "dataset_id", "seed", "config", "eval
                 "git_commit",
                 # the run record (docs/reproduction.md): checked against the current code and dataset by results.py
                 "method", "budget", "dataset_fingerprint", "code_fingerprint", "episode_lengths"}
+# scripts with a learned critic also record its divergence verdict (envs.CriticLog; training.csv beside it)
+CRITIC_KEYS = {"critic_value_bound", "critic_diverged"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def _coordination(module, dataset, steps, tmp_path, seed=1):
 def test_table3_iql_solves_unfavorable(tmp_path):
     summary = _coordination(iql, "unfavorable", 400, tmp_path)
     assert summary["normalized_score_mean"] == pytest.approx(1.0)
-    assert set(summary) == SUMMARY_KEYS
+    assert set(summary) == SUMMARY_KEYS | CRITIC_KEYS
 
 
 def test_table3_ibc_fails_unfavorable(tmp_path):
@@ -209,6 +211,11 @@ def test_table3_maiql_solves_favorable(tmp_path):
     summary = _coordination(maiql, "favorable", 400, tmp_path)
     assert summary["normalized_score_mean"] == pytest.approx(1.0)
     assert summary["algorithm"] == "maiql"
+    # a learning critic: rewards are 0 or 1, so values stay within 1 / (1 - 0.99) = 100, and the verdict is None
+    assert summary["critic_value_bound"] == pytest.approx(100.0) and summary["critic_diverged"] is None
+    log = (tmp_path / "maiql-favorable" / "training.csv").read_text().splitlines()
+    assert log[0].split(",")[:3] == list(envs.CRITIC_COLUMNS) and log[0].split(",")[3:] == list(maiql.CRITIC_EXTRA_COLUMNS)
+    assert [int(line.split(",")[0]) for line in log[1:]] == [400]  # every 1000 steps and at the last one
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +233,9 @@ def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path)
     summary = module.main(args)
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     # Reacher records also keep each greedy episode's agent conventions (Table 4a's mechanism)
-    assert set(on_disk) == SUMMARY_KEYS | ({"conventions"} if env == "reacher" else set())
+    assert set(on_disk) == SUMMARY_KEYS | ({"conventions"} if env == "reacher" else set()) | (
+        CRITIC_KEYS if module is not ibc else set())
+    assert (tmp_path / "run" / "training.csv").exists() == (module is not ibc)
     assert on_disk["train_steps"] == 6 and on_disk["obs"] == obs
     if env == "reacher":
         assert len(on_disk["conventions"]["agents"]) == 1 and 0 <= on_disk["conventions"]["same_share"] <= 1

@@ -156,6 +156,44 @@ def test_non_finite_weights_stop_without_summary_or_checkpoint(module, tmp_path,
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_the_critic_verdict_is_the_first_step_beyond_the_bounds_any_return_allows(tmp_path):
+    # rewards within ±2 and γ = 0.9: no return exceeds 2 / 0.1 = 20, and a loss summing 2 squared errors of values
+    # within it stays below 2 · (2 · 20)² = 3,200
+    log = envs.CriticLog(tmp_path, [0.5, -2.0, 1.0], gamma=0.9, td_terms=2, extra_columns=("v_loss",))
+    assert log.value_bound == pytest.approx(20.0) and log.td_bound == pytest.approx(3200.0)
+    log.add(1000, td_loss=1.0, value_mean=-19.0, v_loss=0.1)
+    log.add(2000, td_loss=3000.0, value_mean=float("nan"))  # no value logged: only the loss is judged
+    assert log.diverged() is None and log.record_fields() == {"critic_value_bound": log.value_bound, "critic_diverged": None}
+    log.add(3000, td_loss=3300.0, value_mean=5.0)
+    log.add(4000, td_loss=1e9, value_mean=-25.0)
+    verdict = log.diverged()
+    assert verdict["step"] == 3000 and "TD loss" in verdict["reason"] and "mean value" not in verdict["reason"]
+    assert envs.critic_divergence([7], [0.0], [20.5], 20.0, 3200.0)["reason"].startswith("mean value 20.5 beyond")
+    # resumed at step 2000: the rows of the lost part are dropped, and with them the verdict
+    resumed = envs.CriticLog(tmp_path, [0.5, -2.0, 1.0], gamma=0.9, td_terms=2, extra_columns=("v_loss",),
+                             resume_step=2000)
+    assert [r[0] for r in resumed.rows] == ["1000", "2000"] and resumed.diverged() is None
+
+
+def test_a_diverging_but_finite_critic_is_recorded_as_collapsed(tmp_path, monkeypatch):
+    adam_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):  # every update also scales every weight by 1.05: the values grow geometrically, finite
+        out = adam_step(self, *a, **k)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(1.05)
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    summary = iql.main(_game(iql, tmp_path / "run", checkpoint_every=0))
+    verdict = summary["critic_diverged"]
+    assert verdict is not None and 0 < verdict["step"] <= 200 and summary["critic_value_bound"] == pytest.approx(100.0)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["critic_diverged"] == verdict
+
+
 def test_summary_with_non_finite_scores_is_refused(tmp_path):
     summary = {"normalized_score_mean": float("nan"), "normalized_score_std": 0.0, "episode_returns": [1.0]}
     with pytest.raises(envs.MomaError, match="non-finite returns"):

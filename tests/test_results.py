@@ -40,7 +40,8 @@ def test_a_real_run_round_trips_from_its_record_into_the_table(tmp_path):
                                 eval_episodes=20, run_dir=str(tmp_path / "run"), results_dir=str(results_dir / "3"),
                                 budget="quick"))
     record = results_dir / "3" / "coordination__full__favorable__iql__1"
-    assert sorted(p.name for p in record.iterdir()) == sorted(envs.RECORD_FILES)  # no checkpoint, no TensorBoard
+    # no checkpoint, no TensorBoard; the critic's log (training.csv) travels with the record
+    assert sorted(p.name for p in record.iterdir()) == sorted(envs.RECORD_FILES + ("training.csv",))
     kept = json.loads((record / "summary.json").read_text())
     assert kept["budget"] == "quick" and kept["method"] == "iql" and len(kept["episode_lengths"]) == 20
     assert kept["dataset_fingerprint"] == envs.dataset_fingerprint("coordination", "favorable")
@@ -577,3 +578,31 @@ def test_run_all_asks_moma_ppo_for_a_name_once_per_version_of_the_code(tmp_path)
     other_code = ask("bbbb", path=stub)  # another version of the code is asked again (and the stub fails)
     assert other_code.returncode != 0 and other_code.stdout.strip() == ""
     assert len(cache.read_text().splitlines()) == 1
+
+
+def test_a_collapsed_run_is_counted_apart_never_averaged_nor_a_baseline(tmp_path):
+    root = tmp_path / "results"
+
+    def add(method, seed, score, diverged=None, obs="full"):
+        folder = _fake_record(root, "4b", method, seed, score, obs=obs, env="ant", dataset="medium", budget="default")
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(episode_lengths=[1000] * 4, critic_value_bound=132.5, critic_diverged=diverged)
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+    verdict = {"step": 37000, "td_loss": 1.66e5, "value_mean": None, "reason": "TD loss 1.662e+05 above 1.404e+05"}
+    add("maiql", 1, 0.40)
+    add("maiql", 2, 0.95, verdict)  # the diverged seed's score must not lift the mean
+    add("icql", 1, 0.99, verdict)  # a baseline whose only run collapsed
+    for seed in (1, 2, 3):
+        add("moma_ppo", seed, 0.90)
+    text = results.generate_markdown(root, tmp_path / "plots", REPO)
+    row = next(line for line in text.splitlines() if line.startswith("| full | medium | missing"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    header = next(line for line in text.splitlines() if line.startswith("| obs | dataset | IQL"))
+    col = {name.strip(): i for i, name in enumerate(header.strip("|").split("|"))}
+    assert cols[col["MAIQL"]].startswith("0.40 ± – (1) + 1 collapsed ‡")
+    assert cols[col["ICQL"]].startswith("collapsed (1) ‡")
+    assert "* full medium MAIQL, seed 2: diverged by step 37000 (TD loss 1.662e+05 above 1.404e+05); its final " \
+           "score 0.950" in text
+    bars = next(line for line in text.splitlines() if line.startswith("| full | medium | 0.900"))
+    assert "MAIQL 0.40 (1)" in bars and "ICQL" in bars.split("|")[-2]  # ICQL: no usable record, so still missing

@@ -273,7 +273,10 @@ def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path)
                                 **(dict(eval_every=3) if env == "reacher" else {}), **extra))
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     # Reacher records also keep each greedy episode's agent conventions (Table 4a's mechanism)
-    assert set(on_disk) == SUMMARY_KEYS | ({"conventions"} if env == "reacher" else set())
+    # every script here has a critic: its divergence verdict (envs.CriticLog) and training.csv
+    assert set(on_disk) == SUMMARY_KEYS | ({"conventions"} if env == "reacher" else set()) | {
+        "critic_value_bound", "critic_diverged"}
+    assert on_disk["critic_diverged"] is None and (tmp_path / "run" / "training.csv").exists()
     assert on_disk["train_steps"] == 6 and on_disk["obs"] == obs
     if env == "reacher":
         assert len(on_disk["conventions"]["agents"]) == 1 and 0 <= on_disk["conventions"]["same_share"] <= 1
