@@ -127,6 +127,10 @@ class Args:
     """soft target-update coefficient"""
     monotonic_mixers: bool = True
     """QMIX mixers with |w| >= 0 (paper); --no-monotonic-mixers = the authors' unconstrained weights (docs/deviations.md §14)"""
+    normalized_mixer_weights: bool = False
+    """w = n softmax(w_raw) over the agents: positive mixing weights that sum to n, so their scale cannot drift against
+    the Q_i's (Σ w_i Q_i is unchanged by w -> c w, Q_i -> Q_i / c); a diagnosis of MAIQL's divergence on Ant, where |w|
+    grows while Q_i shrinks (docs/diagnosis.md)"""
     grad_clip: float = 1.0
     """per-module gradient-norm clip (authors' MAIQL); 0 disables"""
     normalize_rewards: bool = True
@@ -232,9 +236,9 @@ class Mixer(nn.Module):
     unconstrained (docs/deviations.md §14); we follow the paper.
     """
 
-    def __init__(self, in_dim: int, n: int, hidden: int, monotonic: bool = True):
+    def __init__(self, in_dim: int, n: int, hidden: int, monotonic: bool = True, normalized: bool = False):
         super().__init__()
-        self.monotonic = monotonic
+        self.monotonic, self.normalized = monotonic, normalized
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, n + 1))
 
@@ -243,7 +247,10 @@ class Mixer(nn.Module):
         out = self.net[-1]  # the output layer in fp32 (output_layer)
         with torch.autocast(m.device.type, enabled=False):
             wb = F.linear(self.net[:-1](m).to(out.weight.dtype), out.weight, out.bias)
-        w = wb[:, :-1].abs() if self.monotonic else wb[:, :-1]
+        if self.normalized:  # --normalized-mixer-weights: positive, summing to n, no free scale
+            w = (wb.shape[1] - 1) * torch.softmax(wb[:, :-1], dim=1)
+        else:
+            w = wb[:, :-1].abs() if self.monotonic else wb[:, :-1]
         return (w.T * values).sum(-2) + wb[:, -1]
 
 
@@ -254,7 +261,7 @@ class MAIQLAgents(nn.Module):
 
     def __init__(self, n: int, obs_dim: int, action_dim: int, discrete: bool, state_dim: int,
                  joint_action_dim: int, hidden: int, history_len: int, history_in: int, history_dim: int,
-                 monotonic_mixers: bool = True):
+                 monotonic_mixers: bool = True, normalized_mixer_weights: bool = False):
         super().__init__()
         self.n, self.action_dim, self.discrete = n, action_dim, discrete
         self.encoder = AgentsHistoryEncoder(n, history_in, history_len, history_dim) if history_len > 0 else None
@@ -263,8 +270,8 @@ class MAIQLAgents(nn.Module):
         self.q = AgentsMLP(2 * n, [q_in, hidden, hidden, q_out])  # members [Q1_0..Q1_n-1, Q2_0..Q2_n-1]
         self.v = AgentsMLP(n, [x_dim, hidden, hidden, 1])
         self.policy = AgentsMLP(n, [x_dim, hidden, hidden, action_dim if discrete else 2 * action_dim])
-        self.q_mixer = Mixer(state_dim + joint_action_dim, n, hidden, monotonic_mixers)
-        self.v_mixer = Mixer(state_dim, n, hidden, monotonic_mixers)
+        self.q_mixer = Mixer(state_dim + joint_action_dim, n, hidden, monotonic_mixers, normalized_mixer_weights)
+        self.v_mixer = Mixer(state_dim, n, hidden, monotonic_mixers, normalized_mixer_weights)
 
     def features(self, obs: torch.Tensor, hist: Optional[torch.Tensor]) -> torch.Tensor:
         """obs [n, B, o], hist [n, B, H, d] -> per-agent input [n, B, (emb,) o] (embedding first, docs/deviations.md §6)."""
@@ -417,7 +424,8 @@ def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, discrete: bo
                  joint_action_dim: int, history_len: int, hist_dim: int, device: torch.device) -> dict:
     """The agents (encoders, Q_i, V_i, π_i, mixers), the target Q networks, Q-mixer and encoder, and the optimizer."""
     agents = MAIQLAgents(n, obs_dim, action_dim, discrete, state_dim, joint_action_dim, args.hidden,
-                         history_len, hist_dim, args.history_dim, args.monotonic_mixers).to(device)
+                         history_len, hist_dim, args.history_dim, args.monotonic_mixers,
+                         args.normalized_mixer_weights).to(device)
     target_q = copy.deepcopy(agents.q).requires_grad_(False)
     target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
     target_q_mixer = copy.deepcopy(agents.q_mixer).requires_grad_(False)

@@ -93,6 +93,21 @@ def test_unconstrained_mixer_option_reproduces_the_authors_code():
     assert torch.allclose(mixer(q, m), (wb[:, :2] * q.T).sum(1) + wb[:, 2])
 
 
+def test_normalized_mixer_weights_are_positive_sum_to_n_and_have_no_free_scale():
+    torch.manual_seed(0)
+    n = 3
+    mixer = maiql.Mixer(in_dim=2, n=n, hidden=8, normalized=True)
+    m, q = torch.randn(4, 2), torch.randn(n, 4)
+    wb = mixer.net(m)
+    w = n * torch.softmax(wb[:, :n], dim=1)  # hand check: Q_tot = Σ_i n softmax(w_raw)_i Q_i + b
+    assert torch.allclose(mixer(q, m), (w * q.T).sum(1) + wb[:, n], atol=1e-6)
+    assert (w > 0).all() and torch.allclose(w.sum(1), torch.full((4,), float(n)))
+    with torch.no_grad():  # scaling the raw weights' layer changes the mix, never the weights' total
+        mixer.net[-1].weight[:n].mul_(10.0)
+    w10 = n * torch.softmax(mixer.net(m)[:, :n], dim=1)
+    assert torch.allclose(w10.sum(1), torch.full((4,), float(n)))
+
+
 def test_mixer_applies_to_both_q_heads():
     mixer = maiql.Mixer(in_dim=2, n=2, hidden=8)
     q = torch.randn(2, 2, 5)  # [heads, n, B]
