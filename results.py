@@ -98,6 +98,8 @@ METHOD_LABELS = {
     "moma_ppo-aleatoric": "aleatoric (λ_a 1), adaptive rollouts",
     "moma_ppo-aleatoric-no_adaptive_rollout": "aleatoric (λ_a 1), fixed rollouts",
 }
+# Methods with a learned critic: their records carry envs.CriticLog's verdict (critic_diverged) since 2026-12-05
+CRITIC_METHODS = ("iql", "maiql", "maiql_ft", "matd3bc", "itd3bc", "icql", "omar")
 ABLATION_METHODS = ("moma_ppo", "moma_ppo-no_adaptive_rollout", "moma_ppo-aleatoric",
                     "moma_ppo-aleatoric-no_adaptive_rollout")
 # Rows (obs, dataset) and columns of each table, as in the paper.
@@ -691,6 +693,7 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     stale_notes, notes = collections.defaultdict(list), set()  # (cell, reasons) -> seeds
     vouched_notes = collections.defaultdict(list)  # (cell, commits) -> seeds
     collapsed_notes = []  # (cell, record) of runs whose critic diverged
+    unchecked_notes = collections.defaultdict(list)  # cell -> seeds of critic records without a verdict
     for obs, dataset in rows:
         out = [obs, dataset]
         for m in methods + extra:
@@ -700,6 +703,9 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
             recs = [r for r in recs if not r.collapsed]
             for r in collapsed:
                 collapsed_notes.append((f"{obs} {dataset} {METHOD_LABELS.get(m, m)}", r))
+            for r in recs:  # made before the verdict existed: nobody looked at their critic
+                if m in CRITIC_METHODS and "critic_diverged" not in r.summary:
+                    unchecked_notes[f"{obs} {dataset} {METHOD_LABELS.get(m, m)}"].append(str(r.summary.get("seed")))
             if not recs:
                 centralised_po = m == "iql" and obs in PARTIAL_OBS  # the paper has no such cell: IQL sees the state
                 text = "n/a" if centralised_po else (f"collapsed ({len(collapsed)}) ‡" if collapsed else "missing")
@@ -755,6 +761,10 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
             lines.append(f"* {cell}, seed {r.summary.get('seed')}: diverged by step {c.get('step')} "
                          f"({c.get('reason')}); its final score {r.score:.3f} (`results/{table}/{r.folder.name}/`)")
         lines += [""]
+    if unchecked_notes:
+        lines += ["Critics not checked for divergence (records made before the scripts logged their critic, with no "
+                  "training log left to backfill from: `bench/backfill_critic_log.py`; a rerun gives them a verdict): "
+                  + "; ".join(f"{cell} (seeds {', '.join(seeds)})" for cell, seeds in unchecked_notes.items()) + ".", ""]
     if vouched_notes:
         lines += ["≡ Records made with older code, checked equivalent to today's (`python results.py recheck`: the same "
                   "command, shortened, at the record's commit and today gave bit-identical greedy episodes and "

@@ -606,3 +606,8 @@ def test_a_collapsed_run_is_counted_apart_never_averaged_nor_a_baseline(tmp_path
            "score 0.950" in text
     bars = next(line for line in text.splitlines() if line.startswith("| full | medium | 0.900"))
     assert "MAIQL 0.40 (1)" in bars and "ICQL" in bars.split("|")[-2]  # ICQL: no usable record, so still missing
+    # a critic record made before the verdict existed is named as unchecked, not silently trusted
+    folder = _fake_record(root, "4b", "itd3bc", 1, 0.5, env="ant", dataset="medium", budget="default")
+    text = results.generate_markdown(root, tmp_path / "plots", REPO)
+    unchecked = next(line for line in text.splitlines() if line.startswith("Critics not checked"))
+    assert "full medium ITD3+BC (seeds 1)" in unchecked and "MAIQL" not in unchecked and folder.exists()
