@@ -600,7 +600,8 @@ def test_a_collapsed_run_is_counted_apart_never_averaged_nor_a_baseline(tmp_path
     cols = [c.strip() for c in row.strip("|").split("|")]
     header = next(line for line in text.splitlines() if line.startswith("| obs | dataset | IQL"))
     col = {name.strip(): i for i, name in enumerate(header.strip("|").split("|"))}
-    assert cols[col["MAIQL"]].startswith("0.40 ± – (1) + 1 collapsed ‡")
+    # († where the session's tiny test datasets make the fake fingerprint stale: not what is checked here)
+    assert re.match(r"0\.40 ± – \(1\)( †)? \+ 1 collapsed ‡", cols[col["MAIQL"]]), cols[col["MAIQL"]]
     assert cols[col["ICQL"]].startswith("collapsed (1) ‡")
     assert "* full medium MAIQL, seed 2: diverged by step 37000 (TD loss 1.662e+05 above 1.404e+05); its final " \
            "score 0.950" in text
