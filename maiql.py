@@ -242,8 +242,9 @@ class Mixer(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, n + 1))
 
-    def forward(self, values: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """values [..., n, B], mixer input m [B, in] -> [..., B]."""
+    def weights(self, m: torch.Tensor) -> tuple:
+        """Mixer input m [B, in] -> (the weights w [B, n] that multiply the Q_i, the bias b [B]), as forward uses
+        them: |w_raw| (paper), w_raw (non-monotonic) or n·softmax(w_raw) (--normalized-mixer-weights)."""
         out = self.net[-1]  # the output layer in fp32 (output_layer)
         with torch.autocast(m.device.type, enabled=False):
             wb = F.linear(self.net[:-1](m).to(out.weight.dtype), out.weight, out.bias)
@@ -251,7 +252,12 @@ class Mixer(nn.Module):
             w = (wb.shape[1] - 1) * torch.softmax(wb[:, :-1], dim=1)
         else:
             w = wb[:, :-1].abs() if self.monotonic else wb[:, :-1]
-        return (w.T * values).sum(-2) + wb[:, -1]
+        return w, wb[:, -1]
+
+    def forward(self, values: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """values [..., n, B], mixer input m [B, in] -> [..., B]."""
+        w, b = self.weights(m)
+        return (w.T * values).sum(-2) + b
 
 
 class MAIQLAgents(nn.Module):
@@ -488,9 +494,9 @@ def critic_diagnostics(learner: dict, b: dict) -> dict:
     out = {}
     for name, mixer, m in (("q", agents.q_mixer, torch.cat([b["states"], b["joint_features"]], dim=1)),
                            ("v", agents.v_mixer, b["states"])):
-        wb = mixer.net(m.float())
-        out[f"{name}_mixer_abs_w"] = float(wb[:, :-1].abs().mean())
-        out[f"{name}_mixer_b"] = float(wb[:, -1].mean())
+        w, bias = mixer.weights(m)  # the effective weights (n·softmax under --normalized-mixer-weights)
+        out[f"{name}_mixer_abs_w"] = float(w.abs().mean())
+        out[f"{name}_mixer_b"] = float(bias.mean())
     out.update(q_i=float(q_i.mean()), q_i_abs_max=float(q_i.abs().max()), v_i=float(v_i.mean()),
                q_tot=float(agents.q_mixer(q_i, torch.cat([b["states"], b["joint_features"]], dim=1)).mean()),
                v_tot=float(agents.v_mixer(v_i, b["states"]).mean()))

@@ -108,6 +108,39 @@ def test_normalized_mixer_weights_are_positive_sum_to_n_and_have_no_free_scale()
     assert torch.allclose(w10.sum(1), torch.full((4,), float(n)))
 
 
+def test_mixer_weights_are_the_ones_forward_mixes_with():
+    """Mixer.weights gives the effective weights (|w|, w or n·softmax) the critic diagnostics log."""
+    torch.manual_seed(0)
+    n, m, q = 3, torch.randn(4, 2), torch.randn(3, 4)
+    for kwargs in ({}, {"monotonic": False}, {"normalized": True}):
+        mixer = maiql.Mixer(in_dim=2, n=n, hidden=8, **kwargs)
+        w, b = mixer.weights(m)
+        raw = mixer.net(m)
+        assert torch.equal(b, raw[:, n])
+        assert torch.equal(mixer(q, m), (w.T * q).sum(-2) + b)
+        if kwargs.get("normalized"):
+            assert torch.allclose(w.sum(1), torch.full((4,), float(n))) and not torch.allclose(w.abs(), raw[:, :n].abs())
+        else:
+            assert torch.equal(w, raw[:, :n].abs() if not kwargs else raw[:, :n])
+
+
+def test_critic_diagnostics_log_the_effective_mixer_weights():
+    """Under --normalized-mixer-weights the logged mean |w| is that of n·softmax (= 1 exactly), not the raw output's."""
+    torch.manual_seed(0)
+    n, B = 2, 6
+    agents = maiql.MAIQLAgents(n=n, obs_dim=3, action_dim=2, discrete=False, state_dim=4, joint_action_dim=4,
+                               hidden=8, history_len=0, history_in=3, history_dim=8, normalized_mixer_weights=True)
+    with torch.no_grad():
+        agents.q_mixer.net[-1].weight.mul_(50.0)  # raw outputs far from the effective weights
+    b = {"obs": torch.randn(n, B, 3), "hist": None, "actions": torch.rand(n, B, 2) * 2 - 1,
+         "states": torch.randn(B, 4), "joint_features": torch.randn(B, 4)}
+    out = maiql.critic_diagnostics({"agents": agents}, b)
+    assert out["q_mixer_abs_w"] == pytest.approx(1.0) and out["v_mixer_abs_w"] == pytest.approx(1.0)
+    with torch.no_grad():
+        raw = agents.q_mixer.net(torch.cat([b["states"], b["joint_features"]], dim=1))
+    assert out["q_mixer_b"] == pytest.approx(float(raw[:, -1].mean()), rel=1e-6)
+
+
 def test_mixer_applies_to_both_q_heads():
     mixer = maiql.Mixer(in_dim=2, n=2, hidden=8)
     q = torch.randn(2, 2, 5)  # [heads, n, B]
