@@ -453,6 +453,26 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min" if seconds < 36_000 else f"{seconds / 3600:.1f} h"
 
 
+def half_to_end(record: "Record") -> Optional[tuple]:
+    """(score at the evaluation nearest half of the run's last step, at or before it; the final score) read off
+    the record's curve.csv, or None with fewer than two evaluations."""
+    rows = [row for row in record.curve if "normalized_score" in row and "step" in row]
+    if len(rows) < 2:
+        return None
+    half = rows[-1]["step"] / 2
+    earlier = [row for row in rows[:-1] if row["step"] <= half] or rows[:1]
+    return min(earlier, key=lambda row: half - row["step"])["normalized_score"], rows[-1]["normalized_score"]
+
+
+def fmt_half_to_end(recs: list) -> str:
+    """"0.52 → 0.60 (3)": half_to_end's two scores, each the mean over the records that have both."""
+    pairs = [p for p in (half_to_end(r) for r in recs if not r.collapsed) if p is not None]
+    if not pairs:
+        return "n/a"
+    half, end = np.mean(pairs, axis=0)
+    return f"{half:.2f} → {end:.2f} ({len(pairs)})"
+
+
 # --------------------------------------------------------------------------------------------------
 # Datasets: Tables 1 and 2 from small committed JSON files (results/datasets/<env>__<dataset>.json)
 # --------------------------------------------------------------------------------------------------
@@ -739,16 +759,20 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     lines.append("")
     # Budget and wall time per cell.
     lines += ["<details><summary>budget and wall time per cell</summary>", "",
-              "| obs | dataset | method | seeds | training per seed | wall time per seed (mean) | commands |",
-              "|---|---|---|---|---|---|---|"]
+              "| obs | dataset | method | seeds | training per seed | learning curve: half-way → end | "
+              "wall time per seed (mean) | commands |",
+              "|---|---|---|---|---|---|---|---|"]
     for (obs, dataset, m), recs in sorted(cells.items()):
         recs = sorted(recs, key=lambda r: r.summary.get("seed", 0))
         steps = sorted({fmt_steps(r) for r in recs})
         wall = float(np.mean([r.summary.get("wall_time_s", float("nan")) for r in recs]))
         seeds = ",".join(str(r.summary.get("seed")) for r in recs)
         lines.append(f"| {obs} | {dataset} | {METHOD_LABELS.get(m, m)} | {seeds} | {'; '.join(steps)} | "
-                     f"{fmt_seconds(wall)} | `results/{table}/{recs[0].folder.name}/command.txt` and the other seeds |")
-    lines += ["", "</details>", ""]
+                     f"{fmt_half_to_end(recs)} | {fmt_seconds(wall)} | "
+                     f"`results/{table}/{recs[0].folder.name}/command.txt` and the other seeds |")
+    lines += ["", "Learning curve: the mean over seeds of the greedy evaluation nearest half of the run's training "
+              "(at or before it) and of the final one (curve.csv), so a budget that stops on a rising curve shows: "
+              "the paper's tables want each method at the plateau of its curve.", "", "</details>", ""]
     if stale_notes:
         lines += ["† Stale records (made with other code or another build of the dataset; rerun them to refresh):", ""]
         lines += [f"* {cell}, seeds {', '.join(seeds)}: {reasons}" for (cell, reasons), seeds in stale_notes.items()] + [""]

@@ -612,3 +612,19 @@ def test_a_collapsed_run_is_counted_apart_never_averaged_nor_a_baseline(tmp_path
     text = results.generate_markdown(root, tmp_path / "plots", REPO)
     unchecked = next(line for line in text.splitlines() if line.startswith("Critics not checked"))
     assert "full medium ITD3+BC (seeds 1)" in unchecked and "MAIQL" not in unchecked and folder.exists()
+
+
+def test_budget_details_show_the_learning_curve_half_way_and_at_the_end(tmp_path, monkeypatch):
+    """Issue 15's 'budgets at which each curve has flattened': the evaluation nearest half the run, and the last."""
+    root = tmp_path / "results"
+    _fake_record(root, "3", "iql", 1, 1.0)  # curve at steps 250..1000: score · step / 1000
+    _fake_record(root, "3", "iql", 2, 0.5)
+    record = results.load_records(root)[0]
+    assert results.half_to_end(record) == (record.score * 0.5, record.score)  # step 500 of 1000
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: None)
+    table = results.generate_markdown(results_dir=root, plots_dir=tmp_path / "plots", repo=REPO)
+    row = next(line for line in table.splitlines() if line.startswith("| full | favorable | IQL | 1,2 |"))
+    assert "| 0.38 → 0.75 (2) |" in row  # seeds' means: (0.5 + 0.25) / 2 half-way, (1.0 + 0.5) / 2 at the end
+    (root / "3" / "coordination__full__favorable__iql__2" / "curve.csv").write_text(
+        "step,samples,wall_time_s,normalized_score,episodes\n1000,256000,10.0,0.5,100\n")
+    assert results.half_to_end(results.load_records(root)[1]) is None  # one evaluation: no curve to read
