@@ -462,9 +462,8 @@ def half_to_end(record: "Record") -> Optional[tuple]:
     rows = [row for row in record.curve if "normalized_score" in row and "step" in row]
     if len(rows) < 2:
         return None
-    half = rows[-1]["step"] / 2
-    earlier = [row for row in rows[:-1] if row["step"] <= half] or rows[:1]
-    return min(earlier, key=lambda row: half - row["step"])["normalized_score"], rows[-1]["normalized_score"]
+    at_or_before = [row for row in rows[:-1] if row["step"] <= rows[-1]["step"] / 2] or rows[:1]  # rows by step
+    return at_or_before[-1]["normalized_score"], rows[-1]["normalized_score"]
 
 
 def fmt_half_to_end(recs: list) -> str:
