@@ -924,11 +924,37 @@ def load_cross_play(results_dir: pathlib.Path, table: str = "4a") -> list:
     reports = []
     for path in sorted((results_dir / table / "crossplay").glob("*.json")):
         report = json.loads(path.read_text())
+        report["file"] = path.name
         record = results_dir / table / path.stem / "summary.json"
         if record.exists():
             report["self_play_returns"] = json.loads(record.read_text()).get("episode_returns")
+        report["outdated"] = cross_play_outdated(report, results_dir / table, path.stem)
         reports.append(report)
     return reports
+
+
+def cross_play_outdated(report: dict, table_dir: pathlib.Path, name: str) -> list:
+    """Why a cross-play report was made from other runs than the cell records it sits beside (empty: it was not).
+    A report copies its own run's and each partner run's final score (self_play, partner_self_play_score); a record
+    rerun since (e.g. at another preset) has another score, and stitching the old runs' agents says nothing about the
+    record's. Scores are compared exactly: a finished run's record is a copy of its summary."""
+    def record_score(record_name):
+        path = table_dir / record_name / "summary.json"
+        return json.loads(path.read_text()).get("normalized_score_mean") if path.exists() else None
+
+    reasons = []
+    own = record_score(name)
+    if own != report["self_play"]["normalized_score_mean"]:
+        reasons.append(f"its run scored {report['self_play']['normalized_score_mean']:.4f}, the record "
+                       + ("is missing" if own is None else f"{own:.4f}"))
+    own_seed = report.get("seed")
+    for partner in report["partners"]:
+        seed = partner.get("partner_seed")
+        theirs = record_score(re.sub(rf"__{own_seed}$", f"__{seed}", name)) if seed is not None else None
+        if theirs != partner.get("partner_self_play_score"):
+            reasons.append(f"partner seed {seed} scored {partner.get('partner_self_play_score', float('nan')):.4f}, "
+                           f"its record " + ("is missing" if theirs is None else f"{theirs:.4f}"))
+    return reasons
 
 
 def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
@@ -937,9 +963,11 @@ def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
     the seeds agree on one. Scores on our scale and the paper's; the share of episodes whose two agents end in the
     same convention, own teams vs stitched ones. Each ordered pair of seeds counts once."""
     cells = collections.defaultdict(list)
+    outdated = [rep for rep in reports if rep.get("outdated")]
     for rep in reports:
-        cells[(rep.get("budget"), rep["obs"], rep["method"])].append(rep)
-    if not cells:
+        if not rep.get("outdated"):
+            cells[(rep.get("budget"), rep["obs"], rep["method"])].append(rep)
+    if not cells and not outdated:
         return []
     lines = ["#### Cross-play: teams stitched from different seeds", "",
              "Per budget, row and method: each seed's own team (self-play) against teams of its shoulder and another "
@@ -966,6 +994,10 @@ def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
                      f"{fmt(mean_sem(self_ours))} | {fmt(mean_sem(cross_ours))} | "
                      f"{fmt(mean_sem(self_paper)) if self_paper else 'n/a'} | {fmt(mean_sem(cross_paper))} | "
                      f"{pct(same_self)} / {pct(same_cross)} |")
+    if outdated:  # kept in results/ (git has them anyway) but out of the table: they describe runs that are gone
+        lines += ["", "Left out, made from runs other than the records beside them (the records were rerun since; "
+                  "`./run_all.sh crossplay` with the records' run folders makes them again):", ""]
+        lines += [f"* `results/4a/crossplay/{rep['file']}`: {'; '.join(rep['outdated'])}" for rep in outdated]
     return lines + [""]
 
 

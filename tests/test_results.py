@@ -628,3 +628,35 @@ def test_budget_details_show_the_learning_curve_half_way_and_at_the_end(tmp_path
     (root / "3" / "coordination__full__favorable__iql__2" / "curve.csv").write_text(
         "step,samples,wall_time_s,normalized_score,episodes\n1000,256000,10.0,0.5,100\n")
     assert results.half_to_end(results.load_records(root)[1]) is None  # one evaluation: no curve to read
+
+
+def test_a_cross_play_report_of_runs_other_than_the_records_is_left_out_of_the_table(tmp_path):
+    """A cross-play report copies the scores of the runs it stitched; once a record is rerun (another preset), the
+    report describes agents that are gone and must not stand beside the new record as its cross-play."""
+    root = tmp_path / "results"
+    scores = {1: 0.95, 2: 0.97, 3: 0.99}
+    for seed, score in scores.items():
+        _fake_record(root, "4a", "ibc", seed, score, obs="independent", env="reacher", dataset="expert-mix",
+                     budget="default")
+
+    def report(seed, own, partners):
+        (root / "4a" / "crossplay").mkdir(parents=True, exist_ok=True)
+        (root / "4a" / "crossplay" / f"reacher__independent__expert-mix__ibc__{seed}.json").write_text(json.dumps(dict(
+            method="ibc", env="reacher", obs="independent", seed=seed, budget="default",
+            code_fingerprint=envs.code_fingerprint("ibc.py"), self_play=dict(normalized_score_mean=own, conventions=None),
+            partners=[dict(partner_seed=s, partner_self_play_score=p, normalized_score_mean=0.5,
+                           episode_returns=[-11.145]) for s, p in partners.items()])))
+
+    report(1, 0.95, {2: 0.97})  # made from the records' runs
+    report(2, 0.97, {1: 0.95})
+    report(3, 0.80, {1: 0.95})  # seed 3's record was rerun since: its own score moved
+    text = results.generate_markdown(root, tmp_path / "plots", REPO)
+    row = next(line for line in text.splitlines() if line.startswith("| default | independent | IBC |"))
+    assert "| 1,2 | 2 |" in row and "†" not in row  # seed 3's report is not averaged in
+    left_out = text.split("Left out, made from runs other than the records")[1]
+    assert "reacher__independent__expert-mix__ibc__3.json`: its run scored 0.8000, the record 0.9900" in left_out
+    # a partner whose record moved makes the report outdated too
+    report(2, 0.97, {1: 0.90})
+    text = results.generate_markdown(root, tmp_path / "plots", REPO)
+    assert "ibc__2.json`: partner seed 1 scored 0.9000, its record 0.9500" in text
+    assert "| default | independent | IBC | 1 | 1 |" in text
