@@ -4,6 +4,7 @@ choice), the batched critics, and end-to-end smoke runs on tiny random reacher /
 into the session's temporary Minari folder (conftest.py).
 """
 
+import dataclasses
 import json
 import math
 
@@ -447,3 +448,19 @@ def test_cql_updates_are_bit_identical_with_large_allocations_in_the_heap():
         assert out.returncode == 0, out.stderr[-2000:]
         digests.append(out.stdout.split()[-1])
     assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("module", [icql, omar])
+def test_cql_runs_evaluate_every_tenth_by_default_and_evaluations_change_no_training(module, tiny_mujoco_datasets,
+                                                                                     tmp_path):
+    """The default cadence is a tenth of the run (a 5k-step partially observable run once had only its final
+    evaluation, i.e. no learning curve); evaluating draws no training random numbers, so the weights are the same."""
+    base = dict(env="reacher", obs="independent", dataset="expert-mix", cql_samples=2, total_steps=20)
+    module.main(dataclasses.replace(_tiny(module, tmp_path / "a", **base), eval_every=None))
+    module.main(_tiny(module, tmp_path / "b", **base))  # eval_every=0: no evaluation until the final one
+    steps = [line.split(",")[0] for line in (tmp_path / "a" / "run" / "curve.csv").read_text().splitlines()[1:]]
+    assert steps == [str(s) for s in range(2, 21, 2)]  # 9 in-training evaluations and the final one
+    a, b = (torch.load(tmp_path / d / "run" / "checkpoint.pt", weights_only=False) for d in "ab")
+    assert a["agents"].keys() == b["agents"].keys()
+    assert all(torch.equal(a["agents"][k], b["agents"][k]) for k in a["agents"])
+    assert module.Args().checkpoint_every <= 1_000  # a 5k-step run checkpoints before its end
