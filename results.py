@@ -745,15 +745,27 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
                     vouched = True
                     vouched_notes[(cell, f"{entry['from_commit'][:8]} -> {entry['to_commit'][:8]}")].append(
                         str(r.summary.get("seed")))
-            text = fmt_cell([r.score for r in recs], stale) + (" ≡" if vouched and not stale else "")
+            paper_scale = [float(paper_scale_reacher(r.summary["episode_returns"]).mean()) for r in recs
+                           if env == "reacher" and r.summary.get("episode_returns")]
+            if len(paper_scale) == len(recs):  # Table 4a: the paper's scale first, comparable with its number
+                m_ours, s_ours = mean_sem([r.score for r in recs])
+                text = (fmt_cell(paper_scale, stale) + (" ≡" if vouched and not stale else "")
+                        + f" [ours {m_ours:.2f} ± {'–' if math.isnan(s_ours) else f'{s_ours:.2f}'}]")
+            else:
+                text = fmt_cell([r.score for r in recs], stale) + (" ≡" if vouched and not stale else "")
             text += f" + {len(collapsed)} collapsed ‡" if collapsed else ""
             if paper:
                 text += f" (paper {fmt_paper(paper)})"
             out.append(text)
         lines.append("| " + " | ".join(out) + " |")
     lines.append("")
+    reacher_note = (" On Reacher the score is on the paper's scale first (its reference returns -11.145 / -4.237, about a "
+                    "zero-torque arm and its expert; \"Conventions and the paper's scale\" below), then on ours in "
+                    "square brackets (uniform random torques and our expert), where a failing arm still reads ~0.8."
+                    if env == "reacher" else "")
     lines.append("Each cell: mean ± s.e.m. over seeds (number of seeds) of the normalised score of 100 greedy episodes "
                  "(the final evaluation of each run), the paper's number in brackets. † = stale record (see below)."
+                 + reacher_note
                  + (" ≡ = made with older code that a short rerun showed computes the same (see below)."
                     if vouched_notes else ""))
     if notes:

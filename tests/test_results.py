@@ -494,6 +494,9 @@ def test_table4a_shows_the_paper_scale_and_the_agents_conventions(tmp_path):
     assert cols[6] == "25% / 50%"  # both counter-clockwise: 1/2 and 0; both clockwise: 0 and 2/2
     itd3bc = next(line for line in text.splitlines() if line.startswith("| independent | ITD3+BC | 1"))
     assert "not recorded" in itd3bc and "0.00 ± –" in itd3bc
+    # the main table leads with the paper's scale too (comparable with its number), ours in square brackets
+    main = next(line for line in text.splitlines() if line.startswith("| leader-only | expert-mix |"))
+    assert re.search(r"\| 0\.75 ± 0\.25 \(2\)( †)? \[ours 0\.00 ± 0\.00\] \(paper 1\.00 ± 0\.01\) \|", main)
 
 
 def test_a_world_models_held_out_report_is_kept_in_results_and_shown(tmp_path):
