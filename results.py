@@ -466,13 +466,30 @@ def half_to_end(record: "Record") -> Optional[tuple]:
     return at_or_before[-1]["normalized_score"], rows[-1]["normalized_score"]
 
 
+def to_paper_scale_reacher(record: "Record", scores) -> Optional[np.ndarray]:
+    """Scores on our scale of a Reacher record (e.g. its curve's) on the paper's: both scales are affine in the return,
+    and the record's own episodes (returns and their scores) give ours exactly. None where the record lacks them."""
+    s = record.summary
+    returns = np.asarray(s.get("episode_returns") or [], dtype=np.float64)
+    ours = np.asarray(s.get("episode_normalized_scores") or [], dtype=np.float64)
+    if record.env != "reacher" or len(returns) != len(ours) or len(returns) < 2 or np.ptp(returns) == 0:
+        return None
+    slope, intercept = np.polyfit(returns, ours, 1)  # ours = (R - ref_min) / (ref_max - ref_min)
+    return paper_scale_reacher((np.asarray(scores, dtype=np.float64) - intercept) / slope)
+
+
 def fmt_half_to_end(recs: list) -> str:
-    """"0.52 → 0.60 (3)": half_to_end's two scores, each the mean over the records that have both."""
-    pairs = [p for p in (half_to_end(r) for r in recs if not r.collapsed) if p is not None]
-    if not pairs:
+    """"0.52 → 0.60 (3)": half_to_end's two scores, each the mean over the records that have both. On Reacher the
+    paper's scale first where every record allows it, then ours in square brackets (Table 4a's convention)."""
+    recs = [r for r in recs if not r.collapsed and half_to_end(r) is not None]
+    if not recs:
         return "n/a"
-    half, end = np.mean(pairs, axis=0)
-    return f"{half:.2f} → {end:.2f} ({len(pairs)})"
+    half, end = np.mean([half_to_end(r) for r in recs], axis=0)
+    paper = [to_paper_scale_reacher(r, half_to_end(r)) for r in recs]
+    if all(p is not None for p in paper):
+        p_half, p_end = np.mean(paper, axis=0)
+        return f"{p_half:.2f} → {p_end:.2f} [ours {half:.2f} → {end:.2f}] ({len(recs)})"
+    return f"{half:.2f} → {end:.2f} ({len(recs)})"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -633,6 +633,24 @@ def test_budget_details_show_the_learning_curve_half_way_and_at_the_end(tmp_path
     assert results.half_to_end(results.load_records(root)[1]) is None  # one evaluation: no curve to read
 
 
+def test_a_reacher_curve_is_read_on_the_papers_scale_from_the_records_own_episodes(tmp_path):
+    """Both scales are affine in the return; a record's episodes (returns and our scores) fix ours, so its curve's
+    scores convert exactly: our refs -42.97 / -4.0 here, the paper's -11.145 / -4.237."""
+    root = tmp_path / "results"
+    folder = _fake_record(root, "4a", "itd3bc", 1, 0.0, obs="independent", env="reacher", dataset="expert-mix",
+                          budget="default")
+    ours = lambda r: (r + 42.97) / (-4.0 + 42.97)  # noqa: E731
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["episode_returns"] = [-11.145, -4.237, -20.0]
+    summary["episode_normalized_scores"] = [ours(r) for r in summary["episode_returns"]]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "curve.csv").write_text("step,samples,wall_time_s,normalized_score,episodes\n"
+                                      f"500,1,1.0,{ours(-11.145)},10\n1000,2,2.0,{ours(-4.237)},100\n")
+    record = results.load_records(root)[0]
+    assert results.to_paper_scale_reacher(record, results.half_to_end(record)) == pytest.approx([0.0, 1.0])
+    assert results.fmt_half_to_end([record]) == "0.00 → 1.00 [ours 0.82 → 0.99] (1)"
+
+
 def test_a_cross_play_report_of_runs_other_than_the_records_is_left_out_of_the_table(tmp_path):
     """A cross-play report copies the scores of the runs it stitched; once a record is rerun (another preset), the
     report describes agents that are gone and must not stand beside the new record as its cross-play."""
