@@ -681,3 +681,19 @@ def test_a_cross_play_report_of_runs_other_than_the_records_is_left_out_of_the_t
     text = results.generate_markdown(root, tmp_path / "plots", REPO)
     assert "ibc__2.json`: partner seed 1 scored 0.9000, its record 0.9500" in text
     assert "| default | independent | IBC | 1 | 1 |" in text
+
+
+def test_compare_training_logs_finds_the_first_differing_row_and_ignores_timings(tmp_path):
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    import compare_training_logs as ctl
+
+    head = "iteration,wall_time_s,sps,value_loss\n"
+    (tmp_path / "a.csv").write_text(head + "1,1.0,100,0.5\n2,2.0,100,0.25\n3,3.0,100,0.125\n")
+    (tmp_path / "b.csv").write_text(head + "1,1.7,90,0.5\n2,2.9,80,0.25\n")  # other timings, one row fewer
+    (tmp_path / "c.csv").write_text(head + "1,1.0,100,0.5\n2,2.0,100,0.250001\n")
+    assert ctl.main(str(tmp_path / "a.csv"), str(tmp_path / "b.csv")) == 0
+    assert ctl.main(str(tmp_path / "a.csv"), str(tmp_path / "c.csv")) == 1
+    rows = lambda p: list(__import__("csv").DictReader(open(p)))  # noqa: E731
+    i, diff, n = ctl.first_difference(rows(tmp_path / "a.csv"), rows(tmp_path / "c.csv"))
+    assert (i, diff, n) == (1, [("value_loss", "0.25", "0.250001")], 2)
