@@ -933,8 +933,9 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
                 continue
             stale = any(staleness.check(r)[0] for r in recs)
             ours = mean_sem([r.score for r in recs])
-            paper = mean_sem([float(paper_scale_reacher(r.summary["episode_returns"]).mean()) for r in recs
-                              if r.summary.get("episode_returns")])
+            paper_scores = [float(paper_scale_reacher(r.summary["episode_returns"]).mean()) for r in recs
+                            if r.summary.get("episode_returns")]
+            paper = mean_sem(paper_scores) if paper_scores else None  # records without their episodes: n/a
             conv = [r.summary["conventions"] for r in recs if r.summary.get("conventions")]
             same = (f"{100 * np.mean([c['same_share'] for c in conv]):.0f}% ({len(conv)} of {len(recs)} seeds)"
                     if conv else "not recorded")
@@ -942,7 +943,8 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
                      f"{100 * np.mean([c['both_clockwise_share'] for c in conv]):.0f}%" if conv else "")
             sem = lambda x: "–" if math.isnan(x) else f"{x:.2f}"  # noqa: E731
             lines.append(f"| {obs} | {METHOD_LABELS.get(m, m)} | {','.join(str(r.summary.get('seed')) for r in recs)}"
-                         f"{' †' if stale else ''} | {ours[0]:.2f} ± {sem(ours[1])} | {paper[0]:.2f} ± {sem(paper[1])} | "
+                         f"{' †' if stale else ''} | {ours[0]:.2f} ± {sem(ours[1])} | "
+                         f"{'n/a' if paper is None else f'{paper[0]:.2f} ± {sem(paper[1])}'} | "
                          f"{same} | {split} |")
     return lines + [""] if len(lines) > 6 else []
 
