@@ -762,9 +762,8 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
                     vouched = True
                     vouched_notes[(cell, f"{entry['from_commit'][:8]} -> {entry['to_commit'][:8]}")].append(
                         str(r.summary.get("seed")))
-            paper_scale = [float(paper_scale_reacher(r.summary["episode_returns"]).mean()) for r in recs
-                           if env == "reacher" and r.summary.get("episode_returns")]
-            if len(paper_scale) == len(recs):  # Table 4a: the paper's scale first, comparable with its number
+            paper_scale = [paper_scale_score(r.summary) for r in recs] if env == "reacher" else [None]
+            if None not in paper_scale:  # Table 4a: the paper's scale first, comparable with its number
                 m_ours, s_ours = mean_sem([r.score for r in recs])
                 text = (fmt_cell(paper_scale, stale) + (" ≡" if vouched and not stale else "")
                         + f" [ours {m_ours:.2f} ± {'–' if math.isnan(s_ours) else f'{s_ours:.2f}'}]")
@@ -903,6 +902,12 @@ def table4b_checks(records: list, stats: dict, staleness: "Staleness", seeds_nee
             "† = a stale record in the row.", ""] + lines + [""]
 
 
+def paper_scale_score(summary: dict) -> Optional[float]:
+    """A Reacher record's score on the paper's scale (the mean over its greedy episodes), None without its episodes."""
+    returns = summary.get("episode_returns")
+    return float(paper_scale_reacher(returns).mean()) if returns else None
+
+
 def paper_scale_reacher(returns) -> np.ndarray:
     """Reacher returns on the paper's scale: its reference returns (Table 2) are about a zero-torque arm (-11.145)
     and the expert (-4.237), where ours are uniform random torques (-42.97) and our expert; a failing arm that
@@ -933,8 +938,7 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
                 continue
             stale = any(staleness.check(r)[0] for r in recs)
             ours = mean_sem([r.score for r in recs])
-            paper_scores = [float(paper_scale_reacher(r.summary["episode_returns"]).mean()) for r in recs
-                            if r.summary.get("episode_returns")]
+            paper_scores = [x for x in (paper_scale_score(r.summary) for r in recs) if x is not None]
             paper = mean_sem(paper_scores) if paper_scores else None  # records without their episodes: n/a
             conv = [r.summary["conventions"] for r in recs if r.summary.get("conventions")]
             same = (f"{100 * np.mean([c['same_share'] for c in conv]):.0f}% ({len(conv)} of {len(recs)} seeds)"
@@ -1016,7 +1020,8 @@ def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
         pairs = [p for r in reps for p in r["partners"]]
         self_ours = [r["self_play"]["normalized_score_mean"] for r in reps]
         cross_ours = [p["normalized_score_mean"] for p in pairs]
-        self_paper = [float(paper_scale_reacher(r["self_play_returns"]).mean()) for r in reps if r.get("self_play_returns")]
+        self_paper = [paper_scale_score({"episode_returns": r.get("self_play_returns")}) for r in reps
+                      if r.get("self_play_returns")]
         cross_paper = [float(paper_scale_reacher(p["episode_returns"]).mean()) for p in pairs]
         same_self = [r["self_play"]["conventions"]["same_share"] for r in reps if (r["self_play"].get("conventions") or {})]
         same_cross = [p["conventions"]["same_share"] for p in pairs if p.get("conventions")]
@@ -1056,7 +1061,7 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
         name += mark
         score = f"{r.score:.3f} ± {s.get('normalized_score_std', float('nan')):.3f}"
         if r.env == "reacher" and s.get("episode_returns"):  # Table 4a's bar is on the paper's scale
-            score += f" (paper's scale {float(paper_scale_reacher(s['episode_returns']).mean()):.3f})"
+            score += f" (paper's scale {paper_scale_score(s):.3f})"
         lines.append(f"| {name} | {r.obs}, {r.dataset} | {s.get('seed')} | {score} | "
                      f"{reach} | {curve} | {s.get('train_steps', 0):,} | {fmt_seconds(s.get('wall_time_s', float('nan')))} | "
                      f"`results/diagnosis/{r.folder.name}/command.txt` |")
@@ -1138,13 +1143,12 @@ def curve_stats(records: list, paper_scale: bool = False) -> tuple:
 
 
 def _draw_curves(ax, groups: dict, refs: dict, title: str, paper_scale: bool = False) -> None:
-    import matplotlib
     import matplotlib.ticker
+    labels = list(METHOD_LABELS.values())  # one colour per method in every figure
     for label, recs in groups.items():
         x, mean, sem, _ = curve_stats(recs, paper_scale)
         if len(x) == 0:
             continue
-        labels = list(METHOD_LABELS.values())  # one colour per method in every figure
         color = f"C{labels.index(label) % 10}" if label in labels else None
         (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{label} ({len(recs)})", color=color)
         ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.2)
