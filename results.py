@@ -154,10 +154,12 @@ SECONDS_PER_STEP = {
     # (Table 4a's records, one thread beside another cell, 2026-12-04/05). The others from their update()'s time
     # against ITD3+BC's in one process (2026-12-05, reacher independent, batch 256, one thread, machine busy): ITD3+BC
     # 99 ms (2.0 GFLOP), MAIQL 136 ms, ICQL 482 ms (14.6 GFLOP: the CQL term's 30 sampled actions), IOMAR 536 ms
-    # (16.0 GFLOP); MATD3+BC not timed: ITD3+BC's plus its mixer, taken as 1.2x
+    # (16.0 GFLOP). Replaced by Table 4a's records where they exist (2026-12-05, whole runs with their evaluations,
+    # one thread beside another cell): MATD3+BC 581-877 s for 10k steps, MAIQL 813-849 s for 10k, ICQL 1,802 s for
+    # 5k (beside the test suite too): the update timings above overstated them about 2x
     ("reacher", "PO", "moma_ppo"): 6.6, ("reacher", "PO", "ibc"): 0.07, ("reacher", "PO", "itd3bc"): 0.124,
-    ("reacher", "PO", "matd3bc"): 0.15, ("reacher", "PO", "maiql"): 0.17, ("reacher", "PO", "icql"): 0.6,
-    ("reacher", "PO", "omar"): 0.67,
+    ("reacher", "PO", "matd3bc"): 0.075, ("reacher", "PO", "maiql"): 0.085, ("reacher", "PO", "icql"): 0.36,
+    ("reacher", "PO", "omar"): 0.4,
     # ant full, medium: 20k IQL in 250 s, MAIQL 10k in 500 s, MAIQL-ft 10k in 847 s, IBC 50k in 595 s, ITD3+BC 20k
     # in 666 s, ICQL / IOMAR 2k in 930 / 1050 s; MATD3+BC 13.1 updates/s (itd3bc.py); MOMA-PPO from its
     # 5,341 synthetic steps/s (bench, 2 threads) at ~20k synthetic steps per iteration plus its evaluations
