@@ -480,6 +480,58 @@ def to_paper_scale_reacher(record: "Record", scores) -> Optional[np.ndarray]:
     return paper_scale_reacher((np.asarray(scores, dtype=np.float64) - intercept) / slope)
 
 
+def second_half_gain(record: "Record") -> Optional[tuple]:
+    """(gain, its standard error) of the record's learning curve over the second half of its run: a straight line
+    fitted by weighted least squares to the evaluations from half_to_end's half-way point to the final one, its slope
+    times that span. Each evaluation's variance is s² / its episodes, s the spread of the final evaluation's episode
+    scores (an evaluation of 10 episodes weighs a tenth of the final 100). On Reacher on the paper's scale, like the
+    table. None with fewer than two evaluations or no episode scores."""
+    rows = [row for row in record.curve if "normalized_score" in row and "step" in row]
+    episodes = np.asarray(record.summary.get("episode_normalized_scores") or [], dtype=np.float64)
+    if len(rows) < 2 or len(episodes) < 2:
+        return None
+    at_or_before = [row for row in rows[:-1] if row["step"] <= rows[-1]["step"] / 2] or rows[:1]
+    rows = [row for row in rows if row["step"] >= at_or_before[-1]["step"]]
+    steps = np.asarray([row["step"] for row in rows], dtype=np.float64)
+    scores = np.asarray([row["normalized_score"] for row in rows], dtype=np.float64)
+    if record.env == "reacher":
+        scores, episodes = to_paper_scale_reacher(record, scores), to_paper_scale_reacher(record, episodes)
+        if scores is None:
+            return None
+    n = np.asarray([row.get("episodes") or len(episodes) for row in rows], dtype=np.float64)
+    weights = n / max(float(np.var(episodes, ddof=1)), 1e-12)
+    x_mean = np.sum(weights * steps) / np.sum(weights)
+    sxx = np.sum(weights * (steps - x_mean) ** 2)
+    if sxx <= 0:
+        return None
+    slope = np.sum(weights * (steps - x_mean) * scores) / sxx
+    span = steps[-1] - steps[0]
+    return float(slope * span), float(span / np.sqrt(sxx))
+
+
+def still_rising(recs: list, min_gain: float = 0.05) -> Optional[tuple]:
+    """(mean gain, its standard error, rising?) over the records' second_half_gain: rising where the mean gain is
+    above min_gain and above twice its standard error, i.e. the budget stopped the method on a rising curve. The
+    error is the larger of the evaluations' noise and, with two seeds or more, the seeds' spread of gains."""
+    gains = [g for g in (second_half_gain(r) for r in recs if not r.collapsed) if g is not None]
+    if not gains:
+        return None
+    gain = float(np.mean([g for g, _ in gains]))
+    sem = float(np.sqrt(np.sum([se ** 2 for _, se in gains])) / len(gains))  # the evaluations' own noise
+    if len(gains) > 1:  # seeds that disagree more than that noise allows: their spread is the error
+        sem = max(sem, float(np.std([g for g, _ in gains], ddof=1) / np.sqrt(len(gains))))
+    return gain, sem, gain > min_gain and gain > 2 * sem
+
+
+def fmt_rising(recs: list) -> str:
+    """"+0.28 ± 0.10 ↗": still_rising's mean gain and its error, marked where rising."""
+    rising = still_rising(recs)
+    if rising is None:
+        return "n/a"
+    gain, sem, up = rising
+    return f"{gain:+.2f} ± {sem:.2f}{' ↗' if up else ''}"
+
+
 def fmt_half_to_end(recs: list) -> str:
     """"0.52 → 0.60 (3)": half_to_end's two scores, each the mean over the records that have both. On Reacher the
     paper's scale first where every record allows it, then ours in square brackets (Table 4a's convention)."""
@@ -735,6 +787,7 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
     vouched_notes = collections.defaultdict(list)  # (cell, commits) -> seeds
     collapsed_notes = []  # (cell, record) of runs whose critic diverged
     unchecked_notes = collections.defaultdict(list)  # cell -> seeds of critic records without a verdict
+    rising_cells = []  # cells whose budget stopped them on a rising learning curve
     for obs, dataset in rows:
         out = [obs, dataset]
         for m in methods + extra:
@@ -772,6 +825,9 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
             else:
                 text = fmt_cell([r.score for r in recs], stale) + (" ≡" if vouched and not stale else "")
             text += f" + {len(collapsed)} collapsed ‡" if collapsed else ""
+            if (rising := still_rising(recs)) is not None and rising[2]:
+                text += " ↗"
+                rising_cells.append(f"{obs} {dataset} {METHOD_LABELS.get(m, m)}")
             if paper:
                 text += f" (paper {fmt_paper(paper)})"
             out.append(text)
@@ -785,26 +841,33 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
                  "(the final evaluation of each run), the paper's number in brackets. † = stale record (see below)."
                  + reacher_note
                  + (" ≡ = made with older code that a short rerun showed computes the same (see below)."
-                    if vouched_notes else ""))
+                    if vouched_notes else "")
+                 + (" ↗ = still rising when its budget ended: the learning curve gained significantly over the second "
+                    "half of training (budget table below), so the cell is cut short of the method's plateau."
+                    if rising_cells else ""))
     if notes:
         lines.append(" ".join(sorted(f"Note: {n} for some cells." for n in notes)))
     lines.append("")
     # Budget and wall time per cell.
     lines += ["<details><summary>budget and wall time per cell</summary>", "",
               "| obs | dataset | method | seeds | training per seed | learning curve: half-way → end | "
-              "wall time per seed (mean) | commands |",
-              "|---|---|---|---|---|---|---|---|"]
+              "second half's gain | wall time per seed (mean) | commands |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for (obs, dataset, m), recs in sorted(cells.items()):
         recs = sorted(recs, key=lambda r: r.summary.get("seed", 0))
         steps = sorted({fmt_steps(r) for r in recs})
         wall = float(np.mean([r.summary.get("wall_time_s", float("nan")) for r in recs]))
         seeds = ",".join(str(r.summary.get("seed")) for r in recs)
         lines.append(f"| {obs} | {dataset} | {METHOD_LABELS.get(m, m)} | {seeds} | {'; '.join(steps)} | "
-                     f"{fmt_half_to_end(recs)} | {fmt_seconds(wall)} | "
+                     f"{fmt_half_to_end(recs)} | {fmt_rising(recs)} | {fmt_seconds(wall)} | "
                      f"`results/{table}/{recs[0].folder.name}/command.txt` and the other seeds |")
     lines += ["", "Learning curve: the mean over seeds of the greedy evaluation nearest half of the run's training "
               "(at or before it) and of the final one (curve.csv), so a budget that stops on a rising curve shows: "
-              "the paper's tables want each method at the plateau of its curve.", "", "</details>", ""]
+              "the paper's tables want each method at the plateau of its curve. Second half's gain: a straight line "
+              "fitted to the evaluations from that half-way point to the end, each weighted by its episodes (10 "
+              "during training, 100 at the end), its rise over that span, mean ± s.e. over seeds (the s.e. the larger "
+              "of the evaluations' noise and the seeds' spread); ↗ = rising (above 0.05 and twice its s.e.: "
+              "results.still_rising).", "", "</details>", ""]
     if stale_notes:
         lines += ["† Stale records (made with other code or another build of the dataset; rerun them to refresh):", ""]
         lines += [f"* {cell}, seeds {', '.join(seeds)}: {reasons}" for (cell, reasons), seeds in stale_notes.items()] + [""]

@@ -633,6 +633,42 @@ def test_budget_details_show_the_learning_curve_half_way_and_at_the_end(tmp_path
     assert results.half_to_end(results.load_records(root)[1]) is None  # one evaluation: no curve to read
 
 
+def test_a_curve_still_rising_at_the_end_of_its_budget_is_marked(tmp_path, monkeypatch):
+    """Issue 15: 'where a method cannot reach [a flat curve] within the CPU budget, say so in the table'. A weighted
+    straight line through the second half's evaluations (variance s² / episodes, s² from the final episodes),
+    against hand-computed values."""
+    root = tmp_path / "results"
+
+    def record(seed, scores):
+        folder = _fake_record(root, "3", "iql", seed, scores[-1])
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["episode_normalized_scores"] = [0.6, 1.0]  # s² = 0.08 (ddof 1)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        (folder / "curve.csv").write_text("step,samples,wall_time_s,normalized_score,episodes\n" + "".join(
+            f"{step},1,1.0,{score},{n}\n" for step, score, n in zip((250, 500, 750, 1000), scores, (10, 10, 10, 100))))
+
+    record(1, [0.9, 0.2, 0.5, 0.8])  # from step 500 (half-way) on: a line rising 0.6 over 500 steps
+    rising = results.load_records(root)
+    gain, se = results.second_half_gain(rising[0])  # step 250's 0.9 lies before the half: left out
+    # weights 125, 125, 1250 at steps 500, 750, 1000: mean step 937.5, Sxx 33,203,125; s.e. = 500 / sqrt(Sxx)
+    assert gain == pytest.approx(0.6) and se == pytest.approx(500 / np.sqrt(33_203_125))
+    assert results.still_rising(rising) == pytest.approx((0.6, 500 / np.sqrt(33_203_125), True))
+    record(2, [0.0, 0.5, 0.5, 0.5])  # flat: gain 0; with seed 1 the seeds' spread (s.e. 0.3) outweighs the mean
+    both = results.load_records(root)
+    assert results.second_half_gain(both[1])[0] == pytest.approx(0.0, abs=1e-12)
+    gain, sem, up = results.still_rising(both)
+    assert gain == pytest.approx(0.3) and sem == pytest.approx(0.3) and not up
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: None)
+    table = results.generate_markdown(results_dir=root, plots_dir=tmp_path / "plots", repo=REPO)
+    row = next(line for line in table.splitlines() if line.startswith("| full | favorable |"))
+    assert "| +0.30 ± 0.30 |" in table and "↗" not in row  # shown, not marked
+    import shutil
+    shutil.rmtree(root / "3" / "coordination__full__favorable__iql__2")
+    table = results.generate_markdown(results_dir=root, plots_dir=tmp_path / "plots", repo=REPO)
+    row = next(line for line in table.splitlines() if line.startswith("| full | favorable |"))
+    assert "0.80 ± – (1) ↗" in row and "| +0.60 ± 0.09 ↗ |" in table
+
+
 def test_a_reacher_curve_is_read_on_the_papers_scale_from_the_records_own_episodes(tmp_path):
     """Both scales are affine in the return; a record's episodes (returns and our scores) fix ours, so its curve's
     scores convert exactly: our refs -42.97 / -4.0 here, the paper's -11.145 / -4.237."""
