@@ -981,6 +981,29 @@ def paper_scale_reacher(returns) -> np.ndarray:
     return envs.normalized_score(returns, ref["random"], ref["expert"])
 
 
+def convention_split(recs: list) -> Optional[tuple]:
+    """(paper's-scale scores of the greedy episodes whose two agents follow the same convention, of those whose agents
+    differ), pooled over the records; None where no record has per-episode conventions beside its returns."""
+    agreeing, differing = [], []
+    for r in recs:
+        agents = (r.summary.get("conventions") or {}).get("agents")
+        returns = r.summary.get("episode_returns") or []
+        if not agents or len(agents) != len(returns):
+            continue
+        scores = paper_scale_reacher(np.asarray(returns, dtype=np.float64))
+        same = np.asarray([a[0] == a[1] for a in agents])
+        agreeing += scores[same].tolist()
+        differing += scores[~same].tolist()
+    return (np.asarray(agreeing), np.asarray(differing)) if agreeing or differing else None
+
+
+def fmt_convention_split(recs: list) -> str:
+    split = convention_split(recs)
+    if split is None:
+        return "n/a"
+    return " / ".join(f"{x.mean():.2f} ({len(x)})" if len(x) else "– (0)" for x in split)
+
+
 def table4a_conventions(records: list, staleness: "Staleness") -> list:
     """Table 4a's mechanism, measured: per (obs, method), the score on the paper's scale beside ours, and the
     conventions the two agents' joints end their greedy episodes in (envs.reacher_agent_conventions): the share of
@@ -993,9 +1016,11 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
              "Per row and method, means over seeds: the score on our scale (reference returns: uniform random "
              "torques and our expert) and on the paper's (about a zero-torque arm, -11.145, and its expert, -4.237); "
              "the share of greedy episodes whose two agents end in the same arm-bend convention (the shoulder on the "
-             "side the elbow's bend needs), and which one (counter-clockwise / clockwise). † = stale record.", "",
+             "side the elbow's bend needs), and which one (counter-clockwise / clockwise); the paper's-scale score of "
+             "the episodes (pooled over seeds) whose agents follow the same convention and of those whose agents "
+             "differ: a team that agrees but scores low lacks skill, not agreement. † = stale record.", "",
              "| obs | method | seeds | score (ours) | score (paper's scale) | same convention | both counter-clockwise "
-             "/ both clockwise |", "|---|---|---|---|---|---|---|"]
+             "/ both clockwise | paper's scale: agreeing / differing episodes (count) |", "|---|---|---|---|---|---|---|---|"]
     for obs, _ in LAYOUT["4a"]["rows"]:
         for m in list(LAYOUT["4a"]["methods"]) + sorted({m for (o, m) in cells if o == obs} - set(LAYOUT["4a"]["methods"])):
             recs = sorted(cells.get((obs, m), []), key=lambda r: r.summary.get("seed", 0))
@@ -1014,7 +1039,7 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
             lines.append(f"| {obs} | {METHOD_LABELS.get(m, m)} | {','.join(str(r.summary.get('seed')) for r in recs)}"
                          f"{' †' if stale else ''} | {ours[0]:.2f} ± {sem(ours[1])} | "
                          f"{'n/a' if paper is None else f'{paper[0]:.2f} ± {sem(paper[1])}'} | "
-                         f"{same} | {split} |")
+                         f"{same} | {split} | {fmt_convention_split(recs)} |")
     return lines + [""] if len(lines) > 6 else []
 
 

@@ -492,8 +492,10 @@ def test_table4a_shows_the_paper_scale_and_the_agents_conventions(tmp_path):
     assert cols[4] == "0.75 ± 0.25"  # seeds 0.5 and 1.0 on the paper's scale
     assert cols[5] == "75% (2 of 2 seeds)"  # same convention in 1 of 2 and 2 of 2 episodes
     assert cols[6] == "25% / 50%"  # both counter-clockwise: 1/2 and 0; both clockwise: 0 and 2/2
+    # agreeing episodes (pooled over seeds): 1.0, 1.0, 1.0; the one differing episode: the zero-torque 0.0
+    assert cols[7] == "1.00 (3) / 0.00 (1)"
     itd3bc = next(line for line in text.splitlines() if line.startswith("| independent | ITD3+BC | 1"))
-    assert "not recorded" in itd3bc and "0.00 ± –" in itd3bc
+    assert "not recorded" in itd3bc and "0.00 ± –" in itd3bc and itd3bc.endswith("| n/a |")
     # the main table leads with the paper's scale too (comparable with its number), ours in square brackets
     main = next(line for line in text.splitlines() if line.startswith("| leader-only | expert-mix |"))
     assert re.search(r"\| 0\.75 ± 0\.25 \(2\)( †)? \[ours 0\.00 ± 0\.00\] \(paper 1\.00 ± 0\.01\) \|", main)
