@@ -1018,7 +1018,8 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
              "the share of greedy episodes whose two agents end in the same arm-bend convention (the shoulder on the "
              "side the elbow's bend needs), and which one (counter-clockwise / clockwise); the paper's-scale score of "
              "the episodes (pooled over seeds) whose agents follow the same convention and of those whose agents "
-             "differ: a team that agrees but scores low lacks skill, not agreement. † = stale record.", "",
+             "differ: a team that agrees but scores low lacks skill, not agreement (near full reach the two poses "
+             "coincide, so a differing pair can still score there). † = stale record.", "",
              "| obs | method | seeds | score (ours) | score (paper's scale) | same convention | both counter-clockwise "
              "/ both clockwise | paper's scale: agreeing / differing episodes (count) |", "|---|---|---|---|---|---|---|---|"]
     for obs, _ in LAYOUT["4a"]["rows"]:
