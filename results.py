@@ -118,7 +118,8 @@ LAYOUT = {
 DIAGNOSIS_ROWS = {"ant": [("partial", "medium"), ("full", "medium")], "reacher": [("leader-only", "expert-mix")]}
 MOMA_PRESET_ITERATIONS = {"coordination": 20, "reacher": 800, "ant": 80}  # moma_ppo.PRESETS (a test keeps them equal)
 DIAGNOSIS_TITLES = {"ant": "Diagnosis: MOMA-PPO on ant medium, one run per hypothesis",
-                    "reacher": "Diagnosis: MOMA-PPO on reacher leader-only (Table 4a's gap), one run per hypothesis"}
+                    "reacher": "Diagnosis on reacher (Table 4a): MOMA-PPO's leader-only gap and the baselines' budgets, "
+                               "one run per hypothesis"}
 TITLES = {"3": "Table 3: Iterated Coordination Game", "4a": "Table 4a: two-agent Reacher, expert-mix",
           "4b": "Table 4b: four-agent Ant", "ablation": "§6.3 ablation: epistemic vs aleatoric penalty, ant full-replay"}
 
@@ -1133,7 +1134,7 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
     reach the end (Ant episodes that fall end early), its learning curve in short, cost and command."""
     limit = envs.EPISODE_STEPS[records[0].env] if records else 1000
     lines = ["| run (settings changed from the preset) | obs, dataset | seed | score (mean ± std over episodes) | episodes reaching "
-             f"{limit} steps | in-training evaluations (first → best → last) | synthetic steps | wall time | command |",
+             f"{limit} steps | in-training evaluations (first → best → last) | training | wall time | command |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r.obs != "partial", r.dataset != "medium", r.dataset, r.method != "moma_ppo",
                                             r.method, r.summary.get("seed", 0))):
@@ -1145,6 +1146,9 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
         reasons, _ = staleness.check(r)
         mark = " †" if reasons else (" ≡" if staleness.vouched(s) is not None else "")
         name = r.method.replace("moma_ppo-", "").replace("moma_ppo", "(the preset)")
+        base, _, variant = r.method.partition("-")
+        if base != "moma_ppo":  # a baseline's run (e.g. icql-15k: a Table 4a record extended): name the method
+            name = METHOD_LABELS.get(base, base) + (f", {variant}" if variant else "")
         iterations = (s.get("config") or {}).get("iterations")
         if iterations is not None and iterations != MOMA_PRESET_ITERATIONS.get(r.env, iterations) and "iterations=" not in name:
             # the run name leaves out --iterations (a budget, not a method); the table must not
@@ -1154,7 +1158,7 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
         if r.env == "reacher" and s.get("episode_returns"):  # Table 4a's bar is on the paper's scale
             score += f" (paper's scale {paper_scale_score(s):.3f})"
         lines.append(f"| {name} | {r.obs}, {r.dataset} | {s.get('seed')} | {score} | "
-                     f"{reach} | {curve} | {s.get('train_steps', 0):,} | {fmt_seconds(s.get('wall_time_s', float('nan')))} | "
+                     f"{reach} | {curve} | {fmt_steps(r)} | {fmt_seconds(s.get('wall_time_s', float('nan')))} | "
                      f"`results/diagnosis/{r.folder.name}/command.txt` |")
     return lines + ["", "† stale: made with other code or another build of the dataset. ≡ made with older code that "
                         f"a short rerun at both commits showed computes the same (results/{EQUIVALENCE_FILE}).", ""]

@@ -392,7 +392,8 @@ def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_sa
     assert results.MOMA_PRESET_ITERATIONS == {env: p["iterations"] for env, p in moma_ppo.PRESETS.items()}
     root, plots = tmp_path / "results", tmp_path / "plots"
     runs = (("ant", "partial", "medium", "moma_ppo", 80), ("reacher", "leader-only", "expert-mix", "moma_ppo", 1600),
-            ("reacher", "leader-only", "expert-mix", "moma_ppo-ground_truth", 800))
+            ("reacher", "leader-only", "expert-mix", "moma_ppo-ground_truth", 800),
+            ("reacher", "independent", "expert-mix", "icql-15k", None))  # a baseline's record, extended
     for env, obs, dataset, method, iterations in runs:
         folder = _fake_record(root, "diagnosis", method, 1, 0.9, obs=obs, env=env, dataset=dataset)
         summary = json.loads((folder / "summary.json").read_text())
@@ -413,6 +414,8 @@ def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_sa
     assert "leader-only, expert-mix" not in ant
     assert "episodes reaching 50 steps" in reacher and "partial, medium" not in reacher
     assert sorted(names(reacher, "leader-only, expert-mix")) == ["ground_truth", "iterations=1600"]
+    icql = next(line for line in reacher.splitlines() if line.startswith("| ICQL, 15k | independent, expert-mix |"))
+    assert "| 1k grad steps |" in icql  # a baseline's training in gradient steps, not synthetic ones
     assert "plots/diagnosis_training__quick__reacher.png" in reacher
     assert "(paper's scale 0.500)" in reacher and "paper's scale" not in ant.split("## Diagnosis")[-1]
 
