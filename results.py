@@ -844,7 +844,8 @@ def results_table(table: str, budget: str, records: list, staleness: Staleness, 
                  + (" ≡ = made with older code that a short rerun showed computes the same (see below)."
                     if vouched_notes else "")
                  + (" ↗ = still rising when its budget ended: the learning curve gained significantly over the second "
-                    "half of training (budget table below), so the cell is cut short of the method's plateau."
+                    "half of training (budget table below), so the cell is cut short of its curve's end (what a longer run "
+                    "of one seed gave, where one was made: \"Longer runs of a cell's seed\" below)."
                     if rising_cells else ""))
     if notes:
         lines.append(" ".join(sorted(f"Note: {n} for some cells." for n in notes)))
@@ -1164,6 +1165,45 @@ def diagnosis_table(records: list, staleness: Staleness) -> list:
                         f"a short rerun at both commits showed computes the same (results/{EQUIVALENCE_FILE}).", ""]
 
 
+def extended_runs(table: str, records: list, diagnosis: list) -> list:
+    """Where a budget stopped a cell on a rising curve, a copy of one of its runs resumed to a longer training
+    (`--resume --total-steps N` into results/diagnosis, method `<method>-<N>k`) says what the budget cut: one line
+    per such pair, the cell's record beside the longer run of the same seed."""
+    cells = {(r.env, r.obs, r.dataset, r.method, r.budget, r.summary.get("seed")): r for r in records if r.table == table}
+    pairs = []
+    for d in diagnosis:
+        base, _, variant = d.method.partition("-")
+        cell = cells.get((d.env, d.obs, d.dataset, base, d.budget, d.summary.get("seed")))
+        if cell is not None and re.fullmatch(r"\d+k", variant or "") and \
+                d.summary.get("train_steps", 0) > cell.summary.get("train_steps", 0):
+            pairs.append((cell, d))
+    if not pairs:
+        return []
+
+    def describe(r: "Record") -> str:
+        paper = paper_scale_score(r.summary) if r.env == "reacher" else None
+        text = f"{r.score:.3f}" if paper is None else f"{paper:.2f} [ours {r.score:.3f}]"
+        conv = r.summary.get("conventions")
+        if conv:
+            split = convention_split([r])
+            agreeing = f", agreeing episodes {split[0].mean():.2f}" if split is not None and len(split[0]) else ""
+            text += f", {100 * conv['same_share']:.0f}% same convention{agreeing}"
+        verdict = r.summary.get("critic_diverged")
+        text += "" if "critic_diverged" not in r.summary else (
+            f", critic diverged by step {verdict.get('step')}" if verdict else ", critic bounded")
+        return f"{fmt_steps(r)}: {text}"
+
+    lines = ["#### Longer runs of a cell's seed", "",
+             "A copy of a cell's finished run resumed to a longer training (same seed and random streams; "
+             "results/diagnosis): what the budget cut. Scores of 100 greedy episodes" +
+             (", on the paper's scale first." if any(c.env == "reacher" for c, _ in pairs) else "."), ""]
+    for cell, d in sorted(pairs, key=lambda p: (p[0].obs, p[0].method, p[0].summary.get("seed", 0))):
+        lines.append(f"* {cell.obs} {cell.dataset} {METHOD_LABELS.get(cell.method, cell.method)}, seed "
+                     f"{cell.summary.get('seed')}: {describe(cell)} → {describe(d)} "
+                     f"(`results/diagnosis/{d.folder.name}/`)")
+    return lines + [""]
+
+
 def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathlib.Path = PLOTS_DIR,
                       repo: pathlib.Path = REPO) -> str:
     records = load_records(results_dir)
@@ -1198,6 +1238,7 @@ def generate_markdown(results_dir: pathlib.Path = RESULTS_DIR, plots_dir: pathli
             continue
         for budget in sorted(by_table[table], key=lambda b: (BUDGETS.index(b) if b in BUDGETS else len(BUDGETS), b)):
             lines += results_table(table, budget, by_table[table][budget], staleness, plots_dir, stats)
+        lines += extended_runs(table, records, [r for recs in by_table["diagnosis"].values() for r in recs])
         if table == "4a":
             lines += table4a_cross_play(load_cross_play(results_dir), staleness)
     legacy = results_dir / "legacy.md"

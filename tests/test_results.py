@@ -674,6 +674,32 @@ def test_a_curve_still_rising_at_the_end_of_its_budget_is_marked(tmp_path, monke
     assert "0.80 ± – (1) ↗" in row and "| +0.60 ± 0.09 ↗ |" in table
 
 
+def test_a_longer_run_of_a_cells_seed_is_shown_beside_the_cell(tmp_path, monkeypatch):
+    """Deliverable 2: what a budget cut, measured by a copy of one run resumed to a longer training."""
+    root = tmp_path / "results"
+
+    def add(table, method, seed, steps, returns, agents, budget="default"):
+        folder = _fake_record(root, table, method, seed, 0.0, obs="independent", env="reacher", dataset="expert-mix",
+                              budget=budget)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(train_steps=steps, episode_returns=returns, critic_diverged=None,
+                       conventions=envs.convention_summary(np.array(agents)))
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+    add("4a", "icql", 1, 5000, [-4.237, -11.145], [[1, 1], [-1, 1]])
+    add("4a", "icql", 2, 5000, [-4.237, -4.237], [[1, 1], [1, 1]])
+    add("diagnosis", "icql-15k", 1, 15000, [-11.145, -11.145], [[1, 1], [1, 1]])
+    add("diagnosis", "icql-15k", 3, 15000, [-4.237], [[1, 1]])  # no cell of seed 3: not paired
+    add("diagnosis", "icql-ground_truth", 2, 15000, [-4.237], [[1, 1]])  # another setting, not a longer budget
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: None)
+    text = results.generate_markdown(root, tmp_path / "plots", REPO)
+    section = text.split("#### Longer runs of a cell's seed")[1].split("####")[0]
+    lines = [line for line in section.splitlines() if line.startswith("* ")]
+    assert len(lines) == 1 and lines[0].startswith("* independent expert-mix ICQL, seed 1: 5k grad steps: 0.50 [ours ")
+    assert "50% same convention, agreeing episodes 1.00, critic bounded → 15k grad steps: 0.00 [ours " in lines[0]
+    assert "100% same convention, agreeing episodes 0.00" in lines[0]
+
+
 def test_a_reacher_curve_is_read_on_the_papers_scale_from_the_records_own_episodes(tmp_path):
     """Both scales are affine in the return; a record's episodes (returns and our scores) fix ours, so its curve's
     scores convert exactly: our refs -42.97 / -4.0 here, the paper's -11.145 / -4.237."""
