@@ -414,7 +414,8 @@ def test_each_envs_diagnosis_gets_its_own_section_and_figure_and_a_longer_run_sa
     assert "leader-only, expert-mix" not in ant
     assert "episodes reaching 50 steps" in reacher and "partial, medium" not in reacher
     assert sorted(names(reacher, "leader-only, expert-mix")) == ["ground_truth", "iterations=1600"]
-    icql = next(line for line in reacher.splitlines() if line.startswith("| ICQL, 15k | independent, expert-mix |"))
+    icql = next(line for line in reacher.splitlines()  # (stale mark or not: see above)
+                if re.match(r"\| ICQL, 15k( †)? \| independent, expert-mix \|", line))
     assert "| 1k grad steps |" in icql  # a baseline's training in gradient steps, not synthetic ones
     assert "plots/diagnosis_training__quick__reacher.png" in reacher
     assert "(paper's scale 0.500)" in reacher and "paper's scale" not in ant.split("## Diagnosis")[-1]
