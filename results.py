@@ -465,8 +465,12 @@ def half_to_end(record: "Record") -> Optional[tuple]:
     rows = [row for row in record.curve if "normalized_score" in row and "step" in row]
     if len(rows) < 2:
         return None
-    at_or_before = [row for row in rows[:-1] if row["step"] <= rows[-1]["step"] / 2] or rows[:1]  # rows by step
-    return at_or_before[-1]["normalized_score"], rows[-1]["normalized_score"]
+    return half_way_row(rows)["normalized_score"], rows[-1]["normalized_score"]
+
+
+def half_way_row(rows: list) -> dict:
+    """Of a curve's evaluations (rows by step), the one nearest half of the last step, at or before it."""
+    return ([row for row in rows[:-1] if row["step"] <= rows[-1]["step"] / 2] or rows[:1])[-1]
 
 
 def to_paper_scale_reacher(record: "Record", scores) -> Optional[np.ndarray]:
@@ -491,8 +495,8 @@ def second_half_gain(record: "Record") -> Optional[tuple]:
     episodes = np.asarray(record.summary.get("episode_normalized_scores") or [], dtype=np.float64)
     if len(rows) < 2 or len(episodes) < 2:
         return None
-    at_or_before = [row for row in rows[:-1] if row["step"] <= rows[-1]["step"] / 2] or rows[:1]
-    rows = [row for row in rows if row["step"] >= at_or_before[-1]["step"]]
+    half_way_step = half_way_row(rows)["step"]
+    rows = [row for row in rows if row["step"] >= half_way_step]
     steps = np.asarray([row["step"] for row in rows], dtype=np.float64)
     scores = np.asarray([row["normalized_score"] for row in rows], dtype=np.float64)
     if record.env == "reacher":
