@@ -20,7 +20,8 @@ share the mixer; target mixer for y), the actors jointly maximise Q1_tot(s, π_1
 with λ = α / E|Q1_tot|, plus each agent's BC term. Paper vs authors' code (docs/deviations.md §14): the
 authors' mixers left w unconstrained; the paper calls it QMIX decomposition, and we follow the paper.
 The mixer sees the global state only (QMIX); the actions enter through the Q_i, so ∂Q_tot/∂a_i flows
-through agent i's own critic.
+through agent i's own critic. `--action-aware-mixer` feeds it the joint action too (w_i(s, a), b(s, a)), the
+authors' choice for MAIQL's Q-mixer, so that the team value can couple the agents' actions.
 
 Other choices (not fixed by the paper; a researcher comparing offline MARL methods would expect these):
 * the history encoder is trained by the critic loss only; actors read its (detached) embedding, and
@@ -68,6 +69,10 @@ class Args:
     """dataset name of the env (None = the env's default: coordination unfavorable, reacher expert-mix, ant medium)"""
     mixer: bool = False
     """MATD3+BC: centralised critic training with a monotonic QMIX mixer over the agents' Q_i"""
+    action_aware_mixer: bool = False
+    """with --mixer: the mixer also reads the joint action, w_i(s, a) and b(s, a), as the authors' MAIQL Q-mixer
+    does (their `action_aware_mixer`; maiql.py). Off (QMIX's state-only mixer), Q_tot is a sum of per-agent terms
+    in the actions, so no actor's gradient depends on its partner's action (docs/diagnosis.md point 29)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """name of the run (default: this file's name, CleanRL's convention); its records are filed under the
     file's name, so a copy of the script never mixes its results with the original's"""
@@ -321,7 +326,8 @@ def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, history_len:
                  device: torch.device) -> dict:
     """The agents (encoders, actors, critics), the MATD3+BC mixer, their target copies and the two optimizers."""
     agents = TD3Agents(n, obs_dim, action_dim, args.hidden, history_len, hist_dim, args.history_dim).to(device)
-    mixer = Mixer(state_dim, n, args.hidden).to(device) if args.mixer else None
+    mixer_in = state_dim + (n * action_dim if args.action_aware_mixer else 0)
+    mixer = Mixer(mixer_in, n, args.hidden).to(device) if args.mixer else None
     target_actor = copy.deepcopy(agents.actor).requires_grad_(False)
     target_critic = copy.deepcopy(agents.critic).requires_grad_(False)
     target_encoder = copy.deepcopy(agents.encoder).requires_grad_(False) if agents.encoder is not None else None
@@ -333,6 +339,14 @@ def make_learner(args: Args, n: int, obs_dim: int, action_dim: int, history_len:
     return dict(agents=agents, mixer=mixer, target_actor=target_actor, target_critic=target_critic,
                 target_encoder=target_encoder, target_mixer=target_mixer, critic_optimizer=critic_optimizer,
                 actor_optimizer=actor_optimizer)
+
+
+def mixer_input(states: torch.Tensor, actions: torch.Tensor, action_aware: bool) -> torch.Tensor:
+    """The mixer's input: states [B, S], or with an action-aware mixer [states, joint action] [B, S + n·a]
+    (actions [n, B, a], agent-major in the joint action)."""
+    if not action_aware:
+        return states
+    return torch.cat([states, actions.transpose(0, 1).reshape(states.shape[0], -1)], dim=-1)
 
 
 def update(learner: dict, b: dict, step: int, args: Args, generator: torch.Generator) -> dict:
@@ -350,12 +364,12 @@ def update(learner: dict, b: dict, step: int, args: Args, generator: torch.Gener
         next_actions = (agents.act(x_next, target_actor) + noise).clamp(-1.0, 1.0)
         q_next = agents.q_values(x_next, next_actions, target_critic)  # [2, n, B]
         if mixer is not None:
-            q_next = target_mixer(q_next, b["next_states"])  # [2, B] team values
+            q_next = target_mixer(q_next, mixer_input(b["next_states"], next_actions, args.action_aware_mixer))  # [2, B]
         y = b["rewards"] + args.gamma * (1.0 - b["terminals"]) * q_next.min(0).values  # [n, B] or [B]
     x = agents.features(b["obs"], b["hist"])
     q = agents.q_values(x, b["actions"])  # [2, n, B]
     if mixer is not None:
-        q = mixer(q, b["states"])  # [2, B]: Q1_tot, Q2_tot share the mixer
+        q = mixer(q, mixer_input(b["states"], b["actions"], args.action_aware_mixer))  # [2, B]: Q1_tot, Q2_tot share it
     critic_loss = (y - q).pow(2).mean(-1).sum()  # Σ over heads (and agents) of the mean squared TD error
     critic_optimizer.zero_grad(set_to_none=True)
     critic_loss.backward()
@@ -367,7 +381,8 @@ def update(learner: dict, b: dict, step: int, args: Args, generator: torch.Gener
         pi = agents.act(x_actor)
         q_pi = agents.q1(x_actor, pi)  # [n, B]
         if mixer is not None:
-            q_pi = mixer(q_pi, b["states"])[None]  # [1, B]: all actors jointly maximise Q1_tot
+            # [1, B]: all actors jointly maximise Q1_tot (through the mixer too when it reads the joint action)
+            q_pi = mixer(q_pi, mixer_input(b["states"], pi, args.action_aware_mixer))[None]
         actor_loss = td3bc_actor_loss(q_pi, pi, b["actions"], args.alpha)
         actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()  # also reaches the mixer's grads; they are zeroed before its next step
@@ -392,6 +407,8 @@ def main(args: Args) -> dict:
     envs.check_args(args, at_least_one=("total_steps", "batch_size", "hidden", "history_dim", "eval_episodes", "policy_freq"),
                     non_negative=("history_len", "eval_every", "checkpoint_every", "policy_noise", "noise_clip"),
                     positive=("learning_rate", "tau", "alpha"), between={"gamma": (0.0, 1.0), "tau": (0.0, 1.0)})
+    if args.action_aware_mixer and not args.mixer:
+        raise envs.MomaError("--action-aware-mixer needs --mixer (it changes MATD3+BC's mixer; ITD3+BC has none)")
     name = pathlib.Path(__file__).stem  # the method its records are filed under: this file's name
     # --mixer: MATD3+BC, the multi-agent (mixed-critic) version of the independent learners (itd3bc -> matd3bc)
     algorithm = "ma" + name.removeprefix("i") if args.mixer else name

@@ -212,6 +212,45 @@ def test_matd3bc_mixer_is_monotonic_even_with_negative_raw_weights():
     assert (mixer(q + torch.eye(n)[2][:, None], s) >= q_tot - 1e-6).all()
 
 
+
+def test_mixer_input_appends_the_joint_action_agent_major():
+    states = torch.arange(6.0).reshape(2, 3)  # B = 2, S = 3
+    actions = torch.tensor([[[10.0, 11.0], [12.0, 13.0]], [[20.0, 21.0], [22.0, 23.0]]])  # [n=2, B=2, a=2]
+    assert itd3bc.mixer_input(states, actions, action_aware=False) is states
+    joint = itd3bc.mixer_input(states, actions, action_aware=True)
+    assert torch.equal(joint, torch.tensor([[0.0, 1.0, 2.0, 10.0, 11.0, 20.0, 21.0],
+                                            [3.0, 4.0, 5.0, 12.0, 13.0, 22.0, 23.0]]))
+
+
+def test_only_an_action_aware_mixer_couples_the_actors_gradients():
+    """With QMIX's state-only mixer, Q_tot = Σ_i w_i(s) Q_i(x_i, a_i) + b(s): agent 0's action gradient does not
+    depend on agent 1's action (no coordination signal reaches the actor). Reading the joint action, it does."""
+    torch.manual_seed(0)
+    n, B, a, S = 2, 5, 2, 4
+    agents = itd3bc.TD3Agents(n, obs_dim=3, action_dim=a, hidden=16, history_len=0, history_in=5, history_dim=8)
+    x, s = torch.randn(n, B, 3), torch.randn(B, S)
+    base = torch.rand(n, B, a) * 2 - 1
+
+    def grad_of_agent0(mixer, aware, partner_action):
+        acts = base.clone()
+        acts[1] = partner_action
+        acts.requires_grad_(True)
+        q_tot = mixer(agents.q1(x, acts), itd3bc.mixer_input(s, acts, aware))
+        (g,) = torch.autograd.grad(q_tot.sum(), acts)
+        return g[0]
+
+    other = -base[1]
+    state_only = itd3bc.Mixer(S, n, 16)
+    assert torch.allclose(grad_of_agent0(state_only, False, base[1]), grad_of_agent0(state_only, False, other))
+    aware = itd3bc.Mixer(S + n * a, n, 16)
+    assert not torch.allclose(grad_of_agent0(aware, True, base[1]), grad_of_agent0(aware, True, other), atol=1e-4)
+
+
+def test_action_aware_mixer_needs_the_mixer(tmp_path):
+    with pytest.raises(envs.MomaError, match="--action-aware-mixer needs --mixer"):
+        itd3bc.main(_tiny(itd3bc, tmp_path, env="reacher", obs="independent", dataset="expert-mix",
+                          action_aware_mixer=True))
+
 # --------------------------------------------------------------------------------------------------
 # OMAR
 # --------------------------------------------------------------------------------------------------
@@ -290,11 +329,16 @@ def test_smoke_mujoco(module, env, obs, dataset, tiny_mujoco_datasets, tmp_path)
 
 
 @pytest.mark.parametrize("env,obs,dataset", [("reacher", "leader-only", "expert-mix"), ("ant", "partial", "random")])
-def test_smoke_matd3bc(env, obs, dataset, tiny_mujoco_datasets, tmp_path):
-    summary = itd3bc.main(_tiny(itd3bc, tmp_path, env=env, obs=obs, dataset=dataset, mixer=True))
+@pytest.mark.parametrize("action_aware", [False, True])
+def test_smoke_matd3bc(env, obs, dataset, action_aware, tiny_mujoco_datasets, tmp_path):
+    summary = itd3bc.main(_tiny(itd3bc, tmp_path, env=env, obs=obs, dataset=dataset, mixer=True,
+                                action_aware_mixer=action_aware))
     assert summary["algorithm"] == "matd3bc" and summary["train_steps"] == 6
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ck["mixer"] is not None and ck["target_mixer"] is not None
+    n, a = len(envs.action_dims(env)), envs.action_dims(env)[0]
+    state_dim = ck["mixer"]["net.0.weight"].shape[1] - (n * a if action_aware else 0)
+    assert state_dim == envs.load_dataset(env, dataset, obs, history_len=1).states.shape[1]
 
 
 def test_resume_continues_the_run(tiny_mujoco_datasets, tmp_path):
