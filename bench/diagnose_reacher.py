@@ -4,7 +4,8 @@
     python bench/diagnose_reacher.py dataset                         # the same figures for the expert-mix dataset
     python bench/diagnose_reacher.py radius-info RUN_DIR             # how well agent 1's inputs predict the target radius
 
-`reach` plays the final evaluation's 100 greedy episodes (same seeds as moma_ppo.py's final evaluation) and splits
+`reach` reads MOMA-PPO run folders and ITD3+BC / MATD3+BC ones (itd3bc.py, with or without --mixer). It plays the
+final evaluation's 100 greedy episodes (same seeds as the scripts' final evaluation) and splits
 each episode's return into its distance and control terms; over the last 10 steps it splits the fingertip's
 distance to the target into a radial part (|fingertip radius - target radius|: set only by the elbow θ2, i.e. by
 agent 1) and the rest, and compares the elbow angle the team ends with to the one the target's radius needs
@@ -87,12 +88,41 @@ def summarise(name: str, f: dict) -> None:
           f"{np.median(f['elbow_error']):.3f}); slope of |θ2| on |θ2*| {f['slope']:.2f}; same convention {f['same']:.0%}")
 
 
+def load_td3_policy(run_dir: pathlib.Path, ck: dict):
+    """The greedy joint policy of an itd3bc.py run (ITD3+BC or MATD3+BC), rebuilt as itd3bc.main builds it."""
+    import itd3bc
+
+    fields = {f.name for f in dataclasses.fields(itd3bc.Args)}
+    args = itd3bc.Args(**{k: v for k, v in ck["args"].items() if k in fields})
+    if args.env != "reacher":
+        raise envs.MomaError(f"these probes read reacher's state layout; {run_dir} is a {args.env} run")
+    obs = envs.check_names("reacher", args.obs, args.dataset)
+    history_len = args.history_len
+    if history_len is None:
+        history_len = envs.HISTORY_LEN if ("reacher", obs) in envs.PARTIALLY_OBSERVABLE else 0
+    obs_dim, hist_dim = max(envs.obs_dims("reacher", obs)), max(envs.history_dims("reacher", obs))
+    agents = itd3bc.TD3Agents(2, obs_dim, envs.action_dims("reacher")[0], args.hidden, history_len, hist_dim,
+                              args.history_dim)
+    agents.load_state_dict(ck["agents"])
+
+    def act(observations, histories):
+        x = agents.features(itd3bc.pad_stack(observations, obs_dim),
+                            itd3bc.pad_stack(histories, hist_dim) if history_len > 0 else None)
+        return list(agents.act(x).numpy())
+
+    return act, dataclasses.replace(args, obs=obs), int(ck["step"])
+
+
 @torch.no_grad()
 def play(run_dir: pathlib.Path, episodes: int, oracle_elbow: bool, gain: float) -> dict:
-    agents, args, data, layout, iteration = load_agents(run_dir, env="reacher")
-    act = moma_ppo.greedy_policy(agents, layout, "cpu")
+    ck = envs.load_checkpoint(run_dir / "checkpoint.pt", torch.device("cpu"))
+    if "target_actor" in ck:  # an itd3bc.py run
+        act, args, iteration = load_td3_policy(run_dir, ck)
+    else:
+        agents, args, data, layout, iteration = load_agents(run_dir, env="reacher")
+        act = moma_ppo.greedy_policy(agents, layout, "cpu")
     sims = [envs.make_env("reacher", args.obs) for _ in range(episodes)]
-    seed = 10101 + 1 + args.seed  # moma_ppo.py's final evaluation
+    seed = 10101 + 1 + args.seed  # the final evaluation of moma_ppo.py and itd3bc.py
     resets = [s.reset(seed=seed + j) for j, s in enumerate(sims)]
     observations = [np.stack([o[i] for o, _ in resets]) for i in range(2)]
     T = envs.EPISODE_STEPS["reacher"]
@@ -119,7 +149,7 @@ def play(run_dir: pathlib.Path, episodes: int, oracle_elbow: bool, gain: float) 
                 observations[i][j] = o[i]
         actions[:, t] = np.clip(np.concatenate(a, 1), -1, 1)
         history.push(previous, a)
-    label = f"{run_dir} ({args.obs}, seed {args.seed}, iteration {iteration}{', oracle elbow' if oracle_elbow else ''})"
+    label = f"{run_dir} ({args.obs}, seed {args.seed}, {'step' if 'target_actor' in ck else 'iteration'} {iteration}{', oracle elbow' if oracle_elbow else ''})"
     return label, reach_figures(states, rewards, actions), np.stack(follower_inputs, 1), states
 
 

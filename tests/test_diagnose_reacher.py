@@ -43,3 +43,16 @@ def test_reach_figures_split_the_return_into_distance_and_control():
     f = diagnose_reacher.reach_figures(np.array(states)[None], np.array(rewards)[None], np.array(actions)[None])
     assert np.allclose(f["recon"], f["ret"], atol=1e-4)  # Reacher-v5: r = -|fingertip - target| - |a|²
     assert f["final_radial"][0] <= f["final_dist"][0] + 1e-6  # the radial part of a distance is at most the distance
+
+
+def test_reach_replays_an_itd3bc_runs_final_evaluation(tiny_mujoco_datasets, tmp_path):
+    """The probe rebuilds an itd3bc.py (MATD3+BC) team from its checkpoint and plays the run's own final evaluation:
+    the same greedy returns as the run's summary, episode for episode."""
+    import itd3bc
+
+    summary = itd3bc.main(itd3bc.Args(env="reacher", obs="independent", dataset="expert-mix", mixer=True, seed=0,
+                                      total_steps=4, batch_size=16, hidden=16, history_dim=8, eval_every=0,
+                                      eval_episodes=3, run_dir=str(tmp_path / "run")))
+    _, figures, _, states = diagnose_reacher.play(tmp_path / "run", 3, oracle_elbow=False, gain=2.0)
+    assert np.allclose(figures["ret"], summary["episode_returns"], atol=1e-5)
+    assert states.shape == (3, envs.EPISODE_STEPS["reacher"] + 1, 10)
