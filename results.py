@@ -1052,14 +1052,18 @@ def table4a_conventions(records: list, staleness: "Staleness") -> list:
 
 def load_cross_play(results_dir: pathlib.Path, table: str = "4a") -> list:
     """The cross-play reports of a table (envs.cross_play: results/<table>/crossplay/<record>.json), each with its
-    run's own greedy returns (`self_play_returns`) from the cell record of the same name, where that record exists."""
+    run's own greedy returns (`self_play_returns`) and settings (`config`) from the cell record of the same name, where
+    that record exists: a report is made from its record's run (cross_play_outdated), so a recheck that vouches for
+    the record's code and settings (results/code_equivalence.json) vouches for the report's evaluation too."""
     reports = []
     for path in sorted((results_dir / table / "crossplay").glob("*.json")):
         report = json.loads(path.read_text())
         report["file"] = path.name
         record = results_dir / table / path.stem / "summary.json"
         if record.exists():
-            report["self_play_returns"] = json.loads(record.read_text()).get("episode_returns")
+            record_summary = json.loads(record.read_text())
+            report["self_play_returns"] = record_summary.get("episode_returns")
+            report.setdefault("config", record_summary.get("config"))
         report["outdated"] = cross_play_outdated(report, results_dir / table, path.stem)
         reports.append(report)
     return reports
@@ -1105,7 +1109,8 @@ def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
              "Per budget, row and method: each seed's own team (self-play) against teams of its shoulder and another "
              "seed's elbow (cross-play; every ordered pair of seeds once), 100 greedy episodes each, on our scale and "
              "the paper's, and the share of episodes whose two agents end in the same convention. Made by "
-             "`./run_all.sh crossplay` from finished runs (`results/4a/crossplay/`). † = made with other code.", "",
+             "`./run_all.sh crossplay` from finished runs (`results/4a/crossplay/`). † = made with other code; ≡ = made "
+             "with older code that a recheck showed computes the same (the records' ≡).", "",
              "| budget | obs | method | seeds | pairs | self-play (ours) | cross-play (ours) | self-play (paper's "
              "scale) | cross-play (paper's scale) | same convention: self / cross |", "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda m: f"{m[0]:.2f} ± {'–' if math.isnan(m[1]) else f'{m[1]:.2f}'}"  # noqa: E731
@@ -1114,6 +1119,7 @@ def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
     for (budget, obs, method), reps in sorted(cells.items(), key=lambda kv: (str(kv[0][0]), order.get(kv[0][1], 9), kv[0][2])):
         reps = sorted(reps, key=lambda r: r.get("seed") or 0)
         stale = any(staleness.code_reason(r) for r in reps)
+        vouched = any(staleness.vouched(r) is not None for r in reps)  # changed code, checked equivalent
         pairs = [p for r in reps for p in r["partners"]]
         self_ours = [r["self_play"]["normalized_score_mean"] for r in reps]
         cross_ours = [p["normalized_score_mean"] for p in pairs]
@@ -1123,7 +1129,8 @@ def table4a_cross_play(reports: list, staleness: "Staleness") -> list:
         same_self = [r["self_play"]["conventions"]["same_share"] for r in reps if (r["self_play"].get("conventions") or {})]
         same_cross = [p["conventions"]["same_share"] for p in pairs if p.get("conventions")]
         lines.append(f"| {budget} | {obs} | {METHOD_LABELS.get(method, method)} | "
-                     f"{','.join(str(r.get('seed')) for r in reps)}{' †' if stale else ''} | {len(pairs)} | "
+                     f"{','.join(str(r.get('seed')) for r in reps)}{' †' if stale else (' ≡' if vouched else '')} | "
+                     f"{len(pairs)} | "
                      f"{fmt(mean_sem(self_ours))} | {fmt(mean_sem(cross_ours))} | "
                      f"{fmt(mean_sem(self_paper)) if self_paper else 'n/a'} | {fmt(mean_sem(cross_paper))} | "
                      f"{pct(same_self)} / {pct(same_cross)} |")

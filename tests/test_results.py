@@ -751,6 +751,34 @@ def test_a_cross_play_report_of_runs_other_than_the_records_is_left_out_of_the_t
     assert "| default | independent | IBC | 1 | 1 |" in text
 
 
+
+def test_a_cross_play_report_of_changed_code_is_vouched_for_by_its_records_recheck(tmp_path, monkeypatch):
+    """A report made with code a recheck found equivalent (for the record's env, observability and settings) keeps
+    its row, marked ≡ like its records; changed code without such a check is marked †."""
+    root = tmp_path / "results"
+    monkeypatch.setattr(envs, "dataset_fingerprint", lambda env, dataset: None)
+    old_code = {"ibc.py": "0000000000000000", "envs.py": envs.file_hash(REPO / "envs.py")}
+    for seed, score in ((1, 0.95), (2, 0.97)):
+        _fake_record(root, "4a", "ibc", seed, score, obs="independent", env="reacher", dataset="expert-mix",
+                     budget="default", code=old_code)
+    (root / "4a" / "crossplay").mkdir(parents=True)
+    for seed, own, partner, theirs in ((1, 0.95, 2, 0.97), (2, 0.97, 1, 0.95)):
+        (root / "4a" / "crossplay" / f"reacher__independent__expert-mix__ibc__{seed}.json").write_text(json.dumps(dict(
+            method="ibc", env="reacher", obs="independent", seed=seed, budget="default", code_fingerprint=old_code,
+            self_play=dict(normalized_score_mean=own, conventions=None),
+            partners=[dict(partner_seed=partner, partner_self_play_score=theirs, normalized_score_mean=0.5,
+                           episode_returns=[-11.145])])))
+    row = lambda text: next(line for line in text.splitlines() if line.startswith("| default | independent | IBC |"))  # noqa: E731
+    assert "| 1,2 † | 2 |" in row(results.generate_markdown(root, tmp_path / "plots", REPO))
+    current = {"ibc.py": envs.file_hash(REPO / "ibc.py"), "envs.py": envs.file_hash(REPO / "envs.py")}
+    entry = {"script": "ibc.py", "env": "reacher", "obs": "independent", "from": old_code, "to": current,
+             "config_key": results.config_key({"config": {"iterations": 20}}), "from_commit": "a" * 40,
+             "to_commit": "b" * 40}
+    (root / results.EQUIVALENCE_FILE).write_text(json.dumps([entry]))
+    assert "| 1,2 ≡ | 2 |" in row(results.generate_markdown(root, tmp_path / "plots", REPO))
+    (root / results.EQUIVALENCE_FILE).write_text(json.dumps([dict(entry, obs="leader-only")]))  # another row's check
+    assert "| 1,2 † | 2 |" in row(results.generate_markdown(root, tmp_path / "plots", REPO))
+
 def test_compare_training_logs_finds_the_first_differing_row_and_ignores_timings(tmp_path):
     import sys
     sys.path.insert(0, str(REPO / "bench"))
