@@ -70,7 +70,14 @@ def reach_figures(states: np.ndarray, rewards: np.ndarray, actions: np.ndarray) 
     theta2_star = needed_elbow(last[:, -1], convention)
     slope = np.polyfit(np.abs(theta2_star), np.abs(theta2), 1)[0] if len(states) > 2 else float("nan")
     agree = envs.reacher_agent_conventions(states)
-    return dict(ret=rewards.sum(1), dist_sum=distance.sum(1), ctrl_sum=control.sum(1),
+    # the side of the target at the reset: +1 where it lies counter-clockwise of the upper arm. A team that rotates the
+    # short way and stops on the near side ends with both labels equal to it; the dataset's experts keep one
+    # convention each whatever the side (about 50%)
+    start = states[:, 0]
+    start_side = np.where(np.angle(np.exp(1j * (np.arctan2(start[:, 5], start[:, 4])
+                                                 - np.arctan2(start[:, 2], start[:, 0])))) >= 0, 1, -1)
+    return dict(start_side=(agree == start_side[:, None]).mean(0),  # [2]: per agent, share of labels = that side
+                ret=rewards.sum(1), dist_sum=distance.sum(1), ctrl_sum=control.sum(1),
                 ctrl_agents=(actions ** 2).sum(1),  # [E, 2]: each agent's share of the control term
                 recon=-(distance.sum(1) + control.sum(1)),
                 final_dist=distance[:, -envs.CONVENTION_STEPS:].mean(1), final_radial=radial.mean(1),
@@ -85,7 +92,8 @@ def summarise(name: str, f: dict) -> None:
           f"agent 1 {-f['ctrl_agents'][:, 1].mean():.3f}; sum {f['recon'].mean():.3f})\n"
           f"  last 10 steps: fingertip-target distance {f['final_dist'].mean():.4f} m, of it radial "
           f"{f['final_radial'].mean():.4f} m; |θ2 - θ2*| {f['elbow_error'].mean():.3f} rad (median "
-          f"{np.median(f['elbow_error']):.3f}); slope of |θ2| on |θ2*| {f['slope']:.2f}; same convention {f['same']:.0%}")
+          f"{np.median(f['elbow_error']):.3f}); slope of |θ2| on |θ2*| {f['slope']:.2f}; same convention {f['same']:.0%}\n"
+          f"  label = the target's side at the reset: shoulder {f['start_side'][0]:.0%}, elbow {f['start_side'][1]:.0%}")
 
 
 def load_td3_policy(run_dir: pathlib.Path, ck: dict):
