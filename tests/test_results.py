@@ -751,7 +751,6 @@ def test_a_cross_play_report_of_runs_other_than_the_records_is_left_out_of_the_t
     assert "| default | independent | IBC | 1 | 1 |" in text
 
 
-
 def test_a_cross_play_report_of_changed_code_is_vouched_for_by_its_records_recheck(tmp_path, monkeypatch):
     """A report made with code a recheck found equivalent (for the record's env, observability and settings) keeps
     its row, marked ≡ like its records; changed code without such a check is marked †."""
@@ -778,6 +777,7 @@ def test_a_cross_play_report_of_changed_code_is_vouched_for_by_its_records_reche
     assert "| 1,2 ≡ | 2 |" in row(results.generate_markdown(root, tmp_path / "plots", REPO))
     (root / results.EQUIVALENCE_FILE).write_text(json.dumps([dict(entry, obs="leader-only")]))  # another row's check
     assert "| 1,2 † | 2 |" in row(results.generate_markdown(root, tmp_path / "plots", REPO))
+
 
 def test_compare_training_logs_finds_the_first_differing_row_and_ignores_timings(tmp_path):
     import sys

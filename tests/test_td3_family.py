@@ -212,7 +212,6 @@ def test_matd3bc_mixer_is_monotonic_even_with_negative_raw_weights():
     assert (mixer(q + torch.eye(n)[2][:, None], s) >= q_tot - 1e-6).all()
 
 
-
 def test_mixer_input_appends_the_joint_action_agent_major():
     states = torch.arange(6.0).reshape(2, 3)  # B = 2, S = 3
     actions = torch.tensor([[[10.0, 11.0], [12.0, 13.0]], [[20.0, 21.0], [22.0, 23.0]]])  # [n=2, B=2, a=2]
@@ -250,6 +249,7 @@ def test_action_aware_mixer_needs_the_mixer(tmp_path):
     with pytest.raises(envs.MomaError, match="--action-aware-mixer needs --mixer"):
         itd3bc.main(_tiny(itd3bc, tmp_path, env="reacher", obs="independent", dataset="expert-mix",
                           action_aware_mixer=True))
+
 
 # --------------------------------------------------------------------------------------------------
 # OMAR
